@@ -1,0 +1,32 @@
+"""longattn: training-free long-context attention methods behind one API, measured side by side.
+
+Importing has no side effects: nothing is registered with transformers until ``apply()`` runs.
+"""
+
+from .api import Recipe, apply, parse, parse_method
+from .cache import LongattnLayer, RaggedKV, cache_nbytes
+from .kv import Dense, KVPolicy, SnapKV, StreamingLLM
+from .layout import BlockLayout
+from .ops import block_sparse_attention, merge_attention
+from .prefill import PrefillPattern, SinkWindow
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockLayout",
+    "Dense",
+    "KVPolicy",
+    "LongattnLayer",
+    "PrefillPattern",
+    "RaggedKV",
+    "Recipe",
+    "SinkWindow",
+    "SnapKV",
+    "StreamingLLM",
+    "apply",
+    "block_sparse_attention",
+    "cache_nbytes",
+    "merge_attention",
+    "parse",
+    "parse_method",
+]

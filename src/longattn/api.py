@@ -1,0 +1,157 @@
+"""``longattn.apply(model, recipe)``, ``Recipe`` and the ``name:key=value`` method parser."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from . import registry
+
+__all__ = ["Recipe", "apply", "parse", "parse_method", "SLOTS"]
+
+SLOTS = ("prefill", "kv", "decode")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The three slots of a method recipe; any may be None (dense there)."""
+
+    prefill: Any = None
+    kv: Any = None
+    decode: Any = None
+    spec: str = ""  # the string it was parsed from, for records
+
+    def __post_init__(self) -> None:
+        from .kv.base import KVPolicy
+        from .prefill.base import PrefillPattern
+
+        if self.prefill is not None and not isinstance(self.prefill, PrefillPattern):
+            raise ValueError(f"prefill must be a PrefillPattern or None, got {type(self.prefill).__name__}")
+        if self.kv is not None and not isinstance(self.kv, KVPolicy):
+            raise ValueError(f"kv must be a KVPolicy or None, got {type(self.kv).__name__}")
+        if self.decode is not None:
+            raise ValueError(
+                f"decode: no decode-time selector is implemented yet (allowed: {', '.join(registry.names('decode'))}"
+                " or None)"
+            )
+
+    def __str__(self) -> str:
+        if self.spec:
+            return self.spec
+        parts = [_spec_of(m) for m in (self.prefill, self.kv, self.decode) if m is not None]
+        return "+".join(parts) or "dense"
+
+    @classmethod
+    def parse(cls, spec: str) -> Recipe:
+        return parse(spec)
+
+
+def _spec_of(method) -> str:
+    fields = [
+        f"{f.name}={getattr(method, f.name)}"
+        for f in dataclasses.fields(method)
+        if getattr(method, f.name) != f.default
+    ]
+    return ":".join([method.name] + fields)
+
+
+def _convert(value: str, typ, name: str, method: str):
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value.lower() == "none":
+            return None
+        typ = args[0]
+    try:
+        if typ is bool:
+            if value.lower() in ("1", "true", "yes"):
+                return True
+            if value.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(value)
+        if typ is float:
+            return float(value)
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{method}: {name}={value!r} is not a valid {getattr(typ, '__name__', typ)}") from None
+
+
+def parse_method(spec: str, kind: str | None = None):
+    """``"snapkv:ratio=0.5:window=32"`` -> ``SnapKV(ratio=0.5, window=32)``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"method spec must be a non-empty string like 'snapkv:ratio=0.5', got {spec!r}")
+    name, *kvs = spec.strip().split(":")
+    entry = registry.get(name.strip(), kind)
+    cls = entry.cls
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for item in kvs:
+        if "=" not in item:
+            raise ValueError(f"{name}: expected key=value, got {item!r}")
+        k, v = (s.strip() for s in item.split("=", 1))
+        if k not in fields:
+            raise ValueError(f"{name}: unknown argument {k!r}; allowed: {', '.join(fields) or '(none)'}")
+        kwargs[k] = _convert(v, hints.get(k, str), k, name)
+    return cls(**kwargs)
+
+
+def parse(spec: str | Recipe | None) -> Recipe:
+    """Parse a recipe: specs of different slots joined by ``+`` (``"sink_window+snapkv:ratio=0.5"``); the slot
+    comes from the method's registry kind, or is given explicitly as ``kv=snapkv:ratio=0.5``. ``dense`` (or an
+    empty string) is the empty recipe."""
+    if isinstance(spec, Recipe):
+        return spec
+    if spec is None:
+        return Recipe(spec="dense")
+    if not isinstance(spec, str):
+        raise ValueError(f"recipe must be a string or Recipe, got {type(spec).__name__}")
+    slots: dict[str, Any] = {}
+    for part in (p.strip() for p in spec.split("+")):
+        if not part:
+            continue
+        kind = None
+        head = part.split(":", 1)[0]
+        if "=" in head:
+            kind, part = (s.strip() for s in part.split("=", 1))
+            if kind not in SLOTS:
+                raise ValueError(f"recipe slot must be one of {', '.join(SLOTS)}, got {kind!r}")
+        method = parse_method(part, kind)
+        slot = method.kind
+        if slot not in SLOTS:
+            raise ValueError(f"{method.name!r} is a {slot}, not a method (allowed slots: {', '.join(SLOTS)})")
+        if slot in slots:
+            raise ValueError(f"recipe {spec!r} fills the {slot} slot twice")
+        slots[slot] = method
+    return Recipe(prefill=slots.get("prefill"), kv=slots.get("kv"), decode=slots.get("decode"), spec=spec.strip() or "dense")
+
+
+def check_model(model) -> None:
+    from .hf import SUPPORTED_MODEL_TYPES
+
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model: unsupported model type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+@contextlib.contextmanager
+def apply(model, recipe: str | Recipe | None = None):
+    """Run ``model`` (forward / ``generate``) with ``recipe`` inside the block; restore it exactly on exit.
+
+    Yields the session (``session.method_s``: seconds spent inside the methods; ``session.cache``: the last
+    cache the model used)."""
+    from .hf import Session
+
+    recipe = parse(recipe)
+    check_model(model)
+    session = Session(model, recipe)
+    session.install()
+    try:
+        yield session
+    finally:
+        session.remove()

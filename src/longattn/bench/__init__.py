@@ -1,0 +1,3 @@
+"""Benchmark harness: tasks, metrics, runner, report."""
+
+from . import tasks  # noqa: F401  (registers the tasks)

@@ -1,0 +1,1 @@
+"""Sequence-parallel attention (not implemented yet)."""

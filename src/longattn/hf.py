@@ -1,0 +1,244 @@
+"""The only module that touches transformers: attention/mask registration and cache adoption.
+
+Extension points used (all public): ``AttentionInterface.register`` and ``AttentionMaskInterface.register``
+(name ``"longattn"``), ``PreTrainedModel.set_attn_implementation``, cache layers (``Cache.layers``), and a
+PyTorch forward pre-hook on the model that puts ``LongattnLayer``s into the cache it is given.
+
+Per call of the attention function:
+- prefill (``q_len > 1``): the recipe's prefill pattern -> BlockLayout -> ``block_sparse_attention``; dense
+  SDPA when there is no pattern;
+- end of prefill (the forward that filled an empty cache layer): the recipe's KV policy keeps a budget per
+  kv head and the layer frees the rest;
+- afterwards: attention over the compressed ragged prefix plus the uniform tail, merged by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .cache import LongattnLayer
+from .ops.block_sparse import block_sparse_attention
+from .ops.core import masked_attention
+from .ops.merge import merge_attention
+
+__all__ = ["NAME", "SUPPORTED_MODEL_TYPES", "Session", "register", "cache_kwarg_name"]
+
+NAME = "longattn"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# id(model.config) -> active Session. Layers share their model's config object.
+_SESSIONS: dict[int, Session] = {}
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register the ``longattn`` attention and mask functions with transformers (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, _attention)
+    AttentionMaskInterface.register(NAME, _mask)
+    _REGISTERED = True
+
+
+def cache_kwarg_name(model) -> str:
+    """``cache`` in recent transformers, ``past_key_values`` before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _mask(*args, attention_mask: torch.Tensor | None = None, kv_length: int | None = None, kv_offset: int = 0,
+          **kwargs) -> torch.Tensor | None:
+    """Mask function: instead of an N x N mask, hand the attention function the 2-D key validity
+    ``[batch, kv_length]`` (None when nothing is padded). The causal rule is applied by the kernels."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"longattn expects a 2-D padding attention_mask, got shape {tuple(attention_mask.shape)}")
+    m = attention_mask.to(torch.bool)
+    if kv_length is not None:
+        m = m[:, kv_offset : kv_offset + kv_length]
+    if bool(m.all()):
+        return None
+    return m
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    session = _SESSIONS.get(id(module.config))
+    if session is None:
+        raise RuntimeError(
+            "the 'longattn' attention implementation is only usable inside `with longattn.apply(model, recipe):`"
+        )
+    return session.attend(module, query, key, value, attention_mask, scaling, **kwargs)
+
+
+class Session:
+    """State of one ``apply()``: the recipe, the model's cache, timers."""
+
+    def __init__(self, model, recipe) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.cache = None
+        self.num_layers = getattr(model.config, "num_hidden_layers", 1)
+        self.method_s = 0.0  # time spent inside the methods (layouts, scoring, compression)
+        self.compressions = 0
+        self._hook = None
+        self._prev_impl = None
+        self._cache_kw = cache_kwarg_name(model)
+
+    # ---- install / remove ------------------------------------------------------------------------------
+    def install(self) -> None:
+        register()
+        cfg = self.model.config
+        if id(cfg) in _SESSIONS:
+            raise ValueError("model: longattn.apply() is already active on this model (nesting is not supported)")
+        self._prev_impl = cfg._attn_implementation
+        self.model.set_attn_implementation(NAME)
+        _SESSIONS[id(cfg)] = self
+        self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        _SESSIONS.pop(id(self.model.config), None)
+        if self._prev_impl is not None:
+            self.model.set_attn_implementation(self._prev_impl)
+        self.cache = None
+
+    # ---- cache adoption ----------------------------------------------------------------------------------
+    def _pre_forward(self, module, args, kwargs):
+        from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+        name = self._cache_kw
+        cache = kwargs.get(name)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.model.config, "use_cache", True)
+        if cache is None and use_cache:
+            cache = DynamicCache()
+            kwargs[name] = cache
+        if cache is not None:
+            if not isinstance(cache, Cache):
+                raise ValueError(f"{name}: longattn needs a transformers Cache object, got {type(cache).__name__}")
+            if getattr(cache, "layer_class_to_replicate", None) is not None:
+                cache.layer_class_to_replicate = LongattnLayer
+            for i, layer in enumerate(cache.layers):
+                if isinstance(layer, LongattnLayer):
+                    continue
+                if type(layer) is not DynamicLayer and layer.get_seq_length() > 0:
+                    raise ValueError(
+                        f"{name}: cannot adopt a filled {type(layer).__name__} (layer {i}); start from an empty "
+                        "cache or a DynamicCache"
+                    )
+                if not isinstance(layer, DynamicLayer):
+                    raise ValueError(
+                        f"{name}: unsupported cache layer {type(layer).__name__}; use DynamicCache (the default)"
+                    )
+                cache.layers[i] = LongattnLayer.adopt(layer)
+        self.cache = cache
+        return args, kwargs
+
+    # ---- the attention function ---------------------------------------------------------------------------
+    def attend(self, module, query, key, value, key_valid, scaling, **kwargs):
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions=True is not supported by longattn (no N x N weights are formed)")
+        layer_idx = getattr(module, "layer_idx", 0)
+        window = kwargs.get("sliding_window")
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        layer = None
+        if self.cache is not None and layer_idx < len(self.cache.layers):
+            layer = self.cache.layers[layer_idx]
+            if not isinstance(layer, LongattnLayer):
+                layer = None
+        nq = query.shape[2]
+        if layer is not None and layer.prefix is not None:
+            if window is not None:
+                raise ValueError("sliding-window layers cannot be combined with a KV policy in longattn")
+            out = _attend_compressed(layer, query, key, value, key_valid, scale)
+            return out.transpose(1, 2).contiguous(), None
+
+        nk = key.shape[2]
+        pattern = self.recipe.prefill
+        if nq > 1 and pattern is not None:
+            t0 = time.perf_counter()
+            layout = pattern.layout(query, key)
+            self.method_s += time.perf_counter() - t0
+            out = block_sparse_attention(
+                query, key, value, layout, causal=True, scale=scale, key_valid=key_valid, window=window,
+                backend=pattern.backend,
+            )
+        else:
+            out = _dense(query, key, value, key_valid, scale, window)
+
+        policy = self.recipe.kv
+        if layer is not None and policy is not None and not policy.is_noop and nq > 1 and nq == nk:
+            t0 = time.perf_counter()
+            idx, lengths = policy.keep(query, key, value, key_valid, module, layer_idx, self.num_layers)
+            layer.compress(idx, lengths)
+            self.compressions += 1
+            self.method_s += time.perf_counter() - t0
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _dense(q, k, v, key_valid, scale, window):
+    """Dense SDPA, the same call transformers' ``sdpa`` path makes when nothing is padded."""
+    nq, nk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if key_valid is None and window is None and (nq == nk or nq == 1):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=nq > 1, scale=scale, enable_gqa=gqa)
+    qpos = torch.arange(nk - nq, nk, device=q.device)[:, None]
+    kpos = torch.arange(nk, device=q.device)[None, :]
+    m = kpos <= qpos
+    if window is not None:
+        m = m & (qpos - kpos < window)
+    m = m[None, None]
+    if key_valid is not None:
+        m = m & key_valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=gqa)
+    return torch.where(m.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
+def _attend_compressed(layer: LongattnLayer, q, k_tail, v_tail, key_valid, scale):
+    """Attention of ``q`` over a compressed prefix (all visible) plus the tail (causal, aligned to the end)."""
+    b, hq, nq, d = q.shape
+    pre = layer.prefix
+    hk = pre.heads
+    g = hq // hk
+    qg = q.reshape(b, hk, g * nq, d)
+    # tail part
+    t = k_tail.shape[2]
+    qpos = torch.arange(t - nq, t, device=q.device)
+    allowed = (torch.arange(t, device=q.device)[None, :] <= qpos[:, None]).repeat(g, 1)  # [g*nq, t]
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        tail_valid = key_valid[:, pre.logical_len :]
+        allowed = allowed & tail_valid[:, None, None, :]
+    o_t, l_t = masked_attention(qg, k_tail, v_tail, allowed, scale)
+    # prefix part
+    if pre.uniform:
+        kp, vp, _ = pre.as_uniform()
+        o_p, l_p = masked_attention(qg, kp, vp, None, scale)
+    else:
+        o_p = torch.empty(b, hk, g * nq, d, dtype=o_t.dtype, device=q.device)
+        l_p = torch.empty(b, hk, g * nq, dtype=l_t.dtype, device=q.device)
+        for bi in range(b):
+            for hi in range(hk):
+                kr, vr, _ = pre.row(bi, hi)
+                o, lse = masked_attention(qg[bi, hi], kr, vr, None, scale)
+                o_p[bi, hi], l_p[bi, hi] = o, lse
+    out, _ = merge_attention([o_p, o_t], [l_p, l_t])
+    return out.reshape(b, hq, nq, d).to(q.dtype)
+
+
+def describe(session: Session) -> dict[str, Any]:
+    return {"method_s": session.method_s, "compressions": session.compressions}

@@ -1,0 +1,62 @@
+"""SnapKV: keep the keys that the last queries of the prompt (the observation window) attend to.
+
+Paper: "SnapKV: LLM Knows What You are Looking for Before Generation" (Li et al., NeurIPS 2024,
+https://arxiv.org/abs/2404.14469). Score of key j = mean over the last ``window`` queries (and over the query
+heads of its GQA group) of softmax attention, smoothed by a 1-D average pool of ``kernel`` tokens; the window
+tokens themselves are always kept. Departures: the budget is ``int(n * (1 - ratio))`` including the window
+(as kvpress's ``SnapKVPress``); GQA groups share one selection per kv head (mean over the group), so the cache
+stays unrepeated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import register
+from .base import KVPolicy
+
+__all__ = ["SnapKV"]
+
+
+@register(
+    "snapkv",
+    "kv",
+    paper="SnapKV (Li et al., NeurIPS 2024) https://arxiv.org/abs/2404.14469",
+    summary="observation window of last queries, pooled attention scores per kv head",
+)
+@dataclass(frozen=True)
+class SnapKV(KVPolicy):
+    """Observation-window attention scores, pooled."""
+
+    window: int = 64
+    kernel: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
+        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd int >= 1, got {self.kernel!r}")
+
+    def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
+        b, hq, nq, d = q.shape
+        hk, n = k.shape[1], k.shape[2]
+        g = hq // hk
+        w = min(self.window, nq, n)
+        qw = q[:, :, -w:].float().view(b, hk, g, w, d)
+        s = torch.matmul(qw, k.float().unsqueeze(2).transpose(-1, -2)) / math.sqrt(d)  # [b, hk, g, w, n]
+        qpos = torch.arange(n - w, n, device=k.device)
+        allowed = torch.arange(n, device=k.device)[None, :] <= qpos[:, None]
+        if key_valid is not None:
+            allowed = allowed & key_valid.to(torch.bool)[:, None, None, None, :]
+        s = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+        sc = s.mean(dim=(2, 3))  # [b, hk, n]
+        if self.kernel > 1:
+            sc = F.avg_pool1d(sc.view(b * hk, 1, n), self.kernel, stride=1, padding=self.kernel // 2,
+                              count_include_pad=False).view(b, hk, n)
+        sc[..., n - w :] = float("inf")  # the observation window is always kept
+        return sc

@@ -1,0 +1,48 @@
+"""StreamingLLM KV policy: keep the attention sinks and the most recent tokens.
+
+Paper: "Efficient Streaming Language Models with Attention Sinks" (Xiao et al., ICLR 2024,
+https://arxiv.org/abs/2309.17453). Departures: applied once at the end of prefill with a budget of
+``int(n * (1 - ratio))`` tokens (as kvpress's ``StreamingLLMPress``), not as a rolling cache; with left
+padding the sinks are the first ``n_sink`` *valid* tokens of each row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import register
+from .base import KVPolicy
+
+__all__ = ["StreamingLLM"]
+
+
+@register(
+    "streaming_llm",
+    "kv",
+    paper="StreamingLLM (Xiao et al., ICLR 2024) https://arxiv.org/abs/2309.17453",
+    summary="keep n_sink first tokens + the most recent ones",
+)
+@dataclass(frozen=True)
+class StreamingLLM(KVPolicy):
+    """Sinks + recent tokens."""
+
+    n_sink: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.n_sink, int) or self.n_sink < 0:
+            raise ValueError(f"n_sink must be an int >= 0, got {self.n_sink!r}")
+
+    def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
+        b, hk, n, _ = k.shape
+        pos = torch.arange(n, device=k.device, dtype=torch.float32).expand(b, n)
+        if key_valid is not None:
+            first = (~key_valid.to(torch.bool)).sum(-1, keepdim=True).float()  # left padding
+            rel = pos - first
+        else:
+            rel = pos
+        s = rel.clone()
+        s[rel < self.n_sink] = float(2 * n)  # sinks above every recent token
+        return s.unsqueeze(1).expand(b, hk, n).contiguous()

@@ -1,0 +1,64 @@
+"""A-shape / sink + sliding window prefill pattern.
+
+Papers: StreamingLLM, "Efficient Streaming Language Models with Attention Sinks" (Xiao et al., ICLR 2024,
+https://arxiv.org/abs/2309.17453); the A-shape pattern of MInference 1.0 (Jiang et al., NeurIPS 2024,
+https://arxiv.org/abs/2407.02490).
+
+Each query attends to the first ``sink`` tokens and to the last ``window`` tokens before it.
+Departures: selection is at block granularity: the sink and window are rounded *up* to whole blocks
+(``block_size``), so a query may see up to one block more than ``sink``/``window`` tokens; the token-level
+causal rule is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..layout import BlockLayout
+from ..registry import register
+from .base import PrefillPattern
+
+__all__ = ["SinkWindow"]
+
+
+@register(
+    "sink_window",
+    "prefill",
+    paper="StreamingLLM (Xiao et al., ICLR 2024) https://arxiv.org/abs/2309.17453; MInference A-shape "
+    "https://arxiv.org/abs/2407.02490",
+    summary="attention sinks + local window (A-shape), block granularity",
+)
+@dataclass(frozen=True)
+class SinkWindow(PrefillPattern):
+    """Sink tokens + local window (A-shape)."""
+
+    sink: int = 64
+    window: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.sink, int) or self.sink < 0:
+            raise ValueError(f"sink must be an int >= 0, got {self.sink!r}")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
+
+    def layout(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
+        return self.layout_for(q.shape[2], k.shape[2], device=q.device)
+
+    def layout_for(self, q_len: int, kv_len: int, device=None) -> BlockLayout:
+        bs = self.block_size
+        nqb, nkb = -(-q_len // bs), -(-kv_len // bs)
+        off = kv_len - q_len
+        sink_blocks = -(-self.sink // bs)
+        win_blocks = -(-self.window // bs)
+        qb = torch.arange(nqb, device=device)
+        # the kv block holding the last query of each q block (aligned to the end), and the first one
+        last_kb = (torch.clamp((qb + 1) * bs, max=q_len) - 1 + off) // bs
+        first_kb = (qb * bs + off) // bs
+        kb = torch.arange(nkb, device=device)
+        m = (kb[None, :] < sink_blocks) | (
+            (kb[None, :] <= last_kb[:, None]) & (kb[None, :] > first_kb[:, None] - win_blocks)
+        )
+        return BlockLayout.from_block_mask(m[None, None], block_size=bs, q_len=q_len, kv_len=kv_len)

@@ -1,0 +1,1 @@
+"""Head analysis (not implemented yet)."""
