@@ -86,7 +86,7 @@ def parse_method(spec: str, kind: str | None = None):
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"method spec must be a non-empty string like 'snapkv:ratio=0.5', got {spec!r}")
     name, *kvs = spec.strip().split(":")
-    entry = registry.get(name.strip(), kind)
+    entry = registry.get(name.strip(), kind or SLOTS)
     cls = entry.cls
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

@@ -41,16 +41,17 @@ def _load_all() -> None:
     from . import bench, decode, kv, prefill  # noqa: F401
 
 
-def get(name: str, kind: str | None = None) -> Entry:
+def get(name: str, kind: str | tuple[str, ...] | None = None) -> Entry:
+    """The entry of ``name`` among ``kind`` (one kind, a tuple of kinds, or all)."""
     _load_all()
-    kinds = [kind] if kind else list(KINDS)
+    kinds = [kind] if isinstance(kind, str) else list(kind or KINDS)
     for k in kinds:
         if k not in _REGISTRY:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {k!r}")
         if name in _REGISTRY[k]:
             return _REGISTRY[k][name]
     allowed = ", ".join(sorted(n for k in kinds for n in _REGISTRY[k]))
-    where = f" of kind {kind!r}" if kind else ""
+    where = f" of kind {'/'.join(kinds)}" if kind else ""
     raise ValueError(f"unknown method {name!r}{where}; allowed: {allowed}")
 
 

@@ -182,6 +182,8 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
             (out_dir / "results.jsonl").unlink()
     if model is None:
         model, tokenizer = models.load(cfg.model)
+    with torch.no_grad():  # warm-up, so the first record does not pay for first-touch allocations
+        model(input_ids=torch.ones(1, 64, dtype=torch.long, device=model.device))
     methods = list(dict.fromkeys(cfg.methods))
     tasks = [(t, registry.get(t, "task").cls()) for t in cfg.tasks]
     total = len(tasks) * len(cfg.lengths) * cfg.samples * len(methods)

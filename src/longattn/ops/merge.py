@@ -19,7 +19,8 @@ def merge_attention(
         raise ValueError(f"outs and lses: need the same non-zero number of partials, got {len(outs)}, {len(lses)}")
     if len(outs) == 1:
         return outs[0], lses[0]
-    lse = torch.stack([x.float() for x in lses], 0)  # [p, ..., n]
+    ct = torch.float64 if lses[0].dtype == torch.float64 else torch.float32
+    lse = torch.stack([x.to(ct) for x in lses], 0)  # [p, ..., n]
     m = lse.amax(0)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     w = torch.exp(lse - m_safe)  # exp(-inf) = 0 for empty partials
@@ -27,5 +28,5 @@ def merge_attention(
     total = m_safe + torch.log(denom)
     total = torch.where(denom > 0, total, torch.full_like(total, float("-inf")))
     w = w / denom.clamp_min(torch.finfo(w.dtype).tiny)
-    out = sum(wi.unsqueeze(-1) * o.float() for wi, o in zip(w, outs))
+    out = sum(wi.unsqueeze(-1) * o.to(ct) for wi, o in zip(w, outs))
     return out.to(outs[0].dtype), total

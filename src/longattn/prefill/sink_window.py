@@ -5,9 +5,9 @@ https://arxiv.org/abs/2309.17453); the A-shape pattern of MInference 1.0 (Jiang 
 https://arxiv.org/abs/2407.02490).
 
 Each query attends to the first ``sink`` tokens and to the last ``window`` tokens before it.
-Departures: selection is at block granularity: the sink and window are rounded *up* to whole blocks
-(``block_size``), so a query may see up to one block more than ``sink``/``window`` tokens; the token-level
-causal rule is exact.
+Departures: selection is at block granularity: a query block gets every kv block that holds a sink token or
+a token inside the window of any of its queries, so a query may see up to one block more than
+``sink``/``window`` tokens on each side; the token-level causal rule is exact.
 """
 
 from __future__ import annotations
@@ -52,13 +52,11 @@ class SinkWindow(PrefillPattern):
         nqb, nkb = -(-q_len // bs), -(-kv_len // bs)
         off = kv_len - q_len
         sink_blocks = -(-self.sink // bs)
-        win_blocks = -(-self.window // bs)
         qb = torch.arange(nqb, device=device)
         # the kv block holding the last query of each q block (aligned to the end), and the first one
         last_kb = (torch.clamp((qb + 1) * bs, max=q_len) - 1 + off) // bs
-        first_kb = (qb * bs + off) // bs
+        # the oldest key any query of the block may see: window tokens back from its first query
+        lo_kb = torch.clamp(qb * bs + off - self.window + 1, min=0) // bs
         kb = torch.arange(nkb, device=device)
-        m = (kb[None, :] < sink_blocks) | (
-            (kb[None, :] <= last_kb[:, None]) & (kb[None, :] > first_kb[:, None] - win_blocks)
-        )
+        m = (kb[None, :] < sink_blocks) | ((kb[None, :] <= last_kb[:, None]) & (kb[None, :] >= lo_kb[:, None]))
         return BlockLayout.from_block_mask(m[None, None], block_size=bs, q_len=q_len, kv_len=kv_len)

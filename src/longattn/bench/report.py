@@ -1,0 +1,60 @@
+"""Terminal tables of bench and ops-bench records."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+__all__ = ["bench_table", "ops_table"]
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def bench_table(records: list[dict]) -> str:
+    """One row per (task, method, length): accuracy, cache MiB, compression vs dense, prefill s, decode tok/s,
+    method s, KL and top-1 agreement vs dense. Dense is the first row of each group."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["task"], r["length"], r["method"])].append(r)
+    dense_bytes = {(t, n): _mean([r["kv_cache_bytes"] for r in rs])
+                   for (t, n, m), rs in groups.items() if m == "dense"}
+    head = ["task", "length", "method", "acc", "n", "kv MiB", "kv/dense", "peak MiB", "prefill s",
+            "decode tok/s", "method s", "KL", "top1"]
+    rows = []
+    for (t, n, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "dense",
+                                                               kv[0][2])):
+        kvb = _mean([r["kv_cache_bytes"] for r in rs])
+        db = dense_bytes.get((t, n))
+        peak = _mean([r.get("peak_bytes") for r in rs])
+        rows.append([
+            t, str(n), m, f"{_mean([r['score'] for r in rs]):.2f}", str(len(rs)),
+            _fmt(kvb / 2**20 if kvb is not None else None, ".1f"),
+            _fmt(kvb / db if (db and kvb is not None) else None, ".2f"),
+            _fmt(peak / 2**20 if peak is not None else None, ".0f"),
+            _fmt(_mean([r["prefill_s"] for r in rs]), ".2f"),
+            _fmt(_mean([r["decode_tok_s"] for r in rs]), ".1f"),
+            _fmt(_mean([r["method_s"] for r in rs]), ".3f"),
+            _fmt(_mean([r["kl"] for r in rs]), ".3f"),
+            _fmt(_mean([r["top1_agree"] for r in rs]), ".2f"),
+        ])
+    return _render(head, rows)
+
+
+def ops_table(records: list[dict]) -> str:
+    head = ["op", "pattern", "N", "dtype", "backend", "density", "est ms", "kernel ms", "dense ms", "speedup"]
+    rows = [[r["op"], r["pattern"], str(r["N"]), r["dtype"], r["backend"], f"{r['density']:.3f}",
+             f"{r['est_ms']:.1f}", f"{r['kernel_ms']:.1f}", f"{r['dense_ms']:.1f}", f"{r['speedup']:.2f}x"]
+            for r in records]
+    return _render(head, rows)
+
+
+def _render(head: list[str], rows: list[list[str]]) -> str:
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w[i]) if i < 3 else c.rjust(w[i]) for i, c in enumerate(cells))  # noqa: E731
+    return "\n".join([line(head), line(["-" * x for x in w])] + [line(r) for r in rows])

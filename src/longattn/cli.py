@@ -1,0 +1,222 @@
+"""The ``longattn`` command: list, generate, bench, report, ops-bench (see DESIGN.md's contract)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line, exit 2
+        print(f"longattn: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _ints(flag: str):
+    def conv(s: str) -> list[int]:
+        try:
+            vals = [int(x) for x in _csv(s)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {s!r}") from None
+        if not vals:
+            raise argparse.ArgumentTypeError(f"{flag} needs at least one integer")
+        return vals
+
+    return conv
+
+
+def _build() -> argparse.ArgumentParser:
+    p = _Parser(prog="longattn", description="Training-free long-context attention, measured side by side.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    ls = sub.add_parser("list", help="every registered method, task and backend")
+    ls.add_argument("--kind", choices=["prefill", "kv", "decode", "task", "backend"])
+
+    g = sub.add_parser("generate", help="generate with a recipe")
+    g.add_argument("--model", default="smollm2-135m")
+    g.add_argument("--recipe", default="dense")
+    g.add_argument("--prompt-file", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+
+    b = sub.add_parser("bench", help="tasks x lengths x methods on a real model")
+    b.add_argument("--model", default="smollm2-135m")
+    b.add_argument("--task", default="passkey", type=_csv)
+    b.add_argument("--lengths", default=[1024], type=_ints("--lengths"))
+    b.add_argument("--samples", default=5, type=int)
+    b.add_argument("--methods", default=None, type=_csv)
+    b.add_argument("--json", dest="json_path")
+    b.add_argument("--out")
+    b.add_argument("--resume", action="store_true")
+    b.add_argument("--config")
+    b.add_argument("--peer", choices=["kvpress"])
+    b.add_argument("--seed", default=0, type=int)
+
+    r = sub.add_parser("report", help="re-render the table of a bench --out DIR")
+    r.add_argument("dir")
+
+    o = sub.add_parser("ops-bench", help="op-level speed vs dense SDPA")
+    o.add_argument("--patterns", default=None, type=_csv)
+    o.add_argument("--lengths", default=[4096, 16384, 32768], type=_ints("--lengths"))
+    o.add_argument("--dtypes", default=["float32", "bfloat16"], type=_csv)
+    o.add_argument("--heads", default=8, type=int)
+    o.add_argument("--dim", default=64, type=int)
+    o.add_argument("--backends", default=["flex", "gather"], type=_csv)
+    o.add_argument("--repeats", default=3, type=int)
+    o.add_argument("--decode", action="store_true")
+    o.add_argument("--selectors", type=_csv)
+    o.add_argument("--budget", type=int)
+    o.add_argument("--cab", action="store_true")
+    o.add_argument("--json", dest="json_path")
+
+    pr = sub.add_parser("profile", help="head analysis (not implemented yet)")
+    pr.add_argument("what", choices=["search", "heads"])
+    pr.add_argument("--model", default="smollm2-135m")
+    pr.add_argument("--out", required=True)
+
+    d = sub.add_parser("dist-bench", help="sequence-parallel attention (not implemented yet)")
+    d.add_argument("--nproc", type=int, required=True)
+    d.add_argument("--method", required=True,
+                   choices=["ring", "zigzag", "allgather", "ulysses", "dist_decode", "lasp2"])
+    d.add_argument("--seq", type=int, required=True)
+    return p
+
+
+def _cmd_list(a) -> int:
+    from . import registry
+    from .ops.block_sparse import BACKENDS
+
+    kinds = [a.kind] if a.kind else ["prefill", "kv", "decode", "task", "backend"]
+    for kind in kinds:
+        if kind == "backend":
+            for be in BACKENDS:
+                print(f"{be:<16} backend  block-sparse attention backend")
+            continue
+        for e in registry.entries(kind):
+            print(f"{e.name:<16} {e.kind:<8} {e.summary} | {e.paper}")
+    return 0
+
+
+def _cmd_generate(a) -> int:
+    import torch
+
+    from . import api, models
+
+    recipe = api.parse(a.recipe)
+    if a.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    path = Path(a.prompt_file)
+    if not path.is_file():
+        raise ValueError(f"--prompt-file: no such file {str(path)!r}")
+    model, tok = models.load(a.model)
+    text = path.read_text()
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(text, return_tensors="pt")["input_ids"]
+    from .cache import cache_nbytes
+
+    with torch.no_grad(), api.apply(model, recipe) as s:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
+                             do_sample=False)
+        nbytes = cache_nbytes(s.cache) if s.cache is not None else 0
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    print(f"[longattn] recipe={recipe} prompt_tokens={ids.shape[1]} kv_cache_bytes={nbytes} "
+          f"method_s={s.method_s:.3f}", file=sys.stderr)
+    return 0
+
+
+def _load_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config: no such file {path!r}")
+    if p.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # pragma: no cover - python 3.10
+            import tomli as tomllib
+        return tomllib.loads(p.read_text())
+    if p.suffix == ".json":
+        return json.loads(p.read_text())
+    raise ValueError(f"--config: expected a .toml or .json file, got {path!r}")
+
+
+def _cmd_bench(a) -> int:
+    from .bench.report import bench_table
+    from .bench.runner import DEFAULT_METHODS, BenchConfig, run
+
+    if a.peer:
+        raise ValueError("--peer kvpress: the side-by-side run with kvpress is not implemented yet")
+    cfg = BenchConfig(model=a.model, tasks=tuple(a.task), lengths=tuple(a.lengths), samples=a.samples,
+                      methods=tuple(a.methods) if a.methods is not None else DEFAULT_METHODS, seed=a.seed,
+                      json_path=a.json_path, out_dir=a.out, resume=a.resume)
+    if a.config:
+        conf = _load_config(a.config)
+        allowed = {"model", "tasks", "lengths", "samples", "methods", "seed"}
+        for k, v in conf.items():
+            if k not in allowed:
+                raise ValueError(f"--config: unknown key {k!r}; allowed: {', '.join(sorted(allowed))}")
+            setattr(cfg, k, tuple(v) if isinstance(v, list) else v)
+    if a.resume and not a.out:
+        raise ValueError("--resume needs --out DIR (it skips the records already in DIR/results.jsonl)")
+    cfg.validate()
+    records = run(cfg)
+    print(bench_table(records))
+    return 0
+
+
+def _cmd_report(a) -> int:
+    from .bench.report import bench_table
+    from .bench.runner import read_results
+
+    path = Path(a.dir) / "results.jsonl"
+    if not path.is_file():
+        raise ValueError(f"report: no results.jsonl in {a.dir!r}")
+    print(bench_table(read_results(path, warn=lambda s: print(s, file=sys.stderr))))
+    return 0
+
+
+def _cmd_ops_bench(a) -> int:
+    from .bench.ops import PATTERNS, OpsBenchConfig, run_ops
+    from .bench.report import ops_table
+    from .ops.block_sparse import BACKENDS
+
+    if a.decode or a.cab or a.selectors or a.budget:
+        raise ValueError("--decode/--selectors/--budget/--cab: not implemented yet (decode selectors, CAB grid)")
+    for be in a.backends:
+        if be not in BACKENDS:
+            raise ValueError(f"--backends: unknown backend {be!r}; allowed: {', '.join(BACKENDS)}")
+    cfg = OpsBenchConfig(patterns=tuple(a.patterns or PATTERNS), lengths=tuple(a.lengths), dtypes=tuple(a.dtypes),
+                         heads=a.heads, dim=a.dim, backends=tuple(a.backends), repeats=a.repeats)
+    recs = run_ops(cfg)
+    print(ops_table(recs))
+    if a.json_path:
+        Path(a.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json_path).write_text(json.dumps(recs, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _build().parse_args(argv)
+    handlers = {"list": _cmd_list, "generate": _cmd_generate, "bench": _cmd_bench, "report": _cmd_report,
+                "ops-bench": _cmd_ops_bench}
+    if a.cmd not in handlers:
+        print(f"longattn: error: `{a.cmd}` is not implemented yet in this version", file=sys.stderr)
+        return 2
+    try:
+        return handlers[a.cmd](a)
+    except ValueError as e:
+        print(f"longattn: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

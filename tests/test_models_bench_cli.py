@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import torch
+
+import longattn
+from longattn import cli, models
+from longattn.bench.report import bench_table
+from longattn.bench.runner import BenchConfig, encode, read_results, run
+from longattn.bench.tasks import Passkey
+
+
+@pytest.mark.parametrize("arch", models.TINY_ARCHS)
+def test_tiny_configs(arch):
+    cfg = models.tiny_config(arch)
+    assert cfg.model_type == arch and cfg.num_key_value_heads < cfg.num_attention_heads
+    with pytest.raises(ValueError, match="arch must be one of"):
+        models.tiny_config("gpt2")
+
+
+def test_resolve_rejects_unknown_model(tmp_path):
+    with pytest.raises(ValueError, match="neither an embedded model.*nothing is downloaded"):
+        models.resolve(str(tmp_path / "missing"))
+
+
+def test_local_model_directory(tmp_path):
+    m = models.tiny_model("qwen2")
+    m.save_pretrained(tmp_path)
+    assert models.resolve(str(tmp_path)) == tmp_path
+
+
+def test_passkey_deterministic_and_scorer(smollm2):
+    _, tok = smollm2
+    t = Passkey()
+    a, b, c = t.make(tok, 512, 3, 0), t.make(tok, 512, 3, 0), t.make(tok, 512, 4, 0)
+    assert a == b and a.answers != c.answers
+    key = a.answers[0]
+    assert t.score(f" {key}.", a) == 1.0
+    assert t.score(f" {key[:-1]}", a) == 0.0 and t.score(" " + key[::-1], a) == float(key[::-1] == key)
+    ctx, rest = encode(tok, a)
+    assert 440 <= len(ctx) + len(rest) <= 512
+
+
+@pytest.mark.model
+def test_embedded_model_loads_from_cache_and_compresses(smollm2):
+    model, tok = smollm2
+    assert model.config.model_type == "llama" and model.dtype == torch.float32
+    assert (models.cache_dir() / "smollm2-135m" / "model.safetensors").exists()
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad(), longattn.apply(model, "snapkv:ratio=0.5:window=4") as s:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 3 and s.compressions == model.config.num_hidden_layers
+
+
+@pytest.mark.model
+def test_bench_records_resume_and_corrupt_lines(smollm2, tmp_path):
+    model, tok = smollm2
+    cfg = BenchConfig(lengths=(256,), samples=2, methods=("dense", "snapkv:ratio=0.5"), out_dir=str(tmp_path),
+                      json_path=str(tmp_path / "r.json"), progress=False)
+    recs = run(cfg, model=model, tokenizer=tok)
+    assert len(recs) == 4
+    for r in recs:
+        for f in ("task", "method", "length", "sample", "correct", "score", "kv_cache_bytes", "peak_bytes",
+                  "prefill_s", "decode_tok_s", "method_s", "kl", "top1_agree", "model", "seed", "decode_s"):
+            assert f in r
+    dense = [r for r in recs if r["method"] == "dense"]
+    snap = [r for r in recs if r["method"] != "dense"]
+    assert all(r["kl"] == 0.0 and r["top1_agree"] == 1.0 for r in dense)
+    assert all(0.45 < s["kv_cache_bytes"] / d["kv_cache_bytes"] < 0.55 for s, d in zip(snap, dense))
+    assert json.loads((tmp_path / "r.json").read_text()) == recs
+    # resume after a crash that lost the last record and corrupted a line
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:2] + ["{not json"]) + "\n")
+    warnings = []
+    cfg.resume = True
+    cfg.json_path = None
+    recs2 = run(cfg, model=model, tokenizer=tok, log=warnings.append)
+    assert any("corrupt" in w for w in warnings)
+    key = lambda r: (r["method"], r["sample"])  # noqa: E731
+    a = {key(r): (r["correct"], r["kv_cache_bytes"], r["prediction"]) for r in recs}
+    b = {key(r): (r["correct"], r["kv_cache_bytes"], r["prediction"]) for r in recs2}
+    assert a == b
+    assert "dense" in bench_table(recs2)
+    assert len(read_results(tmp_path / "results.jsonl", warn=lambda s: None)) == 4
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--methods", "nope"],
+        ["bench", "--lengths", "-5"],
+        ["bench", "--lengths", "abc"],
+        ["bench", "--task", "nope"],
+        ["bench", "--samples", "0"],
+        ["bench", "--methods", ","],
+        ["bench", "--resume"],
+        ["ops-bench", "--patterns", "nope"],
+        ["ops-bench", "--dtypes", "int8"],
+        ["list", "--kind", "nope"],
+        ["generate", "--prompt-file", "/nonexistent", "--recipe", "snapkv:ratio=2"],
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(cli.main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("longattn: error:")
+
+
+def test_cli_list(capsys):
+    assert cli.main(["list", "--kind", "kv"]) == 0
+    out = capsys.readouterr().out
+    assert "snapkv" in out and "arxiv.org/abs/2404.14469" in out
