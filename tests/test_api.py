@@ -6,7 +6,7 @@ import torch
 import longattn
 from longattn import api, registry
 from longattn.cache import LongattnLayer, RaggedKV, cache_nbytes
-from longattn.hf import _attend_compressed
+from longattn.hf import attend_compressed
 from longattn.kv import SnapKV, StreamingLLM
 from longattn.models import TINY_ARCHS, tiny_model
 from longattn.reference import attention
@@ -159,7 +159,7 @@ def test_snapkv_halves_the_cache_and_generates_with_padding(arch):
         kv_bytes = cache_nbytes(cache)
         assert s.compressions == m.config.num_hidden_layers
         # GQA kept unrepeated: kv heads in the cache
-        assert cache.layers[0].prefix.heads == m.config.num_key_value_heads
+        assert cache.layers[0].kept_positions.shape == (2, m.config.num_key_value_heads, 64)
         assert cache.get_seq_length() == 128  # logical length
     # half the tokens; metadata = int32 positions (4 bytes per kept token per kv head)
     kept = 64 * 2 * m.config.num_key_value_heads * m.config.num_hidden_layers
@@ -168,7 +168,7 @@ def test_snapkv_halves_the_cache_and_generates_with_padding(arch):
     ids, am = _ids(b=2, n=128, pad=(0, 21))
     with torch.no_grad(), longattn.apply(m, "snapkv:ratio=0.5:window=8") as s:
         out = m.generate(ids, attention_mask=am, max_new_tokens=5, do_sample=False)
-        lens = s.cache.layers[0].prefix.lengths
+        lens = s.cache.layers[0].kept_lengths()
     assert out.shape == (2, 133)
     assert lens[0].tolist() == [64, 64] and lens[1].tolist() == [53, 53]  # int(107 * 0.5)
 
@@ -217,10 +217,10 @@ def test_kept_positions_are_the_top_scored(policy):
     scores = pol.score(q, k, v, key_valid).masked_fill(~key_valid[:, None, :], float("-inf"))
     with torch.no_grad(), longattn.apply(m, policy) as s:
         m(ids, attention_mask=am, use_cache=True)
-        pre = s.cache.layers[1].prefix
+        layer = s.cache.layers[1]
     for b in range(2):
         for h in range(k.shape[1]):
-            _, _, pos = pre.row(b, h)
+            pos = layer.kept(b, h)
             n_keep = int(key_valid[b].sum() * (1 - pol.ratio))
             assert len(pos) == n_keep
             kept = scores[b, h, pos.long()]
@@ -229,7 +229,7 @@ def test_kept_positions_are_the_top_scored(policy):
             # every kept token scores at least as high as every dropped one
             assert kept.min() >= dropped.max() - 1e-6
     if policy.startswith("streaming_llm"):
-        _, _, pos = pre.row(1, 0)
+        pos = layer.kept(1, 0)
         assert pos[:3].tolist() == [9, 10, 11]  # sinks: first valid tokens of the padded row
         assert pos[-1].item() == 99
 
@@ -244,11 +244,15 @@ def test_compressed_attention_equals_reference(ragged, nq):
     lengths = torch.tensor([[20, 11], [5, 30]]) if ragged else torch.full((b, hk), 17)
     idx = torch.stack([torch.stack([torch.randperm(n)[:30].sort().values for _ in range(hk)]) for _ in range(b)])
     layer.compress(idx, lengths)
-    assert layer.prefix.uniform == (not ragged)
+    assert (layer.prefix is not None) == ragged and layer.get_seq_length() == n
+    for bi in range(b):
+        for hi in range(hk):
+            assert layer.kept(bi, hi).tolist() == idx[bi, hi, : lengths[bi, hi]].tolist()
     kt, vt = torch.randn(b, hk, t, d), torch.randn(b, hk, t, d)
     layer.update(kt, vt)
+    assert layer.get_seq_length() == n + t
     q = torch.randn(b, hk * g, nq, d)
-    out = _attend_compressed(layer, q, layer.keys, layer.values, None, d**-0.5)
+    out = attend_compressed(layer, q, None, d**-0.5)
     # reference: full keys, mask = kept prefix tokens + causal tail
     full_k, full_v = torch.cat([k, kt], 2), torch.cat([v, vt], 2)
     mask = torch.zeros(b, hk * g, nq, n + t, dtype=torch.bool)
@@ -279,3 +283,22 @@ def test_ragged_pack_is_exact_and_frees_memory():
         layer.compress(idx, lengths)
     with pytest.raises(ValueError, match="beam search"):
         layer.reorder_cache(torch.tensor([1, 0]))
+
+
+@pytest.mark.parametrize("recipe", ["snapkv:ratio=0.5:window=8", "streaming_llm:ratio=0.7",
+                                    "sink_window:window=32:sink=16:block_size=16+snapkv:ratio=0.4"])
+def test_batched_with_left_padding_equals_unbatched(recipe):
+    """Each row is compressed by its own valid length: a padded batch decodes like each prompt alone.
+    (The padding is a whole number of 16-token blocks, so block-granular patterns select the same tokens.)"""
+    m = tiny_model("llama")
+    for layer in m.model.layers:  # sharper attention: no near-ties among scores for float noise to flip
+        layer.self_attn.q_proj.weight.data *= 8
+    ids, am = _ids(b=2, n=120, pad=(0, 32), seed=3)
+    kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad(), longattn.apply(m, recipe):
+        both = m.generate(ids, attention_mask=am, **kw)
+        alone = [m.generate(ids[i : i + 1, am[i].bool()], **kw) for i in range(2)]
+    for i in range(2):
+        assert torch.equal(both.sequences[i, -6:], alone[i].sequences[0, -6:])
+        torch.testing.assert_close(torch.stack(both.logits, 1)[i], torch.stack(alone[i].logits, 1)[0],
+                                   rtol=0, atol=1e-4)

@@ -1,12 +1,10 @@
 """The KV cache: a transformers cache layer that can hold a compressed, per-head ragged prefix.
 
 ``LongattnLayer`` behaves like transformers' ``DynamicLayer`` until a KV policy compresses it at the end of
-prefill. Then it holds:
-
-- ``prefix``: a ``RaggedKV`` with each (batch row, kv head)'s kept tokens *packed* one after another
-  (``[total_kept, dim]``), no padding back to the longest head, plus their original positions (int32);
-- ``keys`` / ``values``: the uniform *tail* ``[b, kv_heads, t, dim]`` of tokens appended after compression
-  (question, generated tokens), exactly as ``DynamicLayer`` stores them.
+prefill. With the same budget for every row and kv head it becomes a smaller dense cache; with per-head
+budgets it holds a ``RaggedKV`` prefix (each (batch row, kv head)'s kept tokens *packed* one after another,
+``[total_kept, dim]``, no padding back to the longest head) plus a uniform tail of the tokens appended since.
+Both keep the original positions of the kept tokens (int32).
 
 ``get_seq_length()`` reports the *logical* length (tokens seen, compressed or not), so that transformers'
 positions, masks and ``generate`` bookkeeping stay those of the uncompressed sequence. ``nbytes()`` is what
@@ -83,11 +81,22 @@ class RaggedKV:
 
 
 class LongattnLayer(DynamicLayer):
-    """A ``DynamicLayer`` that a KV policy can compress into a ragged per-head prefix (real memory freed)."""
+    """A ``DynamicLayer`` that a KV policy can compress, really freeing the dropped tokens.
+
+    States:
+    - uncompressed: ``keys``/``values`` hold every token (as ``DynamicLayer``);
+    - compressed, uniform budgets (every batch row and kv head keeps ``n`` tokens): ``keys``/``values`` hold
+      the kept tokens followed by the tokens appended since; it is an ordinary (smaller) dense cache, attended
+      by plain SDPA. ``kept_positions [b, h, n]`` (int32) say where the kept tokens were;
+    - compressed, per-head budgets: ``prefix`` is a packed ``RaggedKV``; ``keys``/``values`` hold only the
+      tokens appended since (the uniform tail).
+    """
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.prefix: RaggedKV | None = None
+        self.prefix: RaggedKV | None = None  # ragged compressed prefix
+        self.kept_positions: torch.Tensor | None = None  # uniform compressed prefix: [b, h, n] int32
+        self.prefix_logical_len = 0  # tokens of the prefix before compression (0 if uncompressed)
 
     @classmethod
     def adopt(cls, layer: DynamicLayer) -> LongattnLayer:
@@ -100,43 +109,98 @@ class LongattnLayer(DynamicLayer):
 
     # --- sizes ---------------------------------------------------------------------------------------
     @property
-    def tail_len(self) -> int:
+    def compressed(self) -> bool:
+        return self.prefix is not None or self.kept_positions is not None
+
+    @property
+    def physical_len(self) -> int:
+        """Tokens held in ``keys`` (uniform part)."""
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
             return 0
         return self.keys.shape[-2]
 
+    @property
+    def prefix_physical_len(self) -> int:
+        """Kept prefix tokens stored at the start of ``keys`` (uniform compression), else 0."""
+        return 0 if self.kept_positions is None else self.kept_positions.shape[-1]
+
+    @property
+    def tail_len(self) -> int:
+        """Tokens appended after compression (all tokens if uncompressed)."""
+        return self.physical_len - self.prefix_physical_len
+
     def get_seq_length(self) -> int:
-        return (self.prefix.logical_len if self.prefix is not None else 0) + self.tail_len
+        """The logical length: every token seen, kept or dropped (positions and masks follow it)."""
+        return self.prefix_logical_len + self.tail_len if self.compressed else self.physical_len
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def nbytes(self) -> int:
         n = self.prefix.nbytes() if self.prefix is not None else 0
-        for t in (self.keys, self.values):
+        for t in (self.keys, self.values, self.kept_positions):
             if t is not None:
                 n += t.numel() * t.element_size()
         return n
 
+    def physical_key_valid(self, key_valid: torch.Tensor | None) -> torch.Tensor | None:
+        """Map a logical ``[b, logical_len]`` key validity onto the uniform ``keys`` (kept prefix: all valid)."""
+        if key_valid is None or not self.compressed:
+            return key_valid
+        tail = key_valid[:, self.prefix_logical_len :]
+        if self.prefix is not None:
+            return tail
+        b = key_valid.shape[0]
+        ones = torch.ones(b, self.prefix_physical_len, dtype=torch.bool, device=key_valid.device)
+        return torch.cat([ones, tail], 1)
+
+    def kept(self, b: int, h: int) -> torch.Tensor:
+        """Original positions (int32, ascending) of the prefix tokens kept for batch row ``b``, kv head ``h``."""
+        if self.prefix is not None:
+            return self.prefix.row(b, h)[2]
+        if self.kept_positions is not None:
+            return self.kept_positions[b, h]
+        raise ValueError("kept: this cache layer is not compressed")
+
+    def kept_lengths(self) -> torch.Tensor:
+        """``[b, h]`` number of prefix tokens kept per batch row and kv head."""
+        if self.prefix is not None:
+            return self.prefix.lengths.clone()
+        if self.kept_positions is not None:
+            b, h, n = self.kept_positions.shape
+            return torch.full((b, h), n, dtype=torch.long)
+        raise ValueError("kept_lengths: this cache layer is not compressed")
+
     # --- compression ---------------------------------------------------------------------------------
     def compress(self, idx: torch.Tensor, lengths: torch.Tensor) -> None:
         """Keep, per (batch, kv head), the tokens at ``idx`` (first ``lengths`` entries); free the rest."""
-        if self.prefix is not None:
+        if self.compressed:
             raise ValueError("this cache layer is already compressed (a KV policy runs once, at the end of prefill)")
-        if self.tail_len == 0:
+        if self.physical_len == 0:
             raise ValueError("nothing to compress: the cache layer is empty")
-        self.prefix = RaggedKV.gather(self.keys, self.values, idx, lengths)
-        # drop the full prefill tensors: from here on keys/values are the uniform tail
-        self.keys = self.keys[..., :0, :].clone()
-        self.values = self.values[..., :0, :].clone()
+        n = self.physical_len
+        lengths = lengths.to(torch.long)
+        if bool((lengths == lengths.view(-1)[0]).all()):
+            keep = int(lengths.view(-1)[0])
+            sel = idx[..., :keep].long()
+            gidx = sel.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+            self.keys = torch.gather(self.keys, 2, gidx)
+            self.values = torch.gather(self.values, 2, gidx)
+            self.kept_positions = sel.to(torch.int32)
+        else:
+            self.prefix = RaggedKV.gather(self.keys, self.values, idx, lengths)
+            # drop the full prefill tensors: from here on keys/values are the uniform tail
+            self.keys = self.keys[..., :0, :].clone()
+            self.values = self.values[..., :0, :].clone()
+        self.prefix_logical_len = n
 
-    # --- transformers hooks that cannot work on a ragged prefix ---------------------------------------
+    # --- transformers hooks that cannot work on a compressed prefix -----------------------------------
     def _refuse(self, what: str) -> None:
-        if self.prefix is not None:
-            raise ValueError(f"{what} is not supported on a compressed longattn cache (per-head ragged prefix)")
+        if self.compressed:
+            raise ValueError(f"{what} is not supported on a compressed longattn cache")
 
     def crop(self, tokens_to_remove: int) -> None:
-        if self.prefix is not None and tokens_to_remove < 0 and -tokens_to_remove > self.tail_len:
+        if self.compressed and tokens_to_remove < 0 and -tokens_to_remove > self.tail_len:
             raise ValueError(
                 f"crop: can remove at most the {self.tail_len} tokens appended after compression, "
                 f"got {-tokens_to_remove}"
@@ -157,6 +221,8 @@ class LongattnLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.prefix = None
+        self.kept_positions = None
+        self.prefix_logical_len = 0
         super().reset()
 
 

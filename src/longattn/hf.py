@@ -161,17 +161,17 @@ class Session:
             if not isinstance(layer, LongattnLayer):
                 layer = None
         nq = query.shape[2]
-        if layer is not None and layer.prefix is not None:
+        if layer is not None and layer.compressed:
             if window is not None:
                 raise ValueError("sliding-window layers cannot be combined with a KV policy in longattn")
-            out = _attend_compressed(layer, query, key, value, key_valid, scale)
+            out = attend_compressed(layer, query, key_valid, scale)
             return out.transpose(1, 2).contiguous(), None
 
         nk = key.shape[2]
         pattern = self.recipe.prefill
         if nq > 1 and pattern is not None:
             t0 = time.perf_counter()
-            layout = pattern.layout(query, key)
+            layout = pattern.layout(query, key, key_valid)
             self.method_s += time.perf_counter() - t0
             out = block_sparse_attention(
                 query, key, value, layout, causal=True, scale=scale, key_valid=key_valid, window=window,
@@ -208,8 +208,16 @@ def _dense(q, k, v, key_valid, scale, window):
     return torch.where(m.any(-1, keepdim=True), out, torch.zeros_like(out))
 
 
-def _attend_compressed(layer: LongattnLayer, q, k_tail, v_tail, key_valid, scale):
-    """Attention of ``q`` over a compressed prefix (all visible) plus the tail (causal, aligned to the end)."""
+def attend_compressed(layer: LongattnLayer, q, key_valid, scale):
+    """Attention of the newest ``q`` tokens over a compressed layer: the kept prefix (all visible) plus the
+    tokens appended since (causal, aligned to the end). ``key_valid`` is the logical ``[b, seq]`` validity."""
+    kv_phys = layer.physical_key_valid(key_valid)
+    if layer.prefix is None:  # uniform budgets: an ordinary, smaller dense cache
+        return _dense(q, layer.keys, layer.values, kv_phys, scale, None)
+    return _attend_ragged(layer, q, layer.keys, layer.values, kv_phys, scale)
+
+
+def _attend_ragged(layer: LongattnLayer, q, k_tail, v_tail, key_valid, scale):
     b, hq, nq, d = q.shape
     pre = layer.prefix
     hk = pre.heads
@@ -220,9 +228,8 @@ def _attend_compressed(layer: LongattnLayer, q, k_tail, v_tail, key_valid, scale
     qpos = torch.arange(t - nq, t, device=q.device)
     allowed = (torch.arange(t, device=q.device)[None, :] <= qpos[:, None]).repeat(g, 1)  # [g*nq, t]
     allowed = allowed[None, None]
-    if key_valid is not None:
-        tail_valid = key_valid[:, pre.logical_len :]
-        allowed = allowed & tail_valid[:, None, None, :]
+    if key_valid is not None:  # validity of the tail keys
+        allowed = allowed & key_valid[:, None, None, :]
     o_t, l_t = masked_attention(qg, k_tail, v_tail, allowed, scale)
     # prefix part
     if pre.uniform:

@@ -3,7 +3,7 @@
 Paper: "SnapKV: LLM Knows What You are Looking for Before Generation" (Li et al., NeurIPS 2024,
 https://arxiv.org/abs/2404.14469). Score of key j = mean over the last ``window`` queries (and over the query
 heads of its GQA group) of softmax attention, smoothed by a 1-D average pool of ``kernel`` tokens; the window
-tokens themselves are always kept. Departures: the budget is ``int(n * (1 - ratio))`` including the window
+tokens themselves are always kept (the most recent first when the window exceeds the budget). Departures: the budget is ``int(n * (1 - ratio))`` including the window
 (as kvpress's ``SnapKVPress``); GQA groups share one selection per kv head (mean over the group), so the cache
 stays unrepeated.
 """
@@ -56,7 +56,12 @@ class SnapKV(KVPolicy):
         s = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
         sc = s.mean(dim=(2, 3))  # [b, hk, n]
         if self.kernel > 1:
-            sc = F.avg_pool1d(sc.view(b * hk, 1, n), self.kernel, stride=1, padding=self.kernel // 2,
-                              count_include_pad=False).view(b, hk, n)
-        sc[..., n - w :] = float("inf")  # the observation window is always kept
+            # average over the real neighbours only (left padding and the sequence ends are not neighbours)
+            valid = (torch.ones(b, n, device=k.device) if key_valid is None else key_valid.float())
+            valid = valid[:, None, :].expand(b, hk, n).reshape(b * hk, 1, n)
+            pool = lambda x: F.avg_pool1d(x, self.kernel, stride=1, padding=self.kernel // 2,  # noqa: E731
+                                          count_include_pad=True)
+            sc = (pool(sc.reshape(b * hk, 1, n) * valid) / pool(valid).clamp_min(1e-9)).view(b, hk, n)
+        # the observation window is always kept, its most recent tokens first when it exceeds the budget
+        sc[..., n - w :] = sc.amax() + 1.0 + torch.arange(w, device=sc.device, dtype=sc.dtype)
         return sc

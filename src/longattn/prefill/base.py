@@ -25,5 +25,7 @@ class PrefillPattern:
         if self.backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {self.backend!r}")
 
-    def layout(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def layout(self, q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None = None) -> BlockLayout:
+        """Blocks to compute for ``q [b, h, nq, d]`` over ``k [b, hkv, nk, d]``; ``key_valid [b, nk]`` marks
+        left padding, so that position-based patterns start at each row's first real token."""
+        raise NotImplementedError  # pragma: no cover - abstract

@@ -44,19 +44,31 @@ class SinkWindow(PrefillPattern):
         if not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be an int >= 1, got {self.window!r}")
 
-    def layout(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
-        return self.layout_for(q.shape[2], k.shape[2], device=q.device)
+    def layout(self, q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None = None) -> BlockLayout:
+        first = None
+        if key_valid is not None:  # left padding: the sinks are each row's first real tokens
+            first = key_valid.to(torch.int8).argmax(-1)
+        return self.layout_for(q.shape[2], k.shape[2], device=q.device, first=first)
 
-    def layout_for(self, q_len: int, kv_len: int, device=None) -> BlockLayout:
+    def layout_for(self, q_len: int, kv_len: int, device=None, first: torch.Tensor | None = None) -> BlockLayout:
+        """Layout for the given lengths; ``first [b]`` = index of each row's first real token (left padding)."""
         bs = self.block_size
         nqb, nkb = -(-q_len // bs), -(-kv_len // bs)
         off = kv_len - q_len
-        sink_blocks = -(-self.sink // bs)
+        sink_blocks = -(-self.sink // bs)  # without padding
         qb = torch.arange(nqb, device=device)
         # the kv block holding the last query of each q block (aligned to the end), and the first one
         last_kb = (torch.clamp((qb + 1) * bs, max=q_len) - 1 + off) // bs
         # the oldest key any query of the block may see: window tokens back from its first query
         lo_kb = torch.clamp(qb * bs + off - self.window + 1, min=0) // bs
         kb = torch.arange(nkb, device=device)
-        m = (kb[None, :] < sink_blocks) | ((kb[None, :] <= last_kb[:, None]) & (kb[None, :] >= lo_kb[:, None]))
-        return BlockLayout.from_block_mask(m[None, None], block_size=bs, q_len=q_len, kv_len=kv_len)
+        local = (kb[None, :] <= last_kb[:, None]) & (kb[None, :] >= lo_kb[:, None])  # [nqb, nkb]
+        if first is None:
+            m = (local | (kb[None, :] < sink_blocks))[None, None]
+        else:
+            first = first.to(device).long().view(-1, 1)
+            lo = first // bs
+            hi = (first + max(self.sink, 1) - 1) // bs
+            sink = (kb[None, :] >= lo) & (kb[None, :] <= hi) if self.sink > 0 else torch.zeros_like(kb[None, :] < 0)
+            m = (local[None] | sink[:, None, :])[:, None]  # [b, 1, nqb, nkb]
+        return BlockLayout.from_block_mask(m, block_size=bs, q_len=q_len, kv_len=kv_len)
