@@ -279,8 +279,16 @@ def test_ragged_pack_is_exact_and_frees_memory():
     layer = LongattnLayer()
     layer.update(k, k)
     layer.compress(idx, lengths)
-    with pytest.raises(ValueError, match="already compressed"):
+    with pytest.raises(ValueError, match="nothing to compress"):
         layer.compress(idx, lengths)
+    # a second chunk, compressed on its own (chunked prefill): positions continue after the first chunk
+    layer.update(k[:, :, :4], k[:, :, :4])
+    layer.compress(torch.tensor([[[1, 3], [0, 2]], [[2, 3], [0, 1]]]), torch.tensor([[2, 1], [2, 2]]))
+    assert layer.get_seq_length() == 14
+    assert layer.kept(0, 0).tolist() == [1, 3, 11, 13] and layer.kept(0, 1).tolist() == [2, 5, 9, 10]
+    assert layer.kept(1, 0).tolist() == [0, 12, 13]
+    kk = layer.prefix.row(0, 0)[0]
+    assert torch.equal(kk, torch.cat([k[0, 0, [1, 3]], k[0, 0, [1, 3]]]))
     with pytest.raises(ValueError, match="beam search"):
         layer.reorder_cache(torch.tensor([1, 0]))
 

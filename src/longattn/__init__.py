@@ -5,7 +5,24 @@ Importing has no side effects: nothing is registered with transformers until ``a
 
 from .api import Recipe, apply, parse, parse_method
 from .cache import LongattnLayer, RaggedKV, cache_nbytes
-from .kv import Dense, KVPolicy, SnapKV, StreamingLLM
+from .kv import (
+    H2O,
+    TOVA,
+    AdaptiveHeads,
+    Chunked,
+    Compose,
+    Dense,
+    DuoAttention,
+    KNorm,
+    KVPolicy,
+    MoABudgets,
+    Novelty,
+    PyramidKV,
+    QueryAware,
+    RandomPolicy,
+    SnapKV,
+    StreamingLLM,
+)
 from .layout import BlockLayout
 from .ops import block_sparse_attention, merge_attention
 from .prefill import PrefillPattern, SinkWindow
@@ -13,8 +30,20 @@ from .prefill import PrefillPattern, SinkWindow
 __version__ = "0.1.0"
 
 __all__ = [
+    "TOVA",
+    "AdaptiveHeads",
     "BlockLayout",
+    "Chunked",
+    "Compose",
     "Dense",
+    "DuoAttention",
+    "H2O",
+    "KNorm",
+    "MoABudgets",
+    "Novelty",
+    "PyramidKV",
+    "QueryAware",
+    "RandomPolicy",
     "KVPolicy",
     "LongattnLayer",
     "PrefillPattern",

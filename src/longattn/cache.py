@@ -67,8 +67,10 @@ class RaggedKV:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
 
     @classmethod
-    def gather(cls, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor) -> RaggedKV:
-        """Pack ``keys/values [b, h, n, d]`` at ``idx [b, h, m]`` (first ``lengths[b, h]`` entries valid)."""
+    def gather(cls, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor,
+               offset: int = 0) -> RaggedKV:
+        """Pack ``keys/values [b, h, n, d]`` at ``idx [b, h, m]`` (first ``lengths[b, h]`` entries valid);
+        positions are ``idx + offset``."""
         b, h, n, d = keys.shape
         lengths = lengths.to(torch.long)
         slot = torch.arange(idx.shape[-1], device=idx.device)
@@ -76,8 +78,29 @@ class RaggedKV:
         flat = (torch.arange(b * h, device=idx.device).view(b, h, 1) * n + idx).view(-1)[take]
         k = keys.reshape(b * h * n, d).index_select(0, flat)
         v = values.reshape(b * h * n, d).index_select(0, flat)
-        pos = idx.reshape(-1)[take].to(torch.int32)
-        return cls(k, v, pos, lengths.cpu(), n)
+        pos = (idx.reshape(-1)[take] + offset).to(torch.int32)
+        return cls(k, v, pos, lengths.cpu(), n + offset)
+
+    @classmethod
+    def from_uniform(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> RaggedKV:
+        b, h, n, d = keys.shape
+        lengths = torch.full((b, h), n, dtype=torch.long)
+        logical = int(positions.max()) + 1 if positions.numel() else 0
+        return cls(keys.reshape(-1, d), values.reshape(-1, d), positions.reshape(-1), lengths, logical)
+
+    @classmethod
+    def concat(cls, a: RaggedKV, b: RaggedKV) -> RaggedKV:
+        """Row-wise concatenation (``a``'s tokens first) of two packed caches of the same (batch, heads)."""
+        if a.lengths.shape != b.lengths.shape:
+            raise ValueError(f"concat: row shapes differ {tuple(a.lengths.shape)} vs {tuple(b.lengths.shape)}")
+        oa, ob = a.offsets.tolist(), b.offsets.tolist()
+        ks, vs, ps = [], [], []
+        for r in range(len(oa) - 1):
+            for src, off in ((a, oa), (b, ob)):
+                ks.append(src.keys[off[r] : off[r + 1]])
+                vs.append(src.values[off[r] : off[r + 1]])
+                ps.append(src.positions[off[r] : off[r + 1]])
+        return cls(torch.cat(ks), torch.cat(vs), torch.cat(ps), a.lengths + b.lengths, max(a.logical_len, b.logical_len))
 
 
 class LongattnLayer(DynamicLayer):
@@ -133,8 +156,10 @@ class LongattnLayer(DynamicLayer):
         """The logical length: every token seen, kept or dropped (positions and masks follow it)."""
         return self.prefix_logical_len + self.tail_len if self.compressed else self.physical_len
 
-    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
+        # transformers < 5.3 passes the cache_position tensor, later versions the query length
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.get_seq_length() + q, 0
 
     def nbytes(self) -> int:
         n = self.prefix.nbytes() if self.prefix is not None else 0
@@ -173,26 +198,42 @@ class LongattnLayer(DynamicLayer):
 
     # --- compression ---------------------------------------------------------------------------------
     def compress(self, idx: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Keep, per (batch, kv head), the tokens at ``idx`` (first ``lengths`` entries); free the rest."""
-        if self.compressed:
-            raise ValueError("this cache layer is already compressed (a KV policy runs once, at the end of prefill)")
-        if self.physical_len == 0:
-            raise ValueError("nothing to compress: the cache layer is empty")
-        n = self.physical_len
+        """Keep, per (batch, kv head), the tail tokens at ``idx`` (first ``lengths`` entries; indices into the
+        tail, i.e. into every token on the first call) and free the rest of the tail. A compressed prefix from
+        earlier calls (chunked prefill) is kept as it is."""
+        t = self.tail_len
+        if t == 0:
+            raise ValueError("nothing to compress: no token was added since the last compression")
         lengths = lengths.to(torch.long)
-        if bool((lengths == lengths.view(-1)[0]).all()):
+        start = self.get_seq_length() - t  # logical position of the first tail token
+        k0 = self.prefix_physical_len
+        tail_k, tail_v = self.keys[..., k0:, :], self.values[..., k0:, :]
+        uniform_new = bool((lengths == lengths.view(-1)[0]).all())
+        if self.prefix is None and uniform_new:
             keep = int(lengths.view(-1)[0])
             sel = idx[..., :keep].long()
             gidx = sel.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
-            self.keys = torch.gather(self.keys, 2, gidx)
-            self.values = torch.gather(self.values, 2, gidx)
-            self.kept_positions = sel.to(torch.int32)
+            new_k, new_v = torch.gather(tail_k, 2, gidx), torch.gather(tail_v, 2, gidx)
+            pos = (sel + start).to(torch.int32)
+            if k0:
+                self.keys = torch.cat([self.keys[..., :k0, :], new_k], 2)
+                self.values = torch.cat([self.values[..., :k0, :], new_v], 2)
+                self.kept_positions = torch.cat([self.kept_positions, pos], -1)
+            else:
+                self.keys, self.values, self.kept_positions = new_k, new_v, pos
         else:
-            self.prefix = RaggedKV.gather(self.keys, self.values, idx, lengths)
-            # drop the full prefill tensors: from here on keys/values are the uniform tail
+            new = RaggedKV.gather(tail_k, tail_v, idx, lengths, offset=start)
+            old = self.prefix
+            if old is None and self.kept_positions is not None:
+                old = RaggedKV.from_uniform(self.keys[..., :k0, :], self.values[..., :k0, :], self.kept_positions)
+            self.prefix = new if old is None else RaggedKV.concat(old, new)
+            self.kept_positions = None
+            # drop the full tensors: from here on keys/values are the uniform tail
             self.keys = self.keys[..., :0, :].clone()
             self.values = self.values[..., :0, :].clone()
-        self.prefix_logical_len = n
+        if self.prefix is not None:
+            self.prefix.logical_len = start + t
+        self.prefix_logical_len = start + t
 
     # --- transformers hooks that cannot work on a compressed prefix -----------------------------------
     def _refuse(self, what: str) -> None:

@@ -76,10 +76,13 @@ def _build() -> argparse.ArgumentParser:
     o.add_argument("--cab", action="store_true")
     o.add_argument("--json", dest="json_path")
 
-    pr = sub.add_parser("profile", help="head analysis (not implemented yet)")
+    pr = sub.add_parser("profile", help="head analysis: `heads` writes a retrieval-head profile JSON")
     pr.add_argument("what", choices=["search", "heads"])
     pr.add_argument("--model", default="smollm2-135m")
     pr.add_argument("--out", required=True)
+    pr.add_argument("--method", default="retrieval", choices=["retrieval"])
+    pr.add_argument("--samples", default=8, type=int)
+    pr.add_argument("--length", default=1024, type=int)
 
     d = sub.add_parser("dist-bench", help="sequence-parallel attention (not implemented yet)")
     d.add_argument("--nproc", type=int, required=True)
@@ -204,10 +207,25 @@ def _cmd_ops_bench(a) -> int:
     return 0
 
 
+def _cmd_profile(a) -> int:
+    from . import models
+    from .profile import retrieval_scores, write_profile
+
+    if a.what != "heads":
+        raise ValueError("profile search (per-head prefill pattern search) is not implemented yet")
+    if a.samples < 1 or a.length < 128:
+        raise ValueError(f"--samples must be >= 1 and --length >= 128, got {a.samples}, {a.length}")
+    model, tok = models.load(a.model)
+    scores = retrieval_scores(model, tok, samples=a.samples, length=a.length)
+    write_profile(a.out, scores, "retrieval_score", a.model)
+    print(f"wrote {a.out}: {len(scores)} layers x {len(scores[0])} kv heads")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _build().parse_args(argv)
     handlers = {"list": _cmd_list, "generate": _cmd_generate, "bench": _cmd_bench, "report": _cmd_report,
-                "ops-bench": _cmd_ops_bench}
+                "ops-bench": _cmd_ops_bench, "profile": _cmd_profile}
     if a.cmd not in handlers:
         print(f"longattn: error: `{a.cmd}` is not implemented yet in this version", file=sys.stderr)
         return 2

@@ -91,6 +91,11 @@ class Session:
         self.num_layers = getattr(model.config, "num_hidden_layers", 1)
         self.method_s = 0.0  # time spent inside the methods (layouts, scoring, compression)
         self.compressions = 0
+        #: the KV policy compresses while this is True (the bench turns it off once the context is in)
+        self.compress_enabled = True
+        #: callables ``f(layer_idx, query, key, key_valid)`` run on every multi-token attention call (profiling)
+        self.observers: list = []
+        self._prev_chunk = None
         self._hook = None
         self._prev_impl = None
         self._cache_kw = cache_kwarg_name(model)
@@ -101,8 +106,15 @@ class Session:
         cfg = self.model.config
         if id(cfg) in _SESSIONS:
             raise ValueError("model: longattn.apply() is already active on this model (nesting is not supported)")
+        kv = self.recipe.kv
+        if kv is not None:
+            kv.prepare(self.model)
         self._prev_impl = cfg._attn_implementation
         self.model.set_attn_implementation(NAME)
+        gc = getattr(self.model, "generation_config", None)
+        if kv is not None and kv.repeat and gc is not None:
+            self._prev_chunk = (gc, getattr(gc, "prefill_chunk_size", None))
+            gc.prefill_chunk_size = kv.chunk
         _SESSIONS[id(cfg)] = self
         self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
@@ -113,6 +125,10 @@ class Session:
         _SESSIONS.pop(id(self.model.config), None)
         if self._prev_impl is not None:
             self.model.set_attn_implementation(self._prev_impl)
+        if self._prev_chunk is not None:
+            gc, prev = self._prev_chunk
+            gc.prefill_chunk_size = prev
+            self._prev_chunk = None
         self.cache = None
 
     # ---- cache adoption ----------------------------------------------------------------------------------
@@ -161,10 +177,15 @@ class Session:
             if not isinstance(layer, LongattnLayer):
                 layer = None
         nq = query.shape[2]
+        if nq > 1:
+            for obs in self.observers:
+                obs(layer_idx, query, key, key_valid)
         if layer is not None and layer.compressed:
             if window is not None:
                 raise ValueError("sliding-window layers cannot be combined with a KV policy in longattn")
             out = attend_compressed(layer, query, key_valid, scale)
+            self._maybe_compress(layer, module, query, layer.keys[..., layer.prefix_physical_len :, :],
+                                 layer.values[..., layer.prefix_physical_len :, :], key_valid)
             return out.transpose(1, 2).contiguous(), None
 
         nk = key.shape[2]
@@ -180,14 +201,27 @@ class Session:
         else:
             out = _dense(query, key, value, key_valid, scale, window)
 
-        policy = self.recipe.kv
-        if layer is not None and policy is not None and not policy.is_noop and nq > 1 and nq == nk:
-            t0 = time.perf_counter()
-            idx, lengths = policy.keep(query, key, value, key_valid, module, layer_idx, self.num_layers)
-            layer.compress(idx, lengths)
-            self.compressions += 1
-            self.method_s += time.perf_counter() - t0
+        self._maybe_compress(layer, module, query, key, value, key_valid)
         return out.transpose(1, 2).contiguous(), None
+
+    def _maybe_compress(self, layer, module, query, tail_k, tail_v, key_valid) -> None:
+        """Run the KV policy on the tokens this forward added, when it is the prefill's (first forward, or
+        every forward of a chunked policy) and compression is on."""
+        policy = self.recipe.kv
+        nq = query.shape[2]
+        if layer is None or policy is None or policy.is_noop or not self.compress_enabled or nq <= 1:
+            return
+        if layer.tail_len != nq or (layer.compressed and not policy.repeat):
+            return
+        t0 = time.perf_counter()
+        kv_tail = None
+        if key_valid is not None:
+            kv_tail = key_valid[:, key_valid.shape[1] - nq :]
+        idx, lengths = policy.keep(query, tail_k, tail_v, kv_tail, module, getattr(module, "layer_idx", 0),
+                                   self.num_layers)
+        layer.compress(idx, lengths)
+        self.compressions += 1
+        self.method_s += time.perf_counter() - t0
 
 
 def _dense(q, k, v, key_valid, scale, window):

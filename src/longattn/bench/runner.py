@@ -120,16 +120,27 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
     kw = cache_kwarg_name(model)
     ctx, rest = encode(tokenizer, sample)
     eos = set(tokenizer.all_special_ids) if tokenizer is not None else set()
+    recipe = api.parse(recipe)
+    kv = recipe.kv
+    query_aware = bool(kv is not None and kv.query_aware)
+    chunk = kv.chunk if (kv is not None and kv.repeat) else None
     with torch.no_grad(), api.apply(model, recipe) as session:
         cache = DynamicCache()
+        # question-agnostic: prefill (and compress) the context alone; query-aware: context + question
+        first = ctx + rest if query_aware else ctx
         with PeakMemory(model.device) as pm:
             t0 = time.perf_counter()
-            _forward(model, ctx, cache, kw)
+            step = chunk or len(first)
+            for s0 in range(0, len(first), step):
+                logits = _forward(model, first[s0 : s0 + step], cache, kw)[0, -1]
             prefill_s = time.perf_counter() - t0
+        session.compress_enabled = False  # the question and the answer are never compressed
         kv_bytes = cache_nbytes(cache)
         # free greedy decoding of the answer
-        logits = _forward(model, rest, cache, kw)[0, -1]
+        if not query_aware:
+            logits = _forward(model, rest, cache, kw)[0, -1]
         gen: list[int] = []
+        tf_first = logits.clone()
         t1 = time.perf_counter()
         for step in range(max_new_tokens):
             tok = int(logits.argmax())
@@ -138,11 +149,15 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
                 break
             logits = _forward(model, [tok], cache, kw)[0, -1]
         decode_s = time.perf_counter() - t1
-        n_fed = len(rest) + len(gen) - 1
-        _crop(cache, n_fed)
-        # teacher-forced along the dense answer, for fidelity
+        # teacher-forced along the dense answer, for fidelity (dense's logits are the reference)
         answer_ids = ref["answer_ids"] if ref is not None else gen
-        tf = _forward(model, rest + answer_ids[:-1], cache, kw)[0, len(rest) - 1 :]
+        if query_aware:  # the question is inside the compressed cache: continue from the first answer token
+            _crop(cache, len(gen) - 1)
+            first_logits = tf_first
+            tf = torch.cat([first_logits[None], _forward(model, answer_ids[:-1], cache, kw)[0]])[: len(answer_ids)]
+        else:
+            _crop(cache, len(rest) + len(gen) - 1)
+            tf = _forward(model, rest + answer_ids[:-1], cache, kw)[0, len(rest) - 1 :]
         method_s = session.method_s
     pred = tokenizer.decode(gen, skip_special_tokens=True)
     kl, top1 = (0.0, 1.0) if ref is None else fidelity(ref["ref_logits"], tf)
@@ -160,6 +175,7 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
         "top1_agree": top1,
         "answer_ids": gen,
         "ref_logits": tf,
+        "protocol": "query_aware" if query_aware else "question_agnostic",
     }
 
 
@@ -218,7 +234,7 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                             "model": cfg.model, "seed": cfg.seed,
                             "decode_s": res["decode_s"], "n_tokens": res["n_tokens"],
                             "prediction": res["prediction"], "answer": sample.answers[0],
-                            "protocol": "question_agnostic",
+                            "protocol": res["protocol"],
                         }
                         records.append(rec)
                         if sink is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KVPolicy", "ScorerPolicy", "check_ratio"]
+__all__ = ["KVPolicy", "ScorerPolicy", "Wrapper", "check_ratio", "inner_policy", "attention_to_keys"]
 
 
 def check_ratio(ratio) -> float:
@@ -28,9 +28,17 @@ class KVPolicy:
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
 
+    #: compress every multi-token forward's new tokens (chunked prefill), not only the first forward
+    repeat = False
+    #: compress after the question (SnapKV paper setting) instead of question-agnostically (the bench reads it)
+    query_aware = False
+
     @property
     def is_noop(self) -> bool:
         return self.ratio == 0.0
+
+    def prepare(self, model) -> None:
+        """Called once by ``apply()`` with the model (profiles check their shapes here)."""
 
     def budgets(self, valid_len: torch.Tensor, kv_heads: int, layer_idx: int = 0, num_layers: int = 1):
         """Tokens kept per (batch row, kv head): ``int(valid_len * (1 - ratio))``, at least 1 (as kvpress)."""
@@ -53,9 +61,16 @@ class KVPolicy:
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid.to(torch.bool)[:, None, :], float("-inf"))
         lengths = self.budgets(valid_len, hk, layer_idx, num_layers).to(k.device)
-        max_keep = int(lengths.max())
+        return self.top(scores, lengths)
+
+    @staticmethod
+    def top(scores: torch.Tensor, lengths: torch.Tensor):
+        """Indices of the ``lengths[b, h]`` best ``scores [b, h, n]`` per row, ascending, padded."""
+        n = scores.shape[-1]
+        lengths = torch.minimum(lengths.to(scores.device).long(), torch.tensor(n, device=scores.device))
+        max_keep = max(int(lengths.max()), 1)
         top = torch.topk(scores, max_keep, dim=-1, sorted=True).indices  # best first
-        slot = torch.arange(max_keep, device=k.device)
+        slot = torch.arange(max_keep, device=scores.device)
         in_budget = slot < lengths.unsqueeze(-1)
         # sort the kept ones ascending by position; padding slots go to the end
         key = torch.where(in_budget, top, torch.full_like(top, n))
@@ -67,3 +82,81 @@ class KVPolicy:
 @dataclass(frozen=True)
 class ScorerPolicy(KVPolicy):
     """A policy defined by its ``score()`` alone."""
+
+
+def inner_policy(spec: str, ratio: float):
+    """Build a wrapper's inner policy from ``name[/key=value...]`` (``/`` instead of ``:``) with ``ratio``."""
+    from ..api import parse_method
+
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"inner must be a kv policy name like 'snapkv' or 'snapkv/window=32', got {spec!r}")
+    parts = spec.split("/")
+    if any(p.startswith("ratio=") for p in parts[1:]):
+        raise ValueError(f"inner={spec!r}: give ratio= to the wrapper, not to its inner policy")
+    pol = parse_method(":".join(parts + [f"ratio={ratio}"]), "kv")
+    if isinstance(pol, Wrapper) and not getattr(type(pol), "nestable", False):
+        raise ValueError(f"inner={spec!r}: {pol.name} cannot be nested")
+    return pol
+
+
+@dataclass(frozen=True)
+class Wrapper(KVPolicy):
+    """A policy wrapping another one (``inner``), built from ``inner`` and the wrapper's ``ratio``."""
+
+    inner: str = "snapkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "_inner", inner_policy(self.inner, self.ratio))
+
+    @property
+    def policy(self) -> KVPolicy:
+        return self._inner
+
+    def prepare(self, model) -> None:
+        self.policy.prepare(model)
+
+    def score(self, q, k, v, key_valid, module=None):
+        return self.policy.score(q, k, v, key_valid, module)
+
+    def budgets(self, valid_len, kv_heads, layer_idx=0, num_layers=1):
+        return self.policy.budgets(valid_len, kv_heads, layer_idx, num_layers)
+
+    def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
+        return self.policy.keep(q, k, v, key_valid, module, layer_idx, num_layers)
+
+
+def attention_to_keys(q, k, key_valid, queries: int | None = None, chunk: int = 512, normalize: bool = True):
+    """Mean softmax attention that each key receives from the last ``queries`` queries (all if None),
+    ``[b, kv_heads, n]``: summed over queries in chunks (no N x N tensor), averaged over the query heads of the
+    GQA group and, with ``normalize``, divided by the number of queries that can see the key (causal)."""
+    import math
+
+    b, hq, nq, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    g = hq // hk
+    w = nq if queries is None else min(queries, nq)
+    kf = k.float().unsqueeze(2)  # [b, hk, 1, n, d]
+    kpos = torch.arange(n, device=k.device)
+    acc = torch.zeros(b, hk, n, device=k.device)
+    seen = torch.zeros(b, n, device=k.device)
+    kv_ok = None if key_valid is None else key_valid.to(torch.bool)
+    for c0 in range(nq - w, nq, chunk):
+        c1 = min(nq, c0 + chunk)
+        qc = q[:, :, c0:c1].float().reshape(b, hk, g, c1 - c0, d)
+        s = torch.matmul(qc, kf.transpose(-1, -2)) / math.sqrt(d)  # [b, hk, g, c, n]
+        qpos = torch.arange(c0, c1, device=k.device) + (n - nq)
+        allowed = kpos[None, :] <= qpos[:, None]  # [c, n]
+        if kv_ok is not None:
+            allowed = allowed[None] & kv_ok[:, None, :]  # [b, c, n]
+            q_ok = kv_ok[:, n - nq + c0 : n - nq + c1]  # padded queries do not vote
+            seen += (allowed & q_ok[:, :, None]).sum(1).float()
+            allowed = (allowed & q_ok[:, :, None])[:, None, None]
+        else:
+            seen += allowed.sum(0).float()[None]
+        p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+        acc += p.sum(dim=(2, 3))
+    acc = acc / g
+    if normalize:
+        acc = acc / seen.clamp_min(1)[:, None, :]
+    return acc

@@ -1,1 +1,5 @@
-"""Head analysis (not implemented yet)."""
+"""Head analysis: retrieval-head profiles for DuoAttention / MoA budgets."""
+
+from .heads import retrieval_scores, write_profile
+
+__all__ = ["retrieval_scores", "write_profile"]

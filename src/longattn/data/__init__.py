@@ -1,0 +1,1 @@
+"""Package data: built-in head profiles."""

@@ -1,0 +1,62 @@
+"""AdaKV-style adaptive per-head budgets: a global top-k across the kv heads of a layer, with a floor.
+
+Paper: "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM Inference"
+(Feng et al., 2024, https://arxiv.org/abs/2407.11550). The layer keeps ``heads * int(n * (1 - ratio))``
+tokens in all; each head first gets ``alpha`` of its even share (the safeguard), the rest goes to the best
+scores of any head. Heads thus keep different numbers of tokens; the cache stores them ragged (no padding),
+so the memory freed is exactly ``ratio``. The inner scorer (default SnapKV) must give scores comparable
+across heads (attention probabilities are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import register
+from .base import Wrapper
+
+__all__ = ["AdaptiveHeads"]
+
+
+@register("adaptive_heads", "kv", paper="Ada-KV (Feng et al., 2024) https://arxiv.org/abs/2407.11550",
+          summary="global top-k over a layer's kv heads with a per-head floor (ragged cache)")
+@dataclass(frozen=True)
+class AdaptiveHeads(Wrapper):
+    """Adaptive per-head budgets around an inner scorer."""
+
+    alpha: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha (share of each head's budget guaranteed) must be in [0, 1], got {self.alpha!r}")
+
+    def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
+        b, hk, n, _ = k.shape
+        scores = self.policy.score(q, k, v, key_valid, module).float()
+        if key_valid is not None:
+            scores = scores.masked_fill(~key_valid.to(torch.bool)[:, None, :], float("-inf"))
+        per_head = self.policy.budgets(
+            torch.full((b,), n, device=k.device) if key_valid is None else key_valid.sum(-1), hk,
+            layer_idx, num_layers,
+        )  # [b, hk]
+        lengths = torch.empty(b, hk, dtype=torch.long, device=k.device)
+        for bi in range(b):
+            share = int(per_head[bi, 0])
+            total = share * hk
+            floor = int(self.alpha * share)
+            s = scores[bi].clone()  # [hk, n]
+            order = torch.argsort(s, dim=-1, descending=True)
+            # reserve each head's floor, then the global top of what is left
+            taken = torch.zeros_like(s, dtype=torch.bool)
+            if floor:
+                taken.scatter_(1, order[:, :floor], True)
+            rest = s.masked_fill(taken, float("-inf")).flatten()
+            extra = total - floor * hk
+            if extra > 0:
+                pick = torch.topk(rest, extra).indices
+                taken.view(-1)[pick] = True
+            lengths[bi] = taken.sum(-1)
+        return self.top(scores, lengths)

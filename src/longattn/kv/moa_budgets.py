@@ -1,0 +1,97 @@
+"""MoA-style per-head budgets: each kv head keeps a share of the cache given by an offline profile.
+
+Paper: "MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression" (Fu et al., 2024,
+https://arxiv.org/abs/2406.14909). The profile (JSON: ``num_layers``, ``num_kv_heads``, ``budgets`` =
+relative weights per layer and kv head) distributes the model's total budget
+``layers * heads * int(n * (1 - ratio))`` in proportion to the weights (capped at ``n``, the excess
+redistributed); the inner scorer (default SnapKV) picks the tokens within each head's budget. Departure: MoA
+searches elastic *attention spans* (window sizes) per head; here the per-head budgets drive a KV policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import register
+from .base import Wrapper
+from .profile import load_profile
+
+__all__ = ["MoABudgets", "distribute"]
+
+
+def distribute(weights: list[float], total: int, cap: int) -> list[int]:
+    """Non-negative integers proportional to ``weights``, each at most ``cap``, summing to
+    ``min(total, len * cap)``: capped entries are filled first, the rest by largest remainder."""
+    n = len(weights)
+    w = [max(float(x), 0.0) for x in weights]
+    if sum(w) == 0:
+        w = [1.0] * n
+    left = min(total, n * cap)
+    out = [0] * n
+    free = list(range(n))
+    while left > 0 and free:
+        ws = sum(w[i] for i in free) or float(len(free))
+        share = {i: left * (w[i] if ws else 1.0) / ws for i in free}
+        capped = [i for i in free if share[i] >= cap]
+        if capped:
+            for i in capped:
+                left -= cap - out[i]
+                out[i] = cap
+            free = [i for i in free if i not in capped]
+            continue
+        floor = {i: int(share[i]) for i in free}
+        for i in free:
+            out[i] += floor[i]
+        rem = left - sum(floor.values())
+        for i in sorted(free, key=lambda j: -(share[j] - floor[j]))[:rem]:
+            out[i] += 1
+        left = 0
+    return out
+
+
+@register("moa_budgets", "kv", paper="MoA (Fu et al., 2024) https://arxiv.org/abs/2406.14909",
+          summary="per-head budgets from a profile JSON, inner scorer picks tokens (ragged cache)")
+@dataclass(frozen=True)
+class MoABudgets(Wrapper):
+    """Per-head budgets from a profile."""
+
+    profile: str = "smollm2-135m"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        key = "scores"
+        from .profile import BUILTIN
+
+        if self.profile not in BUILTIN:
+            import json
+            from pathlib import Path
+
+            p = Path(self.profile)
+            if p.is_file():
+                try:
+                    key = "budgets" if "budgets" in json.loads(p.read_text()) else "scores"
+                except ValueError:
+                    key = "budgets"
+        object.__setattr__(self, "_profile", load_profile(self.profile, key))
+
+    def prepare(self, model) -> None:
+        cfg = model.config
+        self._profile.check(cfg.num_hidden_layers, cfg.num_key_value_heads, "moa_budgets")
+
+    def head_budgets(self, n: int) -> list[list[int]]:
+        p = self._profile
+        avg = max(int(n * (1.0 - self.ratio)), 1)
+        flat = [max(w, 0.0) for row in p.scores for w in row]
+        got = distribute(flat, avg * len(flat), n)
+        return [got[i * p.num_kv_heads : (i + 1) * p.num_kv_heads] for i in range(p.num_layers)]
+
+    def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
+        b, hk, n, _ = k.shape
+        valid = torch.full((b,), n, device=k.device) if key_valid is None else key_valid.sum(-1)
+        scores = self.policy.score(q, k, v, key_valid, module).float()
+        if key_valid is not None:
+            scores = scores.masked_fill(~key_valid.to(torch.bool)[:, None, :], float("-inf"))
+        lengths = torch.tensor([self.head_budgets(int(nv))[layer_idx] for nv in valid.tolist()], device=k.device)
+        return self.top(scores, lengths)

@@ -1,0 +1,54 @@
+"""Per-(layer, kv head) profiles: JSON files written by ``longattn profile heads`` and read by policies."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["HeadProfile", "load_profile", "BUILTIN"]
+
+# built-in profiles shipped with the package, by name
+BUILTIN = {"smollm2-135m": "smollm2-135m.heads.json"}
+
+
+@dataclass(frozen=True)
+class HeadProfile:
+    num_layers: int
+    num_kv_heads: int
+    scores: tuple[tuple[float, ...], ...]  # [layer][kv head], higher = more retrieval-like / more budget
+    method: str = ""
+    model: str = ""
+
+    def check(self, num_layers: int, num_kv_heads: int, what: str = "profile") -> None:
+        if (self.num_layers, self.num_kv_heads) != (num_layers, num_kv_heads):
+            raise ValueError(
+                f"{what}: the profile is for {self.num_layers} layers x {self.num_kv_heads} kv heads, the model has "
+                f"{num_layers} x {num_kv_heads}"
+            )
+
+
+def load_profile(spec: str, key: str = "scores") -> HeadProfile:
+    """Load ``spec``: a JSON path or a built-in name (``smollm2-135m``)."""
+    if spec in BUILTIN:
+        text = resources.files("longattn.data").joinpath(BUILTIN[spec]).read_text()
+        where = f"built-in profile {spec!r}"
+    else:
+        p = Path(spec)
+        if not p.is_file():
+            raise ValueError(f"profile: no such file {spec!r} (or a built-in name: {', '.join(BUILTIN)})")
+        text, where = p.read_text(), str(p)
+    try:
+        d = json.loads(text)
+        L, H = int(d["num_layers"]), int(d["num_kv_heads"])
+        rows = d[key]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"profile {where}: expected JSON with num_layers, num_kv_heads, {key} ({e})") from None
+    if len(rows) != L or any(len(r) != H for r in rows):
+        raise ValueError(f"profile {where}: {key} must be {L} layers x {H} kv heads, got "
+                         f"{len(rows)} x {sorted({len(r) for r in rows})}")
+    vals = tuple(tuple(float(x) for x in r) for r in rows)
+    if key == "budgets" and any(x < 0 for r in vals for x in r):
+        raise ValueError(f"profile {where}: budgets must be >= 0")
+    return HeadProfile(L, H, vals, d.get("method", ""), d.get("model", ""))

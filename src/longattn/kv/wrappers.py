@@ -1,0 +1,90 @@
+"""Wrappers: query-aware compression, chunked prefill compression, composition of two policies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import register
+from .base import KVPolicy, Wrapper, inner_policy
+
+__all__ = ["QueryAware", "Chunked", "Compose"]
+
+
+@register("query_aware", "kv", paper="SnapKV's setting (Li et al., 2024) https://arxiv.org/abs/2404.14469",
+          summary="compress after the question is seen (bench protocol), with the inner policy")
+@dataclass(frozen=True)
+class QueryAware(Wrapper):
+    """Compress after the question (the inner policy's observation window then holds the question).
+
+    With ``model.generate`` the prompt already contains the question, so this equals the inner policy; in
+    ``longattn bench`` it changes the protocol: context + question + answer prefix are prefilled together and
+    compressed, and records say ``protocol: query_aware``.
+    """
+
+    query_aware = True
+
+
+@register("chunked", "kv", paper="kvpress ChunkPress / chunked prefill",
+          summary="prefill in chunks, compressing each chunk as it arrives (bounded peak memory)")
+@dataclass(frozen=True)
+class Chunked(Wrapper):
+    """Prefill ``chunk`` tokens at a time and compress each chunk's tokens with the inner policy right after
+    it, so the cache never holds more than the kept tokens plus one chunk. ``apply()`` sets
+    ``generation_config.prefill_chunk_size`` so that ``model.generate`` prefills in chunks (restored on exit);
+    the bench feeds the context chunk by chunk. Departure from a one-shot policy: each chunk is scored by its
+    own queries (its observation window is the chunk's end)."""
+
+    chunk: int = 1024
+    repeat = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.chunk, int) or self.chunk < 16:
+            raise ValueError(f"chunk must be an int >= 16 tokens, got {self.chunk!r}")
+
+
+@register("compose", "kv", paper="kvpress ComposedPress", summary="apply two policies one after the other")
+@dataclass(frozen=True)
+class Compose(KVPolicy):
+    """``first`` keeps ``int(n * (1 - r1))`` tokens, ``second`` keeps ``int(m * (1 - r2))`` of those, where the
+    two ratios split ``ratio`` evenly in log space: ``(1 - r1) * (1 - r2) = 1 - ratio``. The second policy
+    scores the tokens the first kept, in their order (position-based scorers see them compacted)."""
+
+    first: str = "knorm"
+    second: str = "snapkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        part = 1.0 - (1.0 - self.ratio) ** 0.5
+        object.__setattr__(self, "_a", inner_policy(self.first, part))
+        object.__setattr__(self, "_b", inner_policy(self.second, part))
+        for name, p in (("first", self._a), ("second", self._b)):
+            if type(p).keep is not KVPolicy.keep:
+                raise ValueError(f"compose: {name}={p.name!r} chooses its own budgets; compose scorers only "
+                                 "(snapkv, knorm, tova, h2o, streaming_llm, random, novelty)")
+
+    def prepare(self, model) -> None:
+        self._a.prepare(model)
+        self._b.prepare(model)
+
+    def score(self, q, k, v, key_valid, module=None):  # pragma: no cover - keep() is overridden
+        raise NotImplementedError
+
+    def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
+        b, hk, n, d = k.shape
+        idx_a, len_a = self._a.keep(q, k, v, key_valid, module, layer_idx, num_layers)
+        if not bool((len_a == len_a.view(-1)[0]).all()):
+            raise ValueError("compose: the first policy must keep the same number of tokens per head and row "
+                             "(use it without padding or with a uniform policy)")
+        m = int(len_a.view(-1)[0])
+        ia = idx_a[..., :m]
+        g = ia.unsqueeze(-1).expand(-1, -1, -1, d)
+        k2, v2 = torch.gather(k, 2, g), torch.gather(v, 2, g)
+        # the second scores the survivors; keep exactly the composed budget int(n_valid * (1 - ratio))
+        scores_b = self._b.score(q, k2, v2, None, module).float()
+        valid = torch.full((b,), n, device=k.device) if key_valid is None else key_valid.sum(-1)
+        want = torch.clamp((valid.double() * (1 - self.ratio)).floor().long(), min=1, max=m)
+        idx_b, len_b = self.top(scores_b, want.view(-1, 1).expand(b, hk))
+        return torch.gather(ia, -1, idx_b), len_b
