@@ -188,7 +188,6 @@ class Session:
                                  layer.values[..., layer.prefix_physical_len :, :], key_valid)
             return out.transpose(1, 2).contiguous(), None
 
-        nk = key.shape[2]
         pattern = self.recipe.prefill
         if nq > 1 and pattern is not None:
             t0 = time.perf_counter()

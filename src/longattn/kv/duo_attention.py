@@ -52,8 +52,8 @@ class DuoAttention(KVPolicy):
             return set()
         total = p.num_layers * p.num_kv_heads
         count = min(total, round(self.ratio / saved_per_head * total))
-        order = sorted((p.scores[l][h], l, h) for l in range(p.num_layers) for h in range(p.num_kv_heads))
-        return {(l, h) for _, l, h in order[:count]}
+        order = sorted((p.scores[li][h], li, h) for li in range(p.num_layers) for h in range(p.num_kv_heads))
+        return {(li, h) for _, li, h in order[:count]}
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         from .streaming_llm import StreamingLLM
