@@ -109,6 +109,8 @@ def parse(spec: str | Recipe | None) -> Recipe:
         return spec
     if spec is None:
         return Recipe(spec="dense")
+    if getattr(spec, "kind", None) in SLOTS and dataclasses.is_dataclass(spec):  # one method object
+        return Recipe(**{spec.kind: spec}, spec=_spec_of(spec))
     if not isinstance(spec, str):
         raise ValueError(f"recipe must be a string or Recipe, got {type(spec).__name__}")
     slots: dict[str, Any] = {}

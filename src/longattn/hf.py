@@ -93,7 +93,7 @@ class Session:
         self.compressions = 0
         #: the KV policy compresses while this is True (the bench turns it off once the context is in)
         self.compress_enabled = True
-        #: callables ``f(layer_idx, query, key, key_valid)`` run on every multi-token attention call (profiling)
+        #: callables ``f(layer_idx, query, key, value, key_valid)`` run on every multi-token attention call (profiling)
         self.observers: list = []
         self._prev_chunk = None
         self._hook = None
@@ -129,7 +129,6 @@ class Session:
             gc, prev = self._prev_chunk
             gc.prefill_chunk_size = prev
             self._prev_chunk = None
-        self.cache = None
 
     # ---- cache adoption ----------------------------------------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
@@ -179,7 +178,7 @@ class Session:
         nq = query.shape[2]
         if nq > 1:
             for obs in self.observers:
-                obs(layer_idx, query, key, key_valid)
+                obs(layer_idx, query, key, value, key_valid)
         if layer is not None and layer.compressed:
             if window is not None:
                 raise ValueError("sliding-window layers cannot be combined with a KV policy in longattn")

@@ -32,8 +32,11 @@ def distribute(weights: list[float], total: int, cap: int) -> list[int]:
     out = [0] * n
     free = list(range(n))
     while left > 0 and free:
-        ws = sum(w[i] for i in free) or float(len(free))
-        share = {i: left * (w[i] if ws else 1.0) / ws for i in free}
+        wf = {i: w[i] for i in free}
+        if sum(wf.values()) == 0:  # only zero weights left: split evenly
+            wf = dict.fromkeys(free, 1.0)
+        ws = sum(wf.values())
+        share = {i: left * wf[i] / ws for i in free}
         capped = [i for i in free if share[i] >= cap]
         if capped:
             for i in capped:

@@ -75,16 +75,19 @@ class Compose(KVPolicy):
     def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
         b, hk, n, d = k.shape
         idx_a, len_a = self._a.keep(q, k, v, key_valid, module, layer_idx, num_layers)
-        if not bool((len_a == len_a.view(-1)[0]).all()):
-            raise ValueError("compose: the first policy must keep the same number of tokens per head and row "
-                             "(use it without padding or with a uniform policy)")
-        m = int(len_a.view(-1)[0])
-        ia = idx_a[..., :m]
-        g = ia.unsqueeze(-1).expand(-1, -1, -1, d)
-        k2, v2 = torch.gather(k, 2, g), torch.gather(v, 2, g)
-        # the second scores the survivors; keep exactly the composed budget int(n_valid * (1 - ratio))
-        scores_b = self._b.score(q, k2, v2, None, module).float()
         valid = torch.full((b,), n, device=k.device) if key_valid is None else key_valid.sum(-1)
-        want = torch.clamp((valid.double() * (1 - self.ratio)).floor().long(), min=1, max=m)
-        idx_b, len_b = self.top(scores_b, want.view(-1, 1).expand(b, hk))
-        return torch.gather(ia, -1, idx_b), len_b
+        want = torch.clamp((valid.double() * (1 - self.ratio)).floor().long(), min=1)
+        rows_idx, rows_len = [], []
+        for bi in range(b):  # rows may keep different numbers (left padding); heads of a row keep the same
+            m = int(len_a[bi, 0])
+            ia = idx_a[bi : bi + 1, :, :m]
+            g = ia.unsqueeze(-1).expand(-1, -1, -1, d)
+            k2, v2 = torch.gather(k[bi : bi + 1], 2, g), torch.gather(v[bi : bi + 1], 2, g)
+            # the second scores the survivors; keep exactly the composed budget int(n_valid * (1 - ratio))
+            scores_b = self._b.score(q[bi : bi + 1], k2, v2, None, module).float()
+            idx_b, len_b = self.top(scores_b, torch.full((1, hk), min(int(want[bi]), m), device=k.device))
+            rows_idx.append(torch.gather(ia, -1, idx_b)[0])
+            rows_len.append(len_b[0])
+        width = max(r.shape[-1] for r in rows_idx)
+        idx = torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows_idx])
+        return idx, torch.stack(rows_len)

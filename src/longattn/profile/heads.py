@@ -54,7 +54,7 @@ def retrieval_scores(model, tokenizer, samples: int = 8, length: int = 1024, see
         # queries predicting the answer tokens: the positions just before each of them
         q_at = list(range(len(ctx) + len(rest) - 1, len(ids) - 1))
 
-        def observe(layer_idx, q, k, key_valid, src=src, q_at=q_at):
+        def observe(layer_idx, q, k, v, key_valid, src=src, q_at=q_at):
             b, hq, nq, d = q.shape
             g = hq // k.shape[1]
             qq = q[0, :, q_at].float()  # [hq, a, d]
