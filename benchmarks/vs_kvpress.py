@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     dense_ok = 0
     dense_keys, _ = dense_keys_of(model, enc[0][0])
     dense_t = []
-    for (ctx, _), s in zip(enc, samples):
+    for ctx, _ in enc:
         _, t = dense_keys_of(model, ctx)
         dense_t.append(t)
     dense_t = sorted(dense_t)[len(dense_t) // 2]
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
         for r in ratios:
             rec = {"policy": pol, "ratio": r, "model": "smollm2-135m", "length": a.length, "samples": a.samples}
             for side in ("longattn", "kvpress"):
-                ok, ts, nb, over = 0, [], [], []
+                ok, nb, over = 0, [], []
                 kept_first = None
                 for i, ((ctx, rest), s) in enumerate(zip(enc, samples)):
                     if side == "kvpress":
@@ -267,8 +267,8 @@ def main(argv=None) -> int:
             print(json.dumps(rec), file=sys.stderr, flush=True)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps({"dense_acc": dense_ok / len(samples), "records": records}, indent=1))
-    print(f"| policy | ratio | acc longattn | acc kvpress | KV MiB longattn | KV MiB kvpress | Jaccard | "
-          f"overhead ms longattn | overhead ms kvpress |")
+    print("| policy | ratio | acc longattn | acc kvpress | KV MiB longattn | KV MiB kvpress | Jaccard | "
+          "overhead ms longattn | overhead ms kvpress |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         j = "-" if r["jaccard"] is None else f"{r['jaccard']:.2f}"
