@@ -196,7 +196,8 @@ def test_compose_keeps_the_composed_budget():
         ("adaptive_heads:ratio=0.5:inner=snapkv/ratio=0.3", "give ratio= to the wrapper"),
         ("query_aware:ratio=0.5:inner=nope", "unknown method 'nope'"),
         ("duo_attention:ratio=0.5:profile=/nonexistent.json", "profile: no such file"),
-        ("novelty:ratio=0.5:bits=0", "bits"),
+        ("novelty:ratio=0.5:ref=2", "ref must be an int >= 8"),
+        ("novelty:ratio=0.5:k=300", "k must be <= ref"),
         ("pyramidkv:ratio=0.5:beta=0.5", "beta"),
     ],
 )

@@ -3,11 +3,12 @@
 Idea, invented and measured here (not from a paper): long contexts are redundant (repeated boilerplate,
 filler, code idioms), and a question-agnostic policy cannot know what will be asked, so it should keep what
 is *unusual*. Values carry no rotary position, so repeated content gives near-identical value vectors at
-different positions. Each kv head hashes its (centered, normalized) values with ``bits`` random hyperplanes
-(SimHash LSH); a token's score is ``-log(size of its bucket)``: a token repeated 50 times shares its bucket
-with 49 others, a one-off token (a pass key, a name, a number) is alone. Ties go to the more recent token,
-``n_sink`` first tokens and ``recent`` last tokens are always kept. Cost: one ``[n, d] x [d, bits]`` matmul and
-a bincount per head; no attention.
+different positions. Each kv head compares every (centered, normalized) value with a random reference sample
+of ``ref`` values of the context; a token's redundancy is the mean of its ``k`` highest cosine similarities
+to the sample (a k-nearest-neighbour density estimate): a phrase repeated 50 times finds k near copies, a
+one-off token (a pass key, a name, a number) does not, even when it occurs twice. Score = -redundancy; the
+``n_sink`` first and ``recent`` last tokens are always kept. Cost: ``n x ref`` dot products per head, linear in
+``n``; no attention.
 """
 
 from __future__ import annotations
@@ -22,29 +23,29 @@ from .base import KVPolicy
 __all__ = ["Novelty"]
 
 
-@register("novelty", "kv", paper="ours (LSH rarity of value vectors), see docstring",
-          summary="question-agnostic: keep rare value vectors (SimHash buckets) + sinks + recent")
+@register("novelty", "kv", paper="ours (kNN rarity of value vectors), see docstring",
+          summary="question-agnostic: keep rare value vectors (kNN vs a context sample) + sinks + recent")
 @dataclass(frozen=True)
 class Novelty(KVPolicy):
     """Rare values first."""
 
-    bits: int = 12
+    ref: int = 256
+    k: int = 8
     n_sink: int = 4
     recent: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.bits, int) or not 1 <= self.bits <= 24:
-            raise ValueError(f"bits must be an int in [1, 24], got {self.bits!r}")
-        for name in ("n_sink", "recent"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        for name, lo in (("ref", 8), ("k", 1), ("n_sink", 0), ("recent", 0)):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+        if self.k > self.ref:
+            raise ValueError(f"k must be <= ref, got k={self.k}, ref={self.ref}")
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         b, hk, n, d = v.shape
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
-        planes = torch.randn(d, self.bits, generator=g).to(v.device)
         x = v.float()
         ok = None if key_valid is None else key_valid.to(torch.bool)[:, None, :, None]
         if ok is not None:
@@ -52,18 +53,22 @@ class Novelty(KVPolicy):
         else:
             mean = x.mean(2, keepdim=True)
         x = torch.nn.functional.normalize(x - mean, dim=-1)
-        code = ((x @ planes) > 0).long()  # [b, hk, n, bits]
-        h = (code << torch.arange(self.bits, device=v.device)).sum(-1)  # bucket id
-        if key_valid is not None:  # padded keys go to a bucket of their own
-            h = torch.where(key_valid.to(torch.bool)[:, None, :], h, torch.full_like(h, 1 << self.bits))
-        counts = torch.zeros(b, hk, (1 << self.bits) + 1, device=v.device)
-        counts.scatter_add_(-1, h, torch.ones_like(h, dtype=counts.dtype))
-        size = torch.gather(counts, -1, h)
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        # the reference sample: random valid positions of each row (same sample for every head)
+        w = torch.ones(b, n) if key_valid is None else key_valid.float().cpu()
+        m = max(1, min(self.ref, int(w.sum(-1).min())))
+        pick = torch.multinomial(w + 1e-9, m, replacement=False, generator=g).to(v.device)  # [b, m]
+        refv = torch.gather(x, 2, pick[:, None, :, None].expand(b, hk, m, d))  # [b, hk, m, d]
+        sim = x @ refv.transpose(-1, -2)  # [b, hk, n, m]
+        # a token is not its own neighbour
+        self_hit = pick[:, None, None, :] == torch.arange(n, device=v.device)[None, None, :, None]
+        sim = sim.masked_fill(self_hit, -1.0)
+        kk = min(self.k, m)
+        redundancy = sim.topk(kk, dim=-1).values.mean(-1)  # [b, hk, n]
         pos = torch.arange(n, device=v.device, dtype=torch.float32)
-        s = -torch.log(size) + 1e-3 * pos / n  # rarer first, then more recent
+        s = -redundancy + 1e-4 * pos / n  # rarer first, then more recent
         top = float(s.max()) + 1.0
-        first = 0 if key_valid is None else None
-        if first is None:
+        if key_valid is not None:  # positions relative to each row's first real token (left padding)
             rel = pos[None, :] - (~key_valid.to(torch.bool)).sum(-1, keepdim=True).float()  # [b, n]
         else:
             rel = pos[None, :].expand(b, n)
