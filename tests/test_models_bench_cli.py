@@ -112,3 +112,25 @@ def test_cli_list(capsys):
     assert cli.main(["list", "--kind", "kv"]) == 0
     out = capsys.readouterr().out
     assert "snapkv" in out and "arxiv.org/abs/2404.14469" in out
+
+
+def test_report_renders_from_fixture(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parent / "fixtures" / "results.jsonl", tmp_path / "results.jsonl")
+    assert cli.main(["report", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "novelty:ratio=0.875" in out and "corrupt" in err
+    html = (tmp_path / "report.html").read_text()
+    assert "<img src=\"data:image/png;base64," in html and "snapkv:ratio=0.5" in html
+    names = {p.name for p in tmp_path.glob("*.png")}
+    assert "passkey_256_accuracy_vs_ratio.png" in names and "passkey_prefill_s_vs_length.png" in names
+
+
+def test_family_and_ratio():
+    from longattn.bench.plots import family_and_ratio
+
+    assert family_and_ratio("snapkv:ratio=0.5:window=32") == ("snapkv:window=32", 0.5)
+    assert family_and_ratio("sink_window+knorm:ratio=0.25") == ("sink_window+knorm", 0.25)
+    assert family_and_ratio("dense") == ("dense", 0.0)

@@ -59,7 +59,7 @@ def _build() -> argparse.ArgumentParser:
     b.add_argument("--peer", choices=["kvpress"])
     b.add_argument("--seed", default=0, type=int)
 
-    r = sub.add_parser("report", help="re-render the table of a bench --out DIR")
+    r = sub.add_parser("report", help="re-render the table, plots and report.html of a bench --out DIR")
     r.add_argument("dir")
 
     o = sub.add_parser("ops-bench", help="op-level speed vs dense SDPA")
@@ -172,18 +172,24 @@ def _cmd_bench(a) -> int:
         raise ValueError("--resume needs --out DIR (it skips the records already in DIR/results.jsonl)")
     cfg.validate()
     records = run(cfg)
-    print(bench_table(records))
+    if a.out:
+        from .bench.report import render_dir
+
+        print(render_dir(records, a.out))
+    else:
+        print(bench_table(records))
     return 0
 
 
 def _cmd_report(a) -> int:
-    from .bench.report import bench_table
+    from .bench.report import render_dir
     from .bench.runner import read_results
 
     path = Path(a.dir) / "results.jsonl"
     if not path.is_file():
         raise ValueError(f"report: no results.jsonl in {a.dir!r}")
-    print(bench_table(read_results(path, warn=lambda s: print(s, file=sys.stderr))))
+    print(render_dir(read_results(path, warn=lambda s: print(s, file=sys.stderr)), a.dir))
+    print(f"wrote {a.dir}/table.txt, report.html and the plots", file=sys.stderr)
     return 0
 
 

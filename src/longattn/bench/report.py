@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-__all__ = ["bench_table", "ops_table"]
+__all__ = ["bench_table", "ops_table", "render_dir"]
 
 
 def _fmt(x, spec: str) -> str:
@@ -58,3 +58,23 @@ def _render(head: list[str], rows: list[list[str]]) -> str:
     w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w[i]) if i < 3 else c.rjust(w[i]) for i, c in enumerate(cells))  # noqa: E731
     return "\n".join([line(head), line(["-" * x for x in w])] + [line(r) for r in rows])
+
+
+def render_dir(records: list[dict], out_dir) -> str:
+    """Write ``table.txt``, the PNG plots and ``report.html`` into ``out_dir``; return the table."""
+    from pathlib import Path
+
+    table = bench_table(records)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.txt").write_text(table + "\n")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        (out / "report.html").write_text("<pre>" + table + "</pre><p>(install matplotlib for plots)</p>")
+        return table
+    from .plots import write_html, write_plots
+
+    plots = write_plots(records, out)
+    write_html(records, table, out, plots)
+    return table

@@ -1,0 +1,126 @@
+"""PNG plots and a self-contained HTML report of bench records (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["family_and_ratio", "write_plots", "write_html"]
+
+
+def family_and_ratio(method: str) -> tuple[str, float]:
+    """``"snapkv:ratio=0.5:window=32"`` -> ``("snapkv:window=32", 0.5)``; no ratio -> 0.0 (dense)."""
+    parts = method.split("+")
+    fam, ratio = [], 0.0
+    for p in parts:
+        name, *kvs = p.split(":")
+        rest = []
+        for kv in kvs:
+            if kv.startswith("ratio="):
+                ratio = float(kv.split("=", 1)[1])
+            else:
+                rest.append(kv)
+        fam.append(":".join([name] + rest))
+    return "+".join(fam), ratio
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _figs(records: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    by_task = defaultdict(list)
+    for r in records:
+        by_task[r["task"]].append(r)
+    for task, recs in by_task.items():
+        lengths = sorted({r["length"] for r in recs})
+        # accuracy vs compression ratio (dense at ratio 0 is drawn in every family as the reference point)
+        dense = [r for r in recs if r["method"] == "dense"]
+        for n in lengths:
+            acc = defaultdict(lambda: defaultdict(list))
+            for r in recs:
+                if r["length"] != n:
+                    continue
+                fam, ratio = family_and_ratio(r["method"])
+                acc[fam][ratio].append(r["score"])
+            fams = [f for f in acc if f != "dense" and len(acc[f]) > 1]
+            if not fams:
+                continue
+            fig, ax = plt.subplots(figsize=(8, 5))
+            d0 = _mean([r["score"] for r in dense if r["length"] == n])
+            for fam in sorted(fams):
+                pts = sorted(acc[fam].items())
+                if d0 is not None:
+                    pts = [(0.0, [d0])] + pts
+                ax.plot([p[0] for p in pts], [_mean(p[1]) for p in pts], marker="o", label=fam)
+            ax.set_xlabel("compression ratio (fraction of the cache removed)")
+            ax.set_ylabel("accuracy")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{task}, {n} tokens: accuracy vs compression (question-agnostic unless named)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            figs[f"{task}_{n}_accuracy_vs_ratio.png"] = fig
+        if len(lengths) > 1:
+            for metric, label in (("score", "accuracy"), ("prefill_s", "prefill seconds"),
+                                  ("decode_tok_s", "decode tokens/s"), ("kv_cache_bytes", "KV cache bytes")):
+                fig, ax = plt.subplots(figsize=(8, 5))
+                by_m = defaultdict(lambda: defaultdict(list))
+                for r in recs:
+                    by_m[r["method"]][r["length"]].append(r.get(metric))
+                for m, d in sorted(by_m.items()):
+                    xs = sorted(d)
+                    ax.plot(xs, [_mean(d[x]) for x in xs], marker="o", label=m)
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("context length (tokens)")
+                ax.set_ylabel(label)
+                ax.set_title(f"{task}: {label} vs length")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+                figs[f"{task}_{metric}_vs_length.png"] = fig
+    return figs
+
+
+def write_plots(records: list[dict], out_dir: str | Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    out = []
+    for name, fig in _figs(records).items():
+        p = Path(out_dir) / name
+        fig.savefig(p, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        out.append(p)
+    return out
+
+
+def write_html(records: list[dict], table: str, out_dir: str | Path, plots: list[Path]) -> Path:
+    """One self-contained page: the table, the plots inlined, every record."""
+    imgs = "".join(
+        f'<h3>{html.escape(p.stem)}</h3><img src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}" style="max-width:100%">'
+        for p in plots
+    )
+    keys = ["task", "method", "length", "sample", "correct", "kv_cache_bytes", "prefill_s", "decode_tok_s",
+            "method_s", "kl", "top1_agree", "protocol", "prediction", "answer"]
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(r.get(k, '')))}</td>" for k in keys) + "</tr>" for r in records
+    )
+    buf = io.StringIO()
+    buf.write("<!doctype html><meta charset='utf-8'><title>longattn bench report</title>")
+    buf.write("<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:2px 6px;"
+              "font-size:12px}table{border-collapse:collapse}pre{background:#f6f6f6;padding:1em}</style>")
+    buf.write("<h1>longattn bench report</h1><h2>Summary</h2><pre>" + html.escape(table) + "</pre>")
+    buf.write("<h2>Plots</h2>" + (imgs or "<p>(no plot: give several ratios or lengths)</p>"))
+    buf.write("<h2>Records</h2><table><tr>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>" + rows + "</table>")
+    p = Path(out_dir) / "report.html"
+    p.write_text(buf.getvalue())
+    return p
