@@ -233,3 +233,31 @@ def test_real_memory_per_head_budgets_within_two_percent():
     assert cache.layers[0].prefix is not None  # ragged
     assert cache_nbytes(cache) <= 0.25 * cache_nbytes(full) * 1.02
     assert cache_nbytes(cache) >= 0.25 * cache_nbytes(full)
+
+
+def test_h2o_decode_budget_evicts_while_generating():
+    m = tiny_model("llama")
+    ids, _ = _ids(b=1, n=100, pad=(0,))
+    with torch.no_grad(), longattn.apply(m, "h2o:ratio=0.5:decode_budget=40:n_recent=4") as s:
+        out = m.generate(ids, max_new_tokens=8, do_sample=False)
+        layer = s.cache.layers[1]
+    assert out.shape == (1, 108)
+    assert layer.physical_len == 40 and layer.get_seq_length() == 107
+    pos = layer.kept(0, 0).tolist()
+    assert pos == sorted(pos) and pos[-4:] == [103, 104, 105, 106]  # the newest are protected
+    assert layer.scores.shape == (1, 2, 40)
+
+
+def test_evict_keeps_recent_and_top_scored():
+    from longattn.cache import LongattnLayer
+
+    k = torch.randn(1, 1, 10, 4)
+    layer = LongattnLayer()
+    layer.update(k, k)
+    layer.scores = torch.tensor([[[5.0, 0.1, 3.0, 0.2, 4.0, 0.3, 0.0, 0.0, 0.0, 0.0]]])
+    layer.evict(5, 2)
+    assert layer.kept(0, 0).tolist() == [0, 2, 4, 8, 9]
+    assert torch.equal(layer.keys[0, 0], k[0, 0, [0, 2, 4, 8, 9]])
+    assert layer.get_seq_length() == 10
+    with pytest.raises(ValueError, match="decode_budget must exceed n_recent"):
+        api.parse("h2o:ratio=0.5:decode_budget=4:n_recent=8")

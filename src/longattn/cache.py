@@ -120,6 +120,7 @@ class LongattnLayer(DynamicLayer):
         self.prefix: RaggedKV | None = None  # ragged compressed prefix
         self.kept_positions: torch.Tensor | None = None  # uniform compressed prefix: [b, h, n] int32
         self.prefix_logical_len = 0  # tokens of the prefix before compression (0 if uncompressed)
+        self.scores: torch.Tensor | None = None  # [b, h, physical] accumulated attention (H2O decode eviction)
 
     @classmethod
     def adopt(cls, layer: DynamicLayer) -> LongattnLayer:
@@ -163,7 +164,7 @@ class LongattnLayer(DynamicLayer):
 
     def nbytes(self) -> int:
         n = self.prefix.nbytes() if self.prefix is not None else 0
-        for t in (self.keys, self.values, self.kept_positions):
+        for t in (self.keys, self.values, self.kept_positions, self.scores):
             if t is not None:
                 n += t.numel() * t.element_size()
         return n
@@ -235,6 +236,39 @@ class LongattnLayer(DynamicLayer):
             self.prefix.logical_len = start + t
         self.prefix_logical_len = start + t
 
+    def physical_positions(self) -> torch.Tensor:
+        """``[b, h, physical_len]`` original positions of the tokens in ``keys`` (uniform layers only)."""
+        if self.prefix is not None:
+            raise ValueError("physical_positions: per-head ragged layers have no uniform keys")
+        b, h = self.keys.shape[:2]
+        dev = self.keys.device
+        start = self.prefix_logical_len if self.compressed else 0
+        tail = (torch.arange(self.tail_len, device=dev, dtype=torch.int32) + start).expand(b, h, -1)
+        if self.kept_positions is None:
+            return tail
+        return torch.cat([self.kept_positions.to(dev), tail], -1)
+
+    def evict(self, budget: int, protect: int) -> None:
+        """Keep ``budget`` tokens per (batch, kv head): the ``protect`` most recent ones and the best
+        ``scores`` among the others (H2O's greedy eviction while generating)."""
+        if self.prefix is not None:
+            raise ValueError("evict: not supported on per-head ragged layers")
+        p = self.physical_len
+        if p <= budget:
+            return
+        if self.scores is None or self.scores.shape[-1] != p:
+            raise ValueError("evict: the layer has no accumulated scores for all its tokens")
+        s = self.scores.clone()
+        s[..., max(p - protect, 0) :] = float("inf")
+        keep = torch.topk(s, budget, dim=-1).indices.sort(-1).values  # [b, h, budget]
+        pos = torch.gather(self.physical_positions(), -1, keep.to(torch.int64))
+        g = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+        logical = self.get_seq_length()
+        self.keys, self.values = torch.gather(self.keys, 2, g), torch.gather(self.values, 2, g)
+        self.scores = torch.gather(self.scores, -1, keep)
+        self.kept_positions = pos.to(torch.int32)
+        self.prefix_logical_len = logical
+
     # --- transformers hooks that cannot work on a compressed prefix -----------------------------------
     def _refuse(self, what: str) -> None:
         if self.compressed:
@@ -263,6 +297,7 @@ class LongattnLayer(DynamicLayer):
     def reset(self) -> None:
         self.prefix = None
         self.kept_positions = None
+        self.scores = None
         self.prefix_logical_len = 0
         super().reset()
 

@@ -179,6 +179,10 @@ class Session:
         if nq > 1:
             for obs in self.observers:
                 obs(layer_idx, query, key, value, key_valid)
+        policy = self.recipe.kv
+        if nq == 1 and layer is not None and getattr(policy, "decode_budget", 0) and layer.prefix is None:
+            out = self._decode_evicting(layer, query, key_valid, scale, policy)
+            return out.transpose(1, 2).contiguous(), None
         if layer is not None and layer.compressed:
             if window is not None:
                 raise ValueError("sliding-window layers cannot be combined with a KV policy in longattn")
@@ -202,6 +206,25 @@ class Session:
         self._maybe_compress(layer, module, query, key, value, key_valid)
         return out.transpose(1, 2).contiguous(), None
 
+    def _decode_evicting(self, layer, query, key_valid, scale, policy):
+        """One decode step that also accumulates each kept token's attention, then evicts down to the budget."""
+        t0 = time.perf_counter()
+        b, hq, _, d = query.shape
+        hk = layer.keys.shape[1]
+        g = hq // hk
+        kv_phys = layer.physical_key_valid(key_valid)
+        allowed = None if kv_phys is None else kv_phys[:, None, None, :]
+        out, lse = masked_attention(query.reshape(b, hk, g, d), layer.keys, layer.values, allowed, scale)
+        if layer.scores is not None:
+            s = torch.matmul(query.reshape(b, hk, g, d).float(), layer.keys.float().transpose(-1, -2)) * scale
+            p = torch.exp(s - lse.unsqueeze(-1)).mean(2)  # [b, hk, physical]
+            prev = layer.scores
+            pad = p.shape[-1] - prev.shape[-1]  # the token appended this step starts at 0
+            layer.scores = torch.nn.functional.pad(prev, (0, pad)) + p
+            layer.evict(policy.decode_budget, max(policy.n_recent, 1))
+        self.method_s += time.perf_counter() - t0
+        return out.reshape(b, hq, 1, d).to(query.dtype)
+
     def _maybe_compress(self, layer, module, query, tail_k, tail_v, key_valid) -> None:
         """Run the KV policy on the tokens this forward added, when it is the prefill's (first forward, or
         every forward of a chunked policy) and compression is on."""
@@ -217,7 +240,18 @@ class Session:
             kv_tail = key_valid[:, key_valid.shape[1] - nq :]
         idx, lengths = policy.keep(query, tail_k, tail_v, kv_tail, module, getattr(module, "layer_idx", 0),
                                    self.num_layers)
-        layer.compress(idx, lengths)
+        if getattr(policy, "decode_budget", 0):  # seed the accumulated scores of the kept tokens (H2O)
+            sc = policy.score(query, tail_k, tail_v, kv_tail, module).float()
+            if policy.ratio == 0.0:
+                idx = torch.arange(tail_k.shape[2], device=idx.device).expand(*tail_k.shape[:2], -1)
+                lengths = torch.full(tail_k.shape[:2], tail_k.shape[2], device=idx.device)
+            layer.compress(idx, lengths)
+            if layer.prefix is not None:
+                raise ValueError("h2o decode_budget: rows keep different numbers of tokens (padding); use batch 1 "
+                                 "or equal lengths")
+            layer.scores = torch.gather(sc, -1, idx[..., : layer.physical_len])
+        else:
+            layer.compress(idx, lengths)
         self.compressions += 1
         self.method_s += time.perf_counter() - t0
 

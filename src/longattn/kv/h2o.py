@@ -4,9 +4,11 @@ Paper: "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Lan
 NeurIPS 2023, https://arxiv.org/abs/2306.14048). Score of key j = attention it received, summed over all
 prefill queries, divided by the number of queries that can see it (as kvpress's ``ObservedAttentionPress``;
 the paper sums without normalising, which favours early tokens), averaged over the query heads of its GQA
-group. Departures: applied once at the end of prefill (the paper evicts greedily while generating; see
-``decode_budget``, not implemented: a clear error); the attention is recomputed in float32 chunks of queries,
-so H2O costs about one extra attention pass of the prompt.
+group. The paper's greedy eviction while generating is ``decode_budget=B``: each decode step adds its
+attention to the kept tokens' scores, and once a kv head holds more than ``B`` tokens the lowest-scored one
+goes (the ``n_recent`` newest are protected; at least 1). Departures: the prefill compression uses the
+normalised mean and decoding adds raw per-step attention to it; the attention is recomputed in float32 chunks
+of queries, so H2O's prefill costs about one extra attention pass of the prompt.
 """
 
 from __future__ import annotations
@@ -28,11 +30,21 @@ class H2O(KVPolicy):
     """Accumulated (observed) attention of every prefill query."""
 
     n_recent: int = 0  # recent tokens always kept (the paper keeps a recent window besides the heavy hitters)
+    decode_budget: int = 0  # > 0: evict while generating so that each kv head holds at most this many tokens
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.n_recent, int) or self.n_recent < 0:
             raise ValueError(f"n_recent must be an int >= 0, got {self.n_recent!r}")
+        if not isinstance(self.decode_budget, int) or self.decode_budget < 0:
+            raise ValueError(f"decode_budget must be an int >= 0 (0: no eviction while generating), "
+                             f"got {self.decode_budget!r}")
+        if self.decode_budget and self.decode_budget <= max(self.n_recent, 1):
+            raise ValueError(f"decode_budget must exceed n_recent ({self.n_recent}), got {self.decode_budget}")
+
+    @property
+    def is_noop(self) -> bool:
+        return self.ratio == 0.0 and not self.decode_budget
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         s = attention_to_keys(q, k, key_valid)
