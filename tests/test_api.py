@@ -114,10 +114,16 @@ def test_apply_restores_after_error():
 
 def test_nested_apply_refused():
     m = tiny_model("llama")
-    with longattn.apply(m, "dense"):
+    ids, _ = _ids()
+    with longattn.apply(m, "snapkv:ratio=0.5") as outer:
         with pytest.raises(ValueError, match="already active"):
             with longattn.apply(m, "dense"):
                 pass
+        # the refused inner apply left the outer one intact
+        with torch.no_grad():
+            m(ids, use_cache=True)
+        assert outer.compressions == m.config.num_hidden_layers
+    assert m.config._attn_implementation == "sdpa"
 
 
 def test_unsupported_model_type():

@@ -152,7 +152,11 @@ def apply(model, recipe: str | Recipe | None = None):
     recipe = parse(recipe)
     check_model(model)
     session = Session(model, recipe)
-    session.install()
+    try:
+        session.install()
+    except BaseException:
+        session.remove()  # undo whatever part was installed
+        raise
     try:
         yield session
     finally:

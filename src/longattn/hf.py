@@ -122,9 +122,11 @@ class Session:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        _SESSIONS.pop(id(self.model.config), None)
+        if _SESSIONS.get(id(self.model.config)) is self:
+            del _SESSIONS[id(self.model.config)]
         if self._prev_impl is not None:
             self.model.set_attn_implementation(self._prev_impl)
+            self._prev_impl = None
         if self._prev_chunk is not None:
             gc, prev = self._prev_chunk
             gc.prefill_chunk_size = prev
