@@ -149,6 +149,7 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
                 break
             logits = _forward(model, [tok], cache, kw)[0, -1]
         decode_s = time.perf_counter() - t1
+        kv_bytes_end = cache_nbytes(cache)
         # teacher-forced along the dense answer, for fidelity (dense's logits are the reference)
         answer_ids = ref["answer_ids"] if ref is not None else gen
         if query_aware:  # the question is inside the compressed cache: continue from the first answer token
@@ -166,6 +167,7 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
         "prediction": pred,
         "n_tokens": len(ctx) + len(rest),
         "kv_cache_bytes": kv_bytes,
+        "kv_cache_bytes_end": kv_bytes_end,
         "peak_bytes": pm.peak_bytes,
         "prefill_s": prefill_s,
         "decode_s": decode_s,
@@ -233,6 +235,7 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                                                    "method_s", "kl", "top1_agree")},
                             "model": cfg.model, "seed": cfg.seed,
                             "decode_s": res["decode_s"], "n_tokens": res["n_tokens"],
+                            "kv_cache_bytes_end": res["kv_cache_bytes_end"],
                             "prediction": res["prediction"], "answer": sample.answers[0],
                             "protocol": res["protocol"],
                         }
