@@ -261,3 +261,29 @@ def test_evict_keeps_recent_and_top_scored():
     assert layer.get_seq_length() == 10
     with pytest.raises(ValueError, match="decode_budget must exceed n_recent"):
         api.parse("h2o:ratio=0.5:decode_budget=4:n_recent=8")
+
+
+def test_duo_gates_mixing_and_training_smoke():
+    from longattn.profile.duo_train import mixed_attention, train_gates
+    from longattn.reference import attention, dense_mask
+
+    q, k, v = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    full, _ = attention(q, k, v)
+    pos = torch.arange(40)
+    stream_m = dense_mask(40, 40) & ((pos[None, :] < 3) | (pos[:, None] - pos[None, :] < 5))
+    stream, _ = attention(q, k, v, mask=stream_m)
+    out = mixed_attention(q, k, v, torch.tensor([1.0, 0.0]), 3, 5, 8**-0.5)
+    torch.testing.assert_close(out[:, :2], full[:, :2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[:, 2:], stream[:, 2:], rtol=0, atol=1e-5)
+
+    class Tok:  # a character-level stand-in tokenizer for the tiny model
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [3 + (ord(c) % 120) for c in text]}
+
+    m = tiny_model("llama")
+    gates = train_gates(m, Tok(), steps=2, length=300, keys=2, progress=False)
+    assert len(gates) == 2 and len(gates[0]) == 2 and all(0 <= x <= 1 for r in gates for x in r)
+    assert any(x < 1 for r in gates for x in r)  # the L1 term moved them
+    assert all(p.grad is None for p in m.parameters())

@@ -80,8 +80,10 @@ def _build() -> argparse.ArgumentParser:
     pr.add_argument("what", choices=["search", "heads"])
     pr.add_argument("--model", default="smollm2-135m")
     pr.add_argument("--out", required=True)
-    pr.add_argument("--method", default="retrieval", choices=["retrieval"])
-    pr.add_argument("--samples", default=8, type=int)
+    pr.add_argument("--method", default="retrieval", choices=["retrieval", "gates"],
+                    help="retrieval: training-free retrieval score; gates: DuoAttention's trained gates")
+    pr.add_argument("--samples", default=8, type=int, help="retrieval: passkey samples")
+    pr.add_argument("--steps", default=60, type=int, help="gates: optimisation steps")
     pr.add_argument("--length", default=1024, type=int)
 
     d = sub.add_parser("dist-bench", help="sequence-parallel attention (not implemented yet)")
@@ -222,8 +224,16 @@ def _cmd_profile(a) -> int:
     if a.samples < 1 or a.length < 128:
         raise ValueError(f"--samples must be >= 1 and --length >= 128, got {a.samples}, {a.length}")
     model, tok = models.load(a.model)
-    scores = retrieval_scores(model, tok, samples=a.samples, length=a.length)
-    write_profile(a.out, scores, "retrieval_score", a.model)
+    if a.method == "gates":
+        from .profile.duo_train import train_gates
+
+        if a.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {a.steps}")
+        scores = train_gates(model, tok, steps=a.steps, length=a.length)
+        write_profile(a.out, scores, "duo_gates", a.model)
+    else:
+        scores = retrieval_scores(model, tok, samples=a.samples, length=a.length)
+        write_profile(a.out, scores, "retrieval_score", a.model)
     print(f"wrote {a.out}: {len(scores)} layers x {len(scores[0])} kv heads")
     return 0
 

@@ -95,6 +95,8 @@ class Session:
         self.compress_enabled = True
         #: callables ``f(layer_idx, query, key, value, key_valid)`` run on every multi-token attention call (profiling)
         self.observers: list = []
+        #: ``f(layer_idx, q, k, v, key_valid, scale) -> out`` replacing multi-token attention (gate training)
+        self.attention_override = None
         self._prev_chunk = None
         self._hook = None
         self._prev_impl = None
@@ -194,7 +196,9 @@ class Session:
             return out.transpose(1, 2).contiguous(), None
 
         pattern = self.recipe.prefill
-        if nq > 1 and pattern is not None:
+        if nq > 1 and self.attention_override is not None:
+            out = self.attention_override(layer_idx, query, key, value, key_valid, scale)
+        elif nq > 1 and pattern is not None:
             t0 = time.perf_counter()
             layout = pattern.layout(query, key, key_valid)
             self.method_s += time.perf_counter() - t0
