@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import longattn
+from _helpers import ids_batch as _ids
 from longattn import api, registry
 from longattn.cache import LongattnLayer, RaggedKV, cache_nbytes
 from longattn.hf import attend_compressed
@@ -71,16 +72,6 @@ def test_import_has_no_side_effects():
 
 
 # ---------------------------------------------------------------- apply(): exactness and restore
-def _ids(b=2, n=96, pad=(0, 17), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (b, n), generator=g)
-    am = torch.ones_like(ids)
-    for i, p in enumerate(pad[:b]):
-        am[i, :p] = 0
-        ids[i, :p] = 0
-    return ids, am
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("recipe", ["dense", "snapkv:ratio=0", "streaming_llm:ratio=0.0"])
 def test_noop_recipe_gives_identical_logits_and_restores(arch, recipe):

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import longattn
+from _helpers import ids_batch as _ids
 from longattn import api, registry
 from longattn.cache import cache_nbytes
 from longattn.kv import Novelty, PyramidKV
@@ -28,15 +29,6 @@ def _spec(name: str, ratio: float, prof: str) -> str:
 
 
 KV_NAMES = [n for n in registry.names("kv") if n != "dense"]
-
-
-def _ids(b=2, n=96, pad=(0, 17), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (b, n), generator=g)
-    am = torch.ones_like(ids)
-    for i, p in enumerate(pad[:b]):
-        am[i, :p] = 0
-    return ids, am
 
 
 @pytest.mark.parametrize("name", KV_NAMES)

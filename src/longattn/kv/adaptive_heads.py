@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register
-from .base import Wrapper
+from .base import Wrapper, mask_padding, valid_lengths
 
 __all__ = ["AdaptiveHeads"]
 
@@ -35,13 +35,8 @@ class AdaptiveHeads(Wrapper):
 
     def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
         b, hk, n, _ = k.shape
-        scores = self.policy.score(q, k, v, key_valid, module).float()
-        if key_valid is not None:
-            scores = scores.masked_fill(~key_valid.to(torch.bool)[:, None, :], float("-inf"))
-        per_head = self.policy.budgets(
-            torch.full((b,), n, device=k.device) if key_valid is None else key_valid.sum(-1), hk,
-            layer_idx, num_layers,
-        )  # [b, hk]
+        scores = mask_padding(self.policy.score(q, k, v, key_valid, module).float(), key_valid)
+        per_head = self.policy.budgets(valid_lengths(k, key_valid), hk, layer_idx, num_layers)  # [b, hk]
         lengths = torch.empty(b, hk, dtype=torch.long, device=k.device)
         for bi in range(b):
             share = int(per_head[bi, 0])

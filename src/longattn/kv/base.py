@@ -10,7 +10,21 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KVPolicy", "ScorerPolicy", "Wrapper", "check_ratio", "inner_policy", "attention_to_keys"]
+__all__ = ["KVPolicy", "ScorerPolicy", "Wrapper", "check_ratio", "inner_policy", "attention_to_keys",
+           "valid_lengths", "mask_padding"]
+
+
+def valid_lengths(k: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """``[b]`` number of real (not padded) keys per row."""
+    b, _, n, _ = k.shape
+    return torch.full((b,), n, device=k.device) if key_valid is None else key_valid.sum(-1)
+
+
+def mask_padding(scores: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """``scores [b, h, n]`` with padded keys at -inf, so they are never kept."""
+    if key_valid is None:
+        return scores
+    return scores.masked_fill(~key_valid.to(torch.bool)[:, None, :], float("-inf"))
 
 
 def check_ratio(ratio) -> float:
@@ -57,10 +71,8 @@ class KVPolicy:
         scores = self.score(q, k, v, key_valid, module).float()
         if scores.shape != (b, hk, n):
             raise RuntimeError(f"{type(self).__name__}.score returned {tuple(scores.shape)}, expected {(b, hk, n)}")
-        valid_len = torch.full((b,), n, device=k.device) if key_valid is None else key_valid.sum(-1)
-        if key_valid is not None:
-            scores = scores.masked_fill(~key_valid.to(torch.bool)[:, None, :], float("-inf"))
-        lengths = self.budgets(valid_len, hk, layer_idx, num_layers).to(k.device)
+        scores = mask_padding(scores, key_valid)
+        lengths = self.budgets(valid_lengths(k, key_valid), hk, layer_idx, num_layers).to(k.device)
         return self.top(scores, lengths)
 
     @staticmethod

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register
-from .base import KVPolicy
+from .base import KVPolicy, mask_padding, valid_lengths
 from .profile import load_profile
 
 __all__ = ["DuoAttention"]
@@ -62,10 +62,8 @@ class DuoAttention(KVPolicy):
 
     def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
         b, hk, n, _ = k.shape
-        valid = torch.full((b,), n, device=k.device) if key_valid is None else key_valid.sum(-1)
-        scores = self.score(q, k, v, key_valid)
-        if key_valid is not None:
-            scores = scores.masked_fill(~key_valid.to(torch.bool)[:, None, :], float("-inf"))
+        valid = valid_lengths(k, key_valid)
+        scores = mask_padding(self.score(q, k, v, key_valid), key_valid)
         lengths = torch.empty(b, hk, dtype=torch.long, device=k.device)
         for bi, nv in enumerate(valid.tolist()):
             stream = self.streaming_heads(int(nv))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register
-from .base import Wrapper
+from .base import Wrapper, mask_padding, valid_lengths
 from .profile import load_profile
 
 __all__ = ["MoABudgets", "distribute"]
@@ -92,9 +92,7 @@ class MoABudgets(Wrapper):
 
     def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
         b, hk, n, _ = k.shape
-        valid = torch.full((b,), n, device=k.device) if key_valid is None else key_valid.sum(-1)
-        scores = self.policy.score(q, k, v, key_valid, module).float()
-        if key_valid is not None:
-            scores = scores.masked_fill(~key_valid.to(torch.bool)[:, None, :], float("-inf"))
+        valid = valid_lengths(k, key_valid)
+        scores = mask_padding(self.policy.score(q, k, v, key_valid, module).float(), key_valid)
         lengths = torch.tensor([self.head_budgets(int(nv))[layer_idx] for nv in valid.tolist()], device=k.device)
         return self.top(scores, lengths)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register
-from .base import KVPolicy, Wrapper, inner_policy
+from .base import KVPolicy, Wrapper, inner_policy, valid_lengths
 
 __all__ = ["QueryAware", "Chunked", "Compose"]
 
@@ -75,7 +75,7 @@ class Compose(KVPolicy):
     def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
         b, hk, n, d = k.shape
         idx_a, len_a = self._a.keep(q, k, v, key_valid, module, layer_idx, num_layers)
-        valid = torch.full((b,), n, device=k.device) if key_valid is None else key_valid.sum(-1)
+        valid = valid_lengths(k, key_valid)
         want = torch.clamp((valid.double() * (1 - self.ratio)).floor().long(), min=1)
         rows_idx, rows_len = [], []
         for bi in range(b):  # rows may keep different numbers (left padding); heads of a row keep the same
