@@ -199,6 +199,33 @@ def jaccard(a, b):
     return sum(out) / len(out)
 
 
+def tiny_overlap(policies, ratios, json_path) -> int:
+    """Kept-position Jaccard on a tiny random Llama (no accuracy: its answers mean nothing)."""
+    m = models.tiny_model("llama", num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                          hidden_size=128, head_dim=16)
+    m.config.name_or_path = "tiny-llama"
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(3, 128, (512,), generator=g).tolist()
+    dense_keys, _ = dense_keys_of(m, ctx)
+    scores = torch.rand(m.config.num_hidden_layers, m.config.num_key_value_heads, generator=g).tolist()
+    rows = []
+    for pol in [p for p in policies if p not in ("duo_attention",)]:
+        for r in ratios:
+            press = make_press(pol, r, scores)
+            _, _, _, kept_k = run_kvpress(m, press, ctx, ctx[-4:], 1, set(), dense_keys)
+            _, _, _, kept_o, _ = run_ours(m, ours_spec(pol, r, len(ctx), 2), ctx, ctx[-4:], 1, set())
+            rows.append({"policy": pol, "ratio": r, "model": "tiny-llama", "jaccard": jaccard(kept_o, kept_k)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(rows, indent=1))
+    print("| policy | " + " | ".join(str(r) for r in ratios) + " |")
+    print("|---|" + "---|" * len(ratios))
+    for pol in dict.fromkeys(r["policy"] for r in rows):
+        cells = [f"{r['jaccard']:.2f}" for r in rows if r["policy"] == pol]
+        print(f"| {pol} | " + " | ".join(cells) + " |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=10)
@@ -206,6 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.25,0.5,0.75,0.875")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--json", default="bench_out/vs_kvpress.json")
+    ap.add_argument("--tiny", action="store_true",
+                    help="only the kept-position overlap on a tiny random Llama (random tokens, 512 long)")
     a = ap.parse_args(argv)
     if kvpress is None:
         print("vs_kvpress: kvpress is not installed (pip install kvpress, which pins transformers < 5.3); "
@@ -213,6 +242,8 @@ def main(argv=None) -> int:
         return 0
     ratios = [float(x) for x in a.ratios.split(",")]
     policies = [p for p in a.policies.split(",") if p]
+    if a.tiny:
+        return tiny_overlap(policies, ratios, a.json)
     model, tok = models.load("smollm2-135m")
     model.config.name_or_path = "smollm2-135m"
     from longattn.kv.profile import load_profile
