@@ -32,6 +32,15 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def _style(i: int) -> dict:
+    """Distinct colour, marker and dash for the i-th line (more lines than a colour cycle has)."""
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab20"].colors
+    return {"color": colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], "marker": "os^Dvx*P"[i % 8],
+            "linestyle": ("-", "--", ":")[i // 8 % 3]}
+
+
 def _figs(records: list[dict]):
     import matplotlib
 
@@ -56,19 +65,19 @@ def _figs(records: list[dict]):
             fams = [f for f in acc if f != "dense" and len(acc[f]) > 1]
             if not fams:
                 continue
-            fig, ax = plt.subplots(figsize=(8, 5))
+            fig, ax = plt.subplots(figsize=(9, 5))
             d0 = _mean([r["score"] for r in dense if r["length"] == n])
-            for fam in sorted(fams):
+            for i, fam in enumerate(sorted(fams)):
                 pts = sorted(acc[fam].items())
                 if d0 is not None:
                     pts = [(0.0, [d0])] + pts
-                ax.plot([p[0] for p in pts], [_mean(p[1]) for p in pts], marker="o", label=fam)
+                ax.plot([p[0] for p in pts], [_mean(p[1]) for p in pts], label=fam, **_style(i))
             ax.set_xlabel("compression ratio (fraction of the cache removed)")
             ax.set_ylabel("accuracy")
             ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"{task}, {n} tokens: accuracy vs compression (question-agnostic unless named)")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, ncol=2)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
             figs[f"{task}_{n}_accuracy_vs_ratio.png"] = fig
         if len(lengths) > 1:
             for metric, label in (("score", "accuracy"), ("prefill_s", "prefill seconds"),
@@ -77,15 +86,15 @@ def _figs(records: list[dict]):
                 by_m = defaultdict(lambda: defaultdict(list))
                 for r in recs:
                     by_m[r["method"]][r["length"]].append(r.get(metric))
-                for m, d in sorted(by_m.items()):
+                for i, (m, d) in enumerate(sorted(by_m.items())):
                     xs = sorted(d)
-                    ax.plot(xs, [_mean(d[x]) for x in xs], marker="o", label=m)
+                    ax.plot(xs, [_mean(d[x]) for x in xs], label=m, **_style(i))
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("context length (tokens)")
                 ax.set_ylabel(label)
                 ax.set_title(f"{task}: {label} vs length")
                 ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
                 figs[f"{task}_{metric}_vs_length.png"] = fig
     return figs
 
