@@ -10,7 +10,10 @@ from pathlib import Path
 __all__ = ["HeadProfile", "load_profile", "BUILTIN"]
 
 # built-in profiles shipped with the package, by name
-BUILTIN = {"smollm2-135m": "smollm2-135m.heads.json"}
+BUILTIN = {
+    "smollm2-135m": "smollm2-135m.heads.json",  # training-free retrieval score (longattn profile heads)
+    "smollm2-135m-gates": "smollm2-135m.gates.json",  # DuoAttention gates (profile heads --method gates)
+}
 
 
 @dataclass(frozen=True)
