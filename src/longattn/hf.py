@@ -17,7 +17,6 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -219,14 +218,15 @@ class Session:
         hk = layer.keys.shape[1]
         g = hq // hk
         kv_phys = layer.physical_key_valid(key_valid)
-        allowed = None if kv_phys is None else kv_phys[:, None, None, :]
-        out, lse = masked_attention(query.reshape(b, hk, g, d), layer.keys, layer.values, allowed, scale)
+        s = torch.matmul(query.reshape(b, hk, g, d).float(), layer.keys.float().transpose(-1, -2)) * scale
+        if kv_phys is not None:
+            s = s.masked_fill(~kv_phys[:, None, None, :], float("-inf"))
+        p = s.softmax(-1)  # [b, hk, g, physical]: the step's attention, kept for the scores
+        out = torch.matmul(p, layer.values.float())
         if layer.scores is not None:
-            s = torch.matmul(query.reshape(b, hk, g, d).float(), layer.keys.float().transpose(-1, -2)) * scale
-            p = torch.exp(s - lse.unsqueeze(-1)).mean(2)  # [b, hk, physical]
             prev = layer.scores
-            pad = p.shape[-1] - prev.shape[-1]  # the token appended this step starts at 0
-            layer.scores = torch.nn.functional.pad(prev, (0, pad)) + p
+            pad = p.shape[-1] - prev.shape[-1]  # tokens appended since the last step start at 0
+            layer.scores = torch.nn.functional.pad(prev, (0, pad)) + p.mean(2)
             layer.evict(policy.decode_budget, max(policy.n_recent, 1))
         self.method_s += time.perf_counter() - t0
         return out.reshape(b, hq, 1, d).to(query.dtype)
@@ -244,10 +244,11 @@ class Session:
         kv_tail = None
         if key_valid is not None:
             kv_tail = key_valid[:, key_valid.shape[1] - nq :]
-        idx, lengths = policy.keep(query, tail_k, tail_v, kv_tail, module, getattr(module, "layer_idx", 0),
-                                   self.num_layers)
-        if getattr(policy, "decode_budget", 0):  # seed the accumulated scores of the kept tokens (H2O)
+        layer_idx = getattr(module, "layer_idx", 0)
+        if getattr(policy, "decode_budget", 0):  # H2O eviction: the kept tokens' scores seed the accumulator
             sc = policy.score(query, tail_k, tail_v, kv_tail, module).float()
+            idx, lengths = policy.keep(query, tail_k, tail_v, kv_tail, module, layer_idx, self.num_layers,
+                                       scores=sc)
             if policy.ratio == 0.0:
                 idx = torch.arange(tail_k.shape[2], device=idx.device).expand(*tail_k.shape[:2], -1)
                 lengths = torch.full(tail_k.shape[:2], tail_k.shape[2], device=idx.device)
@@ -257,6 +258,7 @@ class Session:
                                  "or equal lengths")
             layer.scores = torch.gather(sc, -1, idx[..., : layer.physical_len])
         else:
+            idx, lengths = policy.keep(query, tail_k, tail_v, kv_tail, module, layer_idx, self.num_layers)
             layer.compress(idx, lengths)
         self.compressions += 1
         self.method_s += time.perf_counter() - t0
@@ -317,7 +319,3 @@ def _attend_ragged(layer: LongattnLayer, q, k_tail, v_tail, key_valid, scale):
                 o_p[bi, hi], l_p[bi, hi] = o, lse
     out, _ = merge_attention([o_p, o_t], [l_p, l_t])
     return out.reshape(b, hq, nq, d).to(q.dtype)
-
-
-def describe(session: Session) -> dict[str, Any]:
-    return {"method_s": session.method_s, "compressions": session.compressions}

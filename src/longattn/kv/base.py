@@ -64,11 +64,12 @@ class KVPolicy:
         """``[b, kv_heads, kv_len]`` float; higher = keep."""
         raise NotImplementedError
 
-    def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
+    def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1, scores=None):
         """Kept token indices per (b, kv head): ``(idx [b, hkv, max_keep] long ascending, lengths [b, hkv])``.
-        Entries past ``lengths`` are padding. Padded keys (``key_valid`` False) are never kept."""
+        Entries past ``lengths`` are padding. Padded keys (``key_valid`` False) are never kept. ``scores``:
+        this policy's ``score()`` when the caller already has it."""
         b, hk, n, _ = k.shape
-        scores = self.score(q, k, v, key_valid, module).float()
+        scores = (self.score(q, k, v, key_valid, module) if scores is None else scores).float()
         if scores.shape != (b, hk, n):
             raise RuntimeError(f"{type(self).__name__}.score returned {tuple(scores.shape)}, expected {(b, hk, n)}")
         scores = mask_padding(scores, key_valid)
