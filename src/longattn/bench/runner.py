@@ -130,9 +130,9 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
         first = ctx + rest if query_aware else ctx
         with PeakMemory(model.device) as pm:
             t0 = time.perf_counter()
-            step = chunk or len(first)
-            for s0 in range(0, len(first), step):
-                logits = _forward(model, first[s0 : s0 + step], cache, kw)[0, -1]
+            size = chunk or len(first)
+            for s0 in range(0, len(first), size):
+                logits = _forward(model, first[s0 : s0 + size], cache, kw)[0, -1]
             prefill_s = time.perf_counter() - t0
         session.compress_enabled = False  # the question and the answer are never compressed
         kv_bytes = cache_nbytes(cache)
@@ -154,8 +154,9 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
         answer_ids = ref["answer_ids"] if ref is not None else gen
         if query_aware:  # the question is inside the compressed cache: continue from the first answer token
             _crop(cache, len(gen) - 1)
-            first_logits = tf_first
-            tf = torch.cat([first_logits[None], _forward(model, answer_ids[:-1], cache, kw)[0]])[: len(answer_ids)]
+            tf = tf_first[None]
+            if len(answer_ids) > 1:
+                tf = torch.cat([tf, _forward(model, answer_ids[:-1], cache, kw)[0]])
         else:
             _crop(cache, len(rest) + len(gen) - 1)
             tf = _forward(model, rest + answer_ids[:-1], cache, kw)[0, len(rest) - 1 :]
