@@ -48,9 +48,9 @@ class Chunked(Wrapper):
 @register("compose", "kv", paper="kvpress ComposedPress", summary="apply two policies one after the other")
 @dataclass(frozen=True)
 class Compose(KVPolicy):
-    """``first`` keeps ``int(n * (1 - r1))`` tokens, ``second`` keeps ``int(m * (1 - r2))`` of those, where the
-    two ratios split ``ratio`` evenly in log space: ``(1 - r1) * (1 - r2) = 1 - ratio``. The second policy
-    scores the tokens the first kept, in their order (position-based scorers see them compacted)."""
+    """``first`` keeps ``int(n * (1 - r1))`` tokens with ``(1 - r1) = sqrt(1 - ratio)``; ``second`` scores
+    those survivors (in their order: position-based scorers see them compacted) and keeps exactly
+    ``int(n * (1 - ratio))`` of them, so the composition removes ``ratio`` of the cache."""
 
     first: str = "knorm"
     second: str = "snapkv"
