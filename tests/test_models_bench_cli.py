@@ -134,3 +134,67 @@ def test_family_and_ratio():
     assert family_and_ratio("snapkv:ratio=0.5:window=32") == ("snapkv:window=32", 0.5)
     assert family_and_ratio("sink_window+knorm:ratio=0.25") == ("sink_window+knorm", 0.25)
     assert family_and_ratio("dense") == ("dense", 0.0)
+
+
+def _write(tmp_path, lines):
+    p = tmp_path / "data.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ('{"context": "c", "question": "q"}', ":1: field 'answers' must be a non-empty list"),
+        ('{"context": "", "question": "q", "answers": ["a"]}', ":1: field 'context' must be a non-empty string"),
+        ('{"context": "c", "question": "q", "answers": ["a"], "foo": 1}', ":1: unknown field"),
+        ("[1, 2]", ":1: expected a JSON object"),
+        ("{broken", ":1: not valid JSON"),
+        ('{"context": "c", "question": "q", "answers": ["a"], "turns": []}', ":1: field 'turns'"),
+    ],
+)
+def test_custom_data_validation_names_line_and_field(tmp_path, line, match):
+    from longattn.bench.tasks.custom import load_jsonl
+
+    good = '{"context": "c", "question": "q", "answers": ["a"]}'
+    with pytest.raises(ValueError, match=match):
+        load_jsonl(_write(tmp_path, [line, good]))
+    with pytest.raises(ValueError, match=match.replace(":1:", ":2:")):
+        load_jsonl(_write(tmp_path, [good, line]))
+
+
+def test_custom_scorers():
+    from longattn.bench.tasks.base import Sample
+    from longattn.bench.tasks.custom import Custom, rouge_l
+
+    s = Sample("1", "c", "q", "", ["Paris"])
+    assert rouge_l("the cat sat", "the cat sat") == 1.0 and rouge_l("a b", "c d") == 0.0
+
+    class T(Custom):
+        def __post_init__(self):
+            pass
+
+    assert T(scorer="contains").score(" It is paris.", s) == 1.0
+    assert T(scorer="exact").score(" Paris. ", s) == 1.0 and T(scorer="exact").score("Paris is", s) == 0.0
+    assert T(scorer="contains").score(" Pari", s) == 0.0
+    with pytest.raises(ValueError, match="--scorer must be one of contains, exact, rouge"):
+        Custom(data="x", scorer="bleu")
+
+
+@pytest.mark.model
+def test_custom_task_runs_on_the_model(smollm2, tmp_path):
+    model, tok = smollm2
+    ctx = "Alice lives in Paris. " + "The weather is mild. " * 30 + "Bob lives in Rome. "
+    path = _write(tmp_path, [json.dumps({"context": ctx, "question": "Where does Bob live?",
+                                         "answer_prefix": "Bob lives in", "answers": ["Rome"], "id": "bob"})])
+    cfg = BenchConfig(tasks=("custom",), data=path, samples=3, methods=("dense", "tova:ratio=0.5"),
+                      progress=False)
+    recs = run(cfg, model=model, tokenizer=tok)
+    assert len(recs) == 2 and {r["length"] for r in recs} == {0} and recs[0]["n_tokens"] > 100
+    assert recs[0]["correct"], recs[0]["prediction"]
+
+
+def test_cli_custom_needs_data(capsys):
+    assert cli.main(["bench", "--task", "custom"]) == 2
+    assert "--task custom needs --data" in capsys.readouterr().err
+    assert cli.main(["bench", "--data", "x.jsonl"]) == 2

@@ -58,6 +58,9 @@ def _build() -> argparse.ArgumentParser:
     b.add_argument("--config")
     b.add_argument("--peer", choices=["kvpress"])
     b.add_argument("--seed", default=0, type=int)
+    b.add_argument("--data", help="--task custom: JSONL file, one sample per line")
+    b.add_argument("--scorer", default="contains", choices=["contains", "exact", "rouge"],
+                   help="--task custom: how predictions are scored")
 
     r = sub.add_parser("report", help="re-render the table, plots and report.html of a bench --out DIR")
     r.add_argument("dir")
@@ -162,10 +165,10 @@ def _cmd_bench(a) -> int:
         raise ValueError("--peer kvpress: the side-by-side run with kvpress is not implemented yet")
     cfg = BenchConfig(model=a.model, tasks=tuple(a.task), lengths=tuple(a.lengths), samples=a.samples,
                       methods=tuple(a.methods) if a.methods is not None else DEFAULT_METHODS, seed=a.seed,
-                      json_path=a.json_path, out_dir=a.out, resume=a.resume)
+                      json_path=a.json_path, out_dir=a.out, resume=a.resume, data=a.data, scorer=a.scorer)
     if a.config:
         conf = _load_config(a.config)
-        allowed = {"model", "tasks", "lengths", "samples", "methods", "seed"}
+        allowed = {"model", "tasks", "lengths", "samples", "methods", "seed", "data", "scorer"}
         for k, v in conf.items():
             if k not in allowed:
                 raise ValueError(f"--config: unknown key {k!r}; allowed: {', '.join(sorted(allowed))}")

@@ -42,6 +42,8 @@ class BenchConfig:
     out_dir: str | None = None
     resume: bool = False
     progress: bool = True
+    data: str | None = None  # --task custom: the JSONL file
+    scorer: str = "contains"  # --task custom: contains | exact | rouge
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -49,6 +51,8 @@ class BenchConfig:
             raise ValueError("--task: give at least one task; allowed: " + ", ".join(registry.names("task")))
         for t in self.tasks:
             registry.get(t, "task")
+        if self.data and "custom" not in self.tasks:
+            raise ValueError("--data is read by --task custom only")
         if not self.lengths or any((not isinstance(n, int)) or n < 64 for n in self.lengths):
             raise ValueError(f"--lengths: token counts must be integers >= 64, got {list(self.lengths)}")
         if not isinstance(self.samples, int) or self.samples < 1:
@@ -182,6 +186,13 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
     }
 
 
+def make_task(name: str, cfg: BenchConfig):
+    cls = registry.get(name, "task").cls
+    if name == "custom":
+        return cls(data=cfg.data or "", scorer=cfg.scorer)
+    return cls()
+
+
 def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
     """Run the sweep; returns the records (also written to ``--json`` / ``--out``)."""
     from tqdm.auto import tqdm
@@ -190,6 +201,7 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
 
     log = log or (lambda s: print(s, file=sys.stderr))
     cfg.validate()
+    tasks = [(t, make_task(t, cfg)) for t in cfg.tasks]  # before loading the model: bad data fails fast
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     done: dict[tuple, dict] = {}
     if out_dir is not None:
@@ -204,47 +216,47 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
     with torch.no_grad():  # warm-up, so the first record does not pay for first-touch allocations
         model(input_ids=torch.ones(1, 64, dtype=torch.long, device=model.device))
     methods = list(dict.fromkeys(cfg.methods))
-    tasks = [(t, registry.get(t, "task").cls()) for t in cfg.tasks]
-    total = len(tasks) * len(cfg.lengths) * cfg.samples * len(methods)
+    plan = [(tname, task, length, min(cfg.samples, task.count() or cfg.samples))
+            for tname, task in tasks for length in (cfg.lengths if task.uses_length else (0,))]
+    total = sum(n for *_, n in plan) * len(methods)
     records: list[dict] = []
     bar = tqdm(total=total, desc="bench", unit="run", disable=not cfg.progress, file=sys.stderr)
     sink = (out_dir / "results.jsonl").open("a") if out_dir is not None else None
     try:
-        for tname, task in tasks:
-            for length in cfg.lengths:
-                for i in range(cfg.samples):
-                    keys = {m: (tname, m, length, i) for m in methods}
-                    todo = [m for m in methods if keys[m] not in done]
-                    for m in methods:
-                        if keys[m] in done:
-                            records.append(done[keys[m]])
-                            bar.update(1)
-                    if not todo:
-                        continue
-                    sample = task.make(tokenizer, length, i, cfg.seed)
-                    # dense is the reference of every method's fidelity: it always runs first
-                    bar.set_postfix_str(f"{tname} {length} #{i} dense")
-                    ref = run_one(model, tokenizer, "dense", sample, task.max_new_tokens, None)
-                    for m in todo:
-                        bar.set_postfix_str(f"{tname} {length} #{i} {m}")
-                        res = ref if m == "dense" else run_one(model, tokenizer, m, sample, task.max_new_tokens, ref)
-                        score = task.score(res["prediction"], sample)
-                        rec = {
-                            "task": tname, "method": m, "length": length, "sample": i,
-                            "correct": bool(score >= 1.0), "score": score,
-                            **{k: res[k] for k in ("kv_cache_bytes", "peak_bytes", "prefill_s", "decode_tok_s",
-                                                   "method_s", "kl", "top1_agree")},
-                            "model": cfg.model, "seed": cfg.seed,
-                            "decode_s": res["decode_s"], "n_tokens": res["n_tokens"],
-                            "kv_cache_bytes_end": res["kv_cache_bytes_end"],
-                            "prediction": res["prediction"], "answer": sample.answers[0],
-                            "protocol": res["protocol"],
-                        }
-                        records.append(rec)
-                        if sink is not None:
-                            sink.write(json.dumps(rec) + "\n")
-                            sink.flush()
+        for tname, task, length, n_samples in plan:
+            for i in range(n_samples):
+                keys = {m: (tname, m, length, i) for m in methods}
+                todo = [m for m in methods if keys[m] not in done]
+                for m in methods:
+                    if keys[m] in done:
+                        records.append(done[keys[m]])
                         bar.update(1)
+                if not todo:
+                    continue
+                sample = task.make(tokenizer, length, i, cfg.seed)
+                # dense is the reference of every method's fidelity: it always runs first
+                bar.set_postfix_str(f"{tname} {length} #{i} dense")
+                ref = run_one(model, tokenizer, "dense", sample, task.max_new_tokens, None)
+                for m in todo:
+                    bar.set_postfix_str(f"{tname} {length} #{i} {m}")
+                    res = ref if m == "dense" else run_one(model, tokenizer, m, sample, task.max_new_tokens, ref)
+                    score = task.score(res["prediction"], sample)
+                    rec = {
+                        "task": tname, "method": m, "length": length, "sample": i,
+                        "correct": task.correct(score), "score": score,
+                        **{k: res[k] for k in ("kv_cache_bytes", "peak_bytes", "prefill_s", "decode_tok_s",
+                                               "method_s", "kl", "top1_agree")},
+                        "model": cfg.model, "seed": cfg.seed,
+                        "decode_s": res["decode_s"], "n_tokens": res["n_tokens"],
+                        "kv_cache_bytes_end": res["kv_cache_bytes_end"],
+                        "prediction": res["prediction"], "answer": sample.answers[0],
+                        "protocol": res["protocol"],
+                    }
+                    records.append(rec)
+                    if sink is not None:
+                        sink.write(json.dumps(rec) + "\n")
+                        sink.flush()
+                    bar.update(1)
     finally:
         bar.close()
         if sink is not None:

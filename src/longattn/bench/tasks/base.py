@@ -22,9 +22,18 @@ class Sample:
 @dataclass(frozen=True)
 class Task:
     max_new_tokens: int = 12
+    #: generated to a target length (``--lengths``); False for tasks that bring their own samples
+    uses_length = True
+
+    def count(self) -> int | None:
+        """How many distinct samples the task has (None: unbounded, generated)."""
+        return None
 
     def make(self, tokenizer, length: int, index: int, seed: int) -> Sample:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def correct(self, score: float) -> bool:
+        return score >= 1.0
 
     def score(self, prediction: str, sample: Sample) -> float:
         """1.0 when any gold answer occurs in the prediction (substring match)."""
