@@ -198,3 +198,31 @@ def test_cli_custom_needs_data(capsys):
     assert cli.main(["bench", "--task", "custom"]) == 2
     assert "--task custom needs --data" in capsys.readouterr().err
     assert cli.main(["bench", "--data", "x.jsonl"]) == 2
+
+
+@pytest.mark.parametrize("spec", ["niah", "niah:haystack=filler:keys=3"])
+def test_niah_deterministic_depth_and_length(smollm2, spec):
+    from longattn.api import parse_method
+
+    _, tok = smollm2
+    t = parse_method(spec, "task")
+    a, b = t.make(tok, 768, 4, 0), t.make(tok, 768, 4, 0)
+    assert a == b and a.meta["depth"] == 0.4
+    assert t.make(tok, 768, 10, 0).meta["depth"] == 1.0
+    needle = f"is: {a.answers[0]}."
+    assert a.context.count(needle) == 1
+    assert abs(a.context.index(needle) / len(a.context) - 0.4) < 0.15
+    ctx, rest = encode(tok, a)
+    assert 600 <= len(ctx) + len(rest) <= 768
+    assert t.score(f" {a.answers[0]}.", a) == 1.0 and t.score(f" {a.answers[0][:-1]}", a) == 0.0
+    if "keys=3" in spec:
+        assert a.context.count("special magic number for") == 3
+
+
+def test_niah_bad_arguments():
+    from longattn.api import parse_method
+
+    with pytest.raises(ValueError, match="haystack must be one of stdlib, filler"):
+        parse_method("niah:haystack=web", "task")
+    with pytest.raises(ValueError, match="keys must be an int in"):
+        parse_method("niah:keys=0", "task")

@@ -50,7 +50,7 @@ class BenchConfig:
         if not self.tasks:
             raise ValueError("--task: give at least one task; allowed: " + ", ".join(registry.names("task")))
         for t in self.tasks:
-            registry.get(t, "task")
+            registry.get(t.split(":")[0], "task")
         if self.data and "custom" not in self.tasks:
             raise ValueError("--data is read by --task custom only")
         if not self.lengths or any((not isinstance(n, int)) or n < 64 for n in self.lengths):
@@ -186,11 +186,11 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
     }
 
 
-def make_task(name: str, cfg: BenchConfig):
-    cls = registry.get(name, "task").cls
-    if name == "custom":
-        return cls(data=cfg.data or "", scorer=cfg.scorer)
-    return cls()
+def make_task(spec: str, cfg: BenchConfig):
+    """A task from ``name[:key=value...]`` (``niah:haystack=filler:keys=4``)."""
+    if spec.split(":")[0] == "custom":
+        return registry.get("custom", "task").cls(data=cfg.data or "", scorer=cfg.scorer)
+    return api.parse_method(spec, "task")
 
 
 def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:

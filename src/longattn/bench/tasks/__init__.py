@@ -2,6 +2,7 @@
 
 from .base import Sample, Task
 from .custom import Custom
+from .niah import Niah
 from .passkey import Passkey
 
-__all__ = ["Custom", "Passkey", "Sample", "Task"]
+__all__ = ["Custom", "Niah", "Passkey", "Sample", "Task"]
