@@ -54,6 +54,13 @@ class RaggedKV:
         s, e = int(off[r]), int(off[r + 1])
         return self.keys[s:e], self.values[s:e], self.positions[s:e]
 
+    def rows(self):
+        """``(b, h, keys, values, positions)`` views of every row, offsets computed once (the decode hot path)."""
+        off = self.offsets.tolist()
+        for r in range(len(off) - 1):
+            s, e = off[r], off[r + 1]
+            yield r // self.heads, r % self.heads, self.keys[s:e], self.values[s:e], self.positions[s:e]
+
     def as_uniform(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[b, h, kept, d]`` views, valid only when every row keeps the same number of tokens."""
         if not self.uniform:

@@ -312,10 +312,8 @@ def _attend_ragged(layer: LongattnLayer, q, k_tail, v_tail, key_valid, scale):
     else:
         o_p = torch.empty(b, hk, g * nq, d, dtype=o_t.dtype, device=q.device)
         l_p = torch.empty(b, hk, g * nq, dtype=l_t.dtype, device=q.device)
-        for bi in range(b):
-            for hi in range(hk):
-                kr, vr, _ = pre.row(bi, hi)
-                o, lse = masked_attention(qg[bi, hi], kr, vr, None, scale)
-                o_p[bi, hi], l_p[bi, hi] = o, lse
+        for bi, hi, kr, vr, _ in pre.rows():
+            o, lse = masked_attention(qg[bi, hi], kr, vr, None, scale)
+            o_p[bi, hi], l_p[bi, hi] = o, lse
     out, _ = merge_attention([o_p, o_t], [l_p, l_t])
     return out.reshape(b, hq, nq, d).to(q.dtype)
