@@ -23,13 +23,45 @@ from .kv import (
     SnapKV,
     StreamingLLM,
 )
-from .layout import BlockLayout
+from .layout import BlockLayout, TokenRule
 from .ops import block_sparse_attention, merge_attention
-from .prefill import PrefillPattern, SinkWindow
+from .prefill import (
+    BilevelRouting,
+    BlockTopK,
+    CoreContext,
+    Hierarchical,
+    LinearEstimate,
+    LongRangeGrouping,
+    LowBitTopK,
+    Mixed,
+    Neighborhood,
+    PrefillPattern,
+    ShiftedGroups,
+    SinkWindow,
+    StridedWindow,
+    TriShape,
+    VerticalSlash,
+)
+from .recall import attention_recall
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BilevelRouting",
+    "BlockTopK",
+    "CoreContext",
+    "Hierarchical",
+    "LinearEstimate",
+    "LongRangeGrouping",
+    "LowBitTopK",
+    "Mixed",
+    "Neighborhood",
+    "ShiftedGroups",
+    "StridedWindow",
+    "TriShape",
+    "VerticalSlash",
+    "TokenRule",
+    "attention_recall",
     "TOVA",
     "AdaptiveHeads",
     "BlockLayout",

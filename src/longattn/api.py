@@ -53,7 +53,7 @@ def _spec_of(method) -> str:
     fields = [
         f"{f.name}={getattr(method, f.name)}"
         for f in dataclasses.fields(method)
-        if getattr(method, f.name) != f.default
+        if f.init and getattr(method, f.name) != f.default
     ]
     return ":".join([method.name] + fields)
 

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from .cache import LongattnLayer
-from .ops.block_sparse import block_sparse_attention
 from .ops.core import masked_attention
 from .ops.merge import merge_attention
 
@@ -198,13 +197,12 @@ class Session:
         if nq > 1 and self.attention_override is not None:
             out = self.attention_override(layer_idx, query, key, value, key_valid, scale)
         elif nq > 1 and pattern is not None:
-            t0 = time.perf_counter()
-            layout = pattern.layout(query, key, key_valid)
-            self.method_s += time.perf_counter() - t0
-            out = block_sparse_attention(
-                query, key, value, layout, causal=True, scale=scale, key_valid=key_valid, window=window,
-                backend=pattern.backend,
+            stats: dict = {}
+            # the model is causal whatever the pattern's own default (2-D forms are non-causal)
+            out = pattern.for_layer(layer_idx).attend(
+                query, key, value, scale=scale, key_valid=key_valid, window=window, causal=True, stats=stats,
             )
+            self.method_s += stats.get("est_s", 0.0)
         else:
             out = _dense(query, key, value, key_valid, scale, window)
 

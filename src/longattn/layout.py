@@ -2,18 +2,21 @@
 
 Queries are split into blocks of ``block_size`` from query index 0, keys likewise from key index 0; queries
 are aligned to the end of the keys (see ``reference.py``). A layout says *which blocks* are computed; the
-kernel still applies the token-level causal rule inside the chosen blocks (``causal=True``).
+kernel still applies the token-level causal rule inside the chosen blocks (``causal=True``), and, when the
+layout carries a ``TokenRule``, that rule too (e.g. the exact columns and diagonals of vertical-slash, the
+groups of shifted-group attention), so a pattern computes exactly the token pairs it chose.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 from .reference import dense_mask
 
-__all__ = ["BlockLayout", "check_block_size"]
+__all__ = ["BlockLayout", "TokenRule", "check_block_size"]
 
 
 def check_block_size(block_size: int, name: str = "block_size") -> int:
@@ -28,6 +31,99 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass(frozen=True, eq=False)
+class TokenRule:
+    """Token-level rule inside the selected blocks. A pair (query position ``qp``, key position ``kp``; ``qp``
+    is absolute, i.e. query index + ``kv_len - q_len``) of a selected block is computed iff the causal/window
+    rule allows it and at least one of the given terms holds (absent terms are False):
+
+    - ``columns[b, h, kp]`` — vertical lines (bool ``[B, H, kv_len]``);
+    - ``diagonals[b, h, qp - kp]`` — slash lines at distance ``qp - kp >= 0`` (bool ``[B, H, kv_len]``);
+    - ``q_group[b, h, qp] == k_group[b, h, kp]`` — group-local attention (int ``[B, H, kv_len]`` each);
+    - ``fn(b, h, qp, kp)`` — any element-wise predicate written with tensor ops (it runs both inside
+      FlexAttention's ``mask_mod`` and on broadcast index tensors);
+    - ``free[h]`` — heads for which the rule is off (every pair of the selected blocks is computed).
+
+    ``B``/``H`` may be 1 (broadcast over batch/heads).
+    """
+
+    columns: torch.Tensor | None = None
+    diagonals: torch.Tensor | None = None
+    q_group: torch.Tensor | None = None
+    k_group: torch.Tensor | None = None
+    fn: Callable | None = None
+    free: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.q_group is None) != (self.k_group is None):
+            raise ValueError("q_group and k_group must be given together")
+        for name in ("columns", "diagonals", "q_group", "k_group"):
+            t = getattr(self, name)
+            if t is not None and t.dim() != 3:
+                raise ValueError(f"TokenRule.{name} must be [batch, heads, kv_len], got {tuple(t.shape)}")
+        if all(getattr(self, n) is None for n in ("columns", "diagonals", "q_group", "fn")):
+            raise ValueError("TokenRule needs at least one of columns, diagonals, q_group/k_group, fn")
+
+    def __call__(self, b, h, qp, kp):
+        """bool: may query position ``qp`` attend key position ``kp`` (broadcasting index tensors)."""
+        ok = None
+        if self.size is not None:  # positions beyond the keys (block padding) read the last entry
+            qp = torch.clamp(qp, max=self.size - 1)
+            kp = torch.clamp(kp, max=self.size - 1)
+
+        def _or(a, x):
+            return x if a is None else a | x
+
+        if self.columns is not None:
+            ok = _or(ok, self.columns[_bi(self.columns, b), _hi(self.columns, h), kp])
+        if self.diagonals is not None:
+            d = torch.clamp(qp - kp, min=0)
+            ok = _or(ok, self.diagonals[_bi(self.diagonals, b), _hi(self.diagonals, h), d] & (qp >= kp))
+        if self.q_group is not None:
+            gq = self.q_group[_bi(self.q_group, b), _hi(self.q_group, h), qp]
+            gk = self.k_group[_bi(self.k_group, b), _hi(self.k_group, h), kp]
+            ok = _or(ok, gq == gk)
+        if self.fn is not None:
+            ok = _or(ok, self.fn(b, h, qp, kp))
+        if self.free is not None:
+            ok = ok | self.free[_hi1(self.free, h)]
+        return ok
+
+    @property
+    def size(self) -> int | None:
+        """Length of the position axis of the tensors (kv_len), when there are tensors."""
+        for n in ("columns", "diagonals", "q_group"):
+            t = getattr(self, n)
+            if t is not None:
+                return t.shape[-1]
+        return None
+
+    @property
+    def heads(self) -> int:
+        hs = [getattr(self, n).shape[1] for n in ("columns", "diagonals", "q_group", "k_group")
+              if getattr(self, n) is not None]
+        if self.free is not None:
+            hs.append(self.free.shape[0])
+        return max(hs, default=1)
+
+    def to(self, device) -> TokenRule:
+        mv = {n: getattr(self, n).to(device) for n in ("columns", "diagonals", "q_group", "k_group", "free")
+              if getattr(self, n) is not None}
+        return replace(self, **mv)
+
+
+def _bi(t, b):
+    return b if t.shape[0] > 1 else b * 0
+
+
+def _hi(t, h):
+    return h if t.shape[1] > 1 else h * 0
+
+
+def _hi1(t, h):
+    return h if t.shape[0] > 1 else h * 0
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """Per (batch, query head, query block) the kv blocks to attend.
@@ -35,6 +131,7 @@ class BlockLayout:
     kv_indices: int32 ``[batch, heads, n_q_blocks, max_k]``, the first ``kv_counts`` entries of each row are
         valid kv block ids, ascending, distinct; the rest is padding (ignored).
     kv_counts: int32 ``[batch, heads, n_q_blocks]``.
+    rule: optional ``TokenRule`` applied to the token pairs of the selected blocks.
     """
 
     kv_indices: torch.Tensor
@@ -42,6 +139,7 @@ class BlockLayout:
     block_size: int
     q_len: int
     kv_len: int
+    rule: TokenRule | None = None
 
     def __post_init__(self) -> None:
         check_block_size(self.block_size)
@@ -86,6 +184,7 @@ class BlockLayout:
         seq_len: int | None = None,
         q_len: int | None = None,
         kv_len: int | None = None,
+        rule: TokenRule | None = None,
     ) -> BlockLayout:
         """From a bool ``[b, h, n_q_blocks, n_kv_blocks]`` block mask (True = compute that block)."""
         check_block_size(block_size)
@@ -106,11 +205,12 @@ class BlockLayout:
         max_k = max(int(counts.max().item()) if counts.numel() else 0, 1)
         # stable sort puts selected blocks first, in ascending block order
         order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :max_k]
-        return cls(order.to(torch.int32).contiguous(), counts.contiguous(), block_size, q_len, kv_len)
+        return cls(order.to(torch.int32).contiguous(), counts.contiguous(), block_size, q_len, kv_len, rule)
 
     @classmethod
     def from_indices(
-        cls, idx: torch.Tensor, valid: torch.Tensor, *, block_size: int, q_len: int, kv_len: int
+        cls, idx: torch.Tensor, valid: torch.Tensor, *, block_size: int, q_len: int, kv_len: int,
+        rule: TokenRule | None = None,
     ) -> BlockLayout:
         """From candidate block ids ``idx [b, h, nqb, c]`` (any order, duplicates allowed, out-of-range ignored
         where ``valid`` is False). Goes through a block mask, so the result is sorted and distinct."""
@@ -119,7 +219,7 @@ class BlockLayout:
         m = torch.zeros(b, h, nqb, nkb + 1, dtype=torch.bool, device=idx.device)
         safe = torch.where(valid & (idx >= 0) & (idx < nkb), idx.long(), torch.full_like(idx.long(), nkb))
         m.scatter_(-1, safe, True)
-        return cls.from_block_mask(m[..., :nkb], block_size=block_size, q_len=q_len, kv_len=kv_len)
+        return cls.from_block_mask(m[..., :nkb], block_size=block_size, q_len=q_len, kv_len=kv_len, rule=rule)
 
     # ---- views ---------------------------------------------------------------------------------------
     def to_block_mask(self) -> torch.Tensor:
@@ -132,17 +232,52 @@ class BlockLayout:
         m.scatter_(-1, idx, True)
         return m[..., :nkb]
 
-    def to_dense_mask(self, causal: bool = True, window: int | None = None) -> torch.Tensor:
-        """bool ``[b, h, q_len, kv_len]``: the token pairs the kernel computes (blocks x causal rule)."""
-        bm = self.to_block_mask()
-        bs = self.block_size
-        m = bm.repeat_interleave(bs, dim=2).repeat_interleave(bs, dim=3)[..., : self.q_len, : self.kv_len]
-        tok = dense_mask(self.q_len, self.kv_len, causal=causal, window=window, device=bm.device)
-        return m & tok
+    def to_dense_mask(self, causal: bool = True, window: int | None = None, heads: int | None = None) -> torch.Tensor:
+        """bool ``[b, h, q_len, kv_len]``: the token pairs the kernel computes (blocks x causal x token rule)."""
+        return self.mask_rows(None, causal=causal, window=window, heads=heads)
 
-    def density(self, causal: bool = True, per_head: bool = False) -> torch.Tensor | float:
+    def mask_rows(
+        self, rows: torch.Tensor | None, causal: bool = True, window: int | None = None, heads: int | None = None
+    ) -> torch.Tensor:
+        """bool ``[b, h, len(rows), kv_len]``: ``to_dense_mask`` restricted to query indices ``rows``; ``heads``
+        broadcasts a one-head layout (default: the layout's or the rule's head count)."""
+        bm = self.to_block_mask()
+        h = heads or max(bm.shape[1], self.rule.heads if self.rule is not None else 1)
+        bm = bm.expand(bm.shape[0], h, *bm.shape[2:])
+        bs = self.block_size
+        dev = bm.device
+        rows = torch.arange(self.q_len, device=dev) if rows is None else rows.to(dev).long()
+        m = bm[:, :, rows // bs].repeat_interleave(bs, dim=3)[..., : self.kv_len]
+        tok = dense_mask(self.q_len, self.kv_len, causal=causal, window=window, device=dev)[rows]
+        m = m & tok
+        if self.rule is not None:
+            b, h = m.shape[:2]
+            qp = (rows + self.kv_len - self.q_len).view(1, 1, -1, 1)
+            kp = torch.arange(self.kv_len, device=dev).view(1, 1, 1, -1)
+            bi = torch.arange(b, device=dev).view(-1, 1, 1, 1)
+            hi = torch.arange(h, device=dev).view(1, -1, 1, 1)
+            m = m & self.rule(bi, hi, qp, kp)
+        return m
+
+    def with_rule(self, rule: TokenRule | None) -> BlockLayout:
+        return replace(self, rule=rule)
+
+    def density(
+        self, causal: bool = True, per_head: bool = False, exact: bool = False, rows: torch.Tensor | None = None
+    ) -> torch.Tensor | float:
         """Fraction of the (causal) token pairs that the layout computes; mean over batch and heads
-        unless ``per_head`` (then ``[b, h]``)."""
+        unless ``per_head`` (then ``[b, h]``). By default counts whole selected blocks (the kernel's work);
+        ``exact=True`` counts the pairs the token rule keeps (on query indices ``rows`` only, if given)."""
+        if exact and self.rule is not None:
+            rows_ = torch.arange(self.q_len) if rows is None else rows.long()
+            chosen = torch.zeros((), dtype=torch.float64)
+            total = torch.zeros((), dtype=torch.float64)
+            for c in rows_.split(max(1, (1 << 24) // max(self.kv_len, 1))):
+                m = self.mask_rows(c, causal=causal)
+                chosen = chosen + m.sum((-1, -2)).double()
+                total = total + dense_mask(self.q_len, self.kv_len, causal=causal)[c.to(m.device)].sum().double()
+            d = chosen / total.clamp_min(1)
+            return d if per_head else float(d.mean())
         # computed block-wise to avoid the N x N mask: token pairs per (q block, kv block) under the rule
         tok_pairs = self._pairs_per_block(causal)  # [nqb, nkb]
         bm = self.to_block_mask().to(tok_pairs.dtype)

@@ -141,7 +141,7 @@ def block_sparse_attention(
         layout = BlockLayout(
             layout.kv_indices.expand(b, hq, *layout.kv_indices.shape[2:]),
             layout.kv_counts.expand(b, hq, layout.kv_counts.shape[2]),
-            layout.block_size, nq, nk,
+            layout.block_size, nq, nk, layout.rule,
         )
     if backend == "gather":
         out, lse = _gather(q, k, v, layout, causal, scale, key_valid, window, need_lse=return_lse)
@@ -175,6 +175,7 @@ def _gather(q, k, v, layout: BlockLayout, causal, scale, key_valid, window, need
     out = torch.empty(b, hq, nqb * bs, d, dtype=ct, device=dev)
     lse = torch.empty(b, hq, nqb * bs, dtype=ct, device=dev) if need_lse else None
     within = torch.arange(bs, device=dev)
+    hq_idx = torch.arange(hq, device=dev).view(1, hq, 1, 1, 1)
     budget = 128 << 20  # bound the transient scores tensor to ~128 MiB
     c0 = 0
     while c0 < nqb:
@@ -202,6 +203,8 @@ def _gather(q, k, v, layout: BlockLayout, causal, scale, key_valid, window, need
             allowed = allowed & (kpos.unsqueeze(-2) <= qpos)
         if window is not None:
             allowed = allowed & (qpos - kpos.unsqueeze(-2) < window)
+        if layout.rule is not None:
+            allowed = allowed & layout.rule(bi.unsqueeze(-1), hq_idx, qpos, kpos.unsqueeze(-2))
         if need_lse:
             o, l_ = masked_attention(qp[:, :, c0:c1], kg, vg, allowed, scale)
             lse[:, :, c0 * bs : c1 * bs] = l_.reshape(b, hq, c * bs)
@@ -249,7 +252,7 @@ def _flex_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid, wind
         partial |= (q_hi[:, None] - k_lo[None, :]) >= window
     partial |= (k_hi - k_lo + 1 < bs)[None, :]  # last, incomplete kv block
     partial |= (q_hi - q_lo + 1 < bs)[:, None]  # last, incomplete q block
-    if key_valid is not None:
+    if key_valid is not None or layout.rule is not None:
         partial |= torch.ones_like(partial)
 
     sel = layout.to_block_mask()  # [b, h, nqb, nkb]
@@ -286,12 +289,18 @@ def _flex_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid, wind
                 ok = ok & ((qi + offset - ki) < win)
             return ok
 
+    if layout.rule is not None:
+        rule, base = layout.rule, mask_mod
+
+        def mask_mod(bb, hh, qi, ki):
+            return base(bb, hh, qi, ki) & rule(bb, hh, qi + offset, ki)
+
     bm = BlockMask.from_kv_blocks(
         pc, pi, fc, fi, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(nq, nk)
     )
     with torch.no_grad() if q.device.type == "cpu" else _null():
         out = _flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=hq != k.shape[1])
-    if key_valid is not None or window is not None:
+    if key_valid is not None or window is not None or layout.rule is not None:
         # rows that see no key at all (e.g. padded queries) come out as 0 (not NaN) to match the reference
         out = torch.nan_to_num(out, nan=0.0)
     return out

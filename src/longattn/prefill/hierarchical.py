@@ -1,0 +1,78 @@
+"""Hierarchical top-k pruning of key blocks (HiP Attention).
+
+Paper: HiP, "A Training-Free Context Extension via Hierarchically Pruned Attention" (Lee et al., ICLR 2025,
+https://arxiv.org/abs/2406.09827).
+
+For each query block, the causally visible kv blocks are split into ``topk`` ranges; each iteration splits every
+surviving range in two, scores each half by its representative (the mean-pooled key of the half's middle block)
+against the mean-pooled query block, and keeps the ``topk`` best halves, until every range is one block. Cost:
+``O(n_q_blocks * topk * log(n_kv_blocks))`` dot products after O(N) pooling — the full block grid is never scored.
+Sinks and the diagonal block are always kept.
+
+Departures: HiP works per query block of the kernel but uses the first token of each branch as its
+representative and a fixed branching of two; here the representative is the middle block's mean key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..layout import BlockLayout
+from ..registry import register
+from .base import Geometry, PrefillPattern, check_int, finish_blocks, pool_blocks
+
+__all__ = ["Hierarchical"]
+
+
+@register(
+    "hierarchical",
+    "prefill",
+    paper="HiP Attention (Lee et al., ICLR 2025) https://arxiv.org/abs/2406.09827",
+    summary="tree search: halve candidate block ranges, keep top-k by representative keys, O(N log N)",
+)
+@dataclass(frozen=True)
+class Hierarchical(PrefillPattern):
+    """Top-k kv blocks per query block by hierarchical range pruning."""
+
+    topk: int = 16
+    sink: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.topk, "topk")
+        check_int(self.sink, "sink", 0)
+
+    def layout(self, q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None = None) -> BlockLayout:
+        bs = self.block_size
+        b, hq, nq, d = q.shape
+        hk = k.shape[1]
+        g = hq // hk
+        geo = Geometry(nq, k.shape[2], bs, q.device)
+        qp, _ = pool_blocks(q, bs)  # [b, hq, nqb, d]
+        kp, has = pool_blocks(k, bs, key_valid)  # [b, hk, nkb, d]
+        K = self.topk
+        n_vis = (geo.last_kb + 1).view(1, 1, -1, 1)  # visible blocks per q block
+        t = torch.arange(K + 1, device=q.device).view(1, 1, 1, -1)
+        edges = (t * n_vis) // K  # K equal ranges of [0, n_vis)
+        lo = edges[..., :-1].expand(b, hq, -1, -1)
+        hi = edges[..., 1:].expand(b, hq, -1, -1)
+        kvh = (torch.arange(hq, device=q.device) // g).view(1, hq, 1, 1)
+        bi = torch.arange(b, device=q.device).view(b, 1, 1, 1)
+        scale = 1.0 / math.sqrt(d)
+        while bool(((hi - lo) > 1).any()):
+            mid = (lo + hi) // 2
+            clo = torch.cat([lo, mid], -1)
+            chi = torch.cat([mid, hi], -1)
+            rep = ((clo + chi - 1) // 2).clamp(min=0, max=geo.nkb - 1)
+            s = (qp.unsqueeze(3) * kp[bi, kvh, rep]).sum(-1) * scale  # [b, hq, nqb, 2K]
+            s = s.masked_fill((chi <= clo) | ~has[bi, 0, rep], float("-inf"))
+            best = s.topk(K, dim=-1).indices
+            lo, hi = clo.gather(-1, best), chi.gather(-1, best)
+        sel = torch.zeros(b, hq, geo.nqb, geo.nkb + 1, dtype=torch.bool, device=q.device)
+        idx = torch.where(hi - lo == 1, lo, torch.full_like(lo, geo.nkb))
+        sel.scatter_(-1, idx, True)
+        m = finish_blocks(sel[..., : geo.nkb], geo, self.sink, key_valid, q)
+        return BlockLayout.from_block_mask(m, block_size=bs, q_len=nq, kv_len=geo.kv_len)

@@ -1,0 +1,100 @@
+"""Low-bit estimated block selection (SALE).
+
+Paper: SALE, "Low-bit Estimation for Efficient Sparse Attention in Long-context LLM Prefilling" (Zhang et
+al., 2025, https://arxiv.org/abs/2505.24179).
+
+q and k are quantized to ``bits``-bit integers (symmetric, one scale per head and block of ``block_size``
+tokens); the quantized logits estimate the attention map; a kv block is kept for a query block when, for some
+estimated query row, the block's best logit is within ``log(1/rel)`` of that row's best logit (the relative
+score rule: the block's estimated peak probability is at least ``rel`` times the row's). Sinks and the diagonal
+block are always kept.
+
+Departures: the paper estimates every query row with 4-bit tensor-core GEMMs; on a CPU such a full map costs
+as much as dense attention, so only ``q_samples`` evenly spaced rows of each query block are estimated (all of
+them when ``q_samples >= block_size``), and the integer product is computed in float32 (exactly: small integers
+times per-block scales).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import BlockLayout
+from ..registry import register
+from .base import Geometry, PrefillPattern, check_float, check_int, finish_blocks
+
+__all__ = ["LowBitTopK", "quantize_blocks"]
+
+
+def quantize_blocks(x: torch.Tensor, bits: int, bs: int) -> torch.Tensor:
+    """Symmetric ``bits``-bit fake-quantization of ``x [b, h, n, d]`` with one scale per (b, h, block)."""
+    b, h, n, d = x.shape
+    nb = -(-n // bs)
+    xp = F.pad(x.float(), (0, 0, 0, nb * bs - n)).view(b, h, nb, bs * d)
+    qmax = 2 ** (bits - 1) - 1
+    scale = xp.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
+    xq = torch.clamp(torch.round(xp / scale), -qmax - 1, qmax) * scale
+    return xq.view(b, h, nb * bs, d)[:, :, :n]
+
+
+@register(
+    "lowbit_topk",
+    "prefill",
+    paper="SALE (Zhang et al., 2025) https://arxiv.org/abs/2505.24179",
+    summary="4/8-bit quantized q.k estimate on sampled rows; relative-score block rule",
+)
+@dataclass(frozen=True)
+class LowBitTopK(PrefillPattern):
+    """Blocks whose low-bit estimated peak probability is >= ``rel`` x the row's peak."""
+
+    bits: int = 4
+    rel: float = 0.02
+    q_samples: int = 8
+    sink: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
+        check_float(self.rel, "rel", 0.0, 1.0)
+        check_int(self.q_samples, "q_samples")
+        check_int(self.sink, "sink", 0)
+
+    def sample_rows(self, q_len: int, device=None) -> torch.Tensor:
+        """Query indices estimated: ``q_samples`` evenly spaced rows per query block (incl. its last row)."""
+        bs = self.block_size
+        ns = min(self.q_samples, bs)
+        within = torch.linspace(bs - 1, 0, ns, device=device).round().long().flip(0).unique()
+        rows = (torch.arange(-(-q_len // bs), device=device)[:, None] * bs + within[None, :]).flatten()
+        rows = rows[rows < q_len]
+        return torch.unique(torch.cat([rows, torch.tensor([q_len - 1], device=device)]))
+
+    def layout(self, q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None = None) -> BlockLayout:
+        bs = self.block_size
+        b, hq, nq, d = q.shape
+        hk, nk = k.shape[1], k.shape[2]
+        g = hq // hk
+        geo = Geometry(nq, nk, bs, q.device)
+        rows = self.sample_rows(nq, q.device)
+        qq = quantize_blocks(q, self.bits, bs)[:, :, rows]  # [b, hq, r, d]
+        kq = quantize_blocks(k, self.bits, bs)
+        r = rows.numel()
+        s = torch.matmul(qq.view(b, hk, g * r, d), kq.transpose(-1, -2)).view(b, hq, r, nk) / math.sqrt(d)
+        kpos = torch.arange(nk, device=q.device)
+        ok = (kpos[None, :] <= (rows + geo.off)[:, None])[None, None]
+        if key_valid is not None:
+            ok = ok & key_valid.to(torch.bool)[:, None, None, :]
+        s = s.masked_fill(~ok, float("-inf"))
+        pad = geo.nkb * bs - nk
+        blockmax = F.pad(s, (0, pad), value=float("-inf")).view(b, hq, r, geo.nkb, bs).amax(-1)
+        rowmax = blockmax.amax(-1, keepdim=True)
+        keep = (blockmax >= rowmax + math.log(self.rel)) & torch.isfinite(blockmax)  # [b, hq, r, nkb]
+        sel = torch.zeros(b, hq, geo.nqb, geo.nkb, dtype=torch.bool, device=q.device)
+        qb = (rows // bs).view(1, 1, r, 1).expand(b, hq, r, geo.nkb)
+        sel = sel.scatter_reduce(2, qb, keep, reduce="amax")
+        m = finish_blocks(sel, geo, self.sink, key_valid, q)
+        return BlockLayout.from_block_mask(m, block_size=bs, q_len=nq, kv_len=nk)

@@ -1,0 +1,160 @@
+"""Per-layer, per-head mixture of prefill patterns (MoA; MInference's per-head pattern assignment).
+
+Papers: MoA, "Mixture of Sparse Attention for Automatic Large Language Model Compression" (Fu et al., 2024,
+https://arxiv.org/abs/2406.14909); MInference 1.0 offline per-head pattern search
+(https://arxiv.org/abs/2407.02490).
+
+``profile`` names a JSON file (written by ``longattn profile search``)::
+
+    {"format": "longattn.mixed/1", "block_size": 64, "num_layers": L, "num_heads": H,
+     "layers": [["sink_window:window=256", "vertical_slash:vertical=256:slash=256", ...], ...]}
+
+one pattern spec per query head and layer (``"dense"`` = every causal block). Each layer's layout takes, for
+each head, the blocks and the token rule of that head's pattern. Departures: a pattern is estimated on all
+heads and its rows for the heads that use it are kept (simple, costs one estimate per distinct pattern and
+layer); vertical_slash heads inside a mixture use the column/diagonal blocks over the original keys (without
+the compact column segment of ``vertical_slash.attend``); ``core_context`` cannot be mixed (it adds keys).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..layout import BlockLayout, TokenRule
+from ..registry import register
+from .base import Geometry, PrefillPattern
+
+__all__ = ["Mixed", "MixedLayer", "FORMAT", "write_mixed"]
+
+FORMAT = "longattn.mixed/1"
+
+
+def write_mixed(path, layers: list[list[str]], block_size: int, **meta) -> None:
+    """Write a mixed-pattern JSON profile."""
+    doc = {"format": FORMAT, "block_size": block_size, "num_layers": len(layers),
+           "num_heads": len(layers[0]) if layers else 0, **meta, "layers": layers}
+    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _parse_head(spec: str, block_size: int, where: str) -> PrefillPattern | None:
+    from ..api import parse_method
+    from .core_context import CoreContext
+
+    if spec.strip() == "dense":
+        return None
+    try:
+        p = parse_method(spec, "prefill")
+    except ValueError as e:
+        raise ValueError(f"profile {where}: {e}") from None
+    if isinstance(p, (CoreContext, Mixed)):
+        raise ValueError(f"profile {where}: {p.name} cannot be part of a mixture")
+    if p.block_size != block_size:
+        raise ValueError(f"profile {where}: block_size of {spec!r} is {p.block_size}, the profile's is "
+                         f"{block_size}; all heads must share one block_size")
+    return p
+
+
+@register(
+    "mixed",
+    "prefill",
+    paper="MoA (Fu et al., 2024) https://arxiv.org/abs/2406.14909; MInference head search "
+    "https://arxiv.org/abs/2407.02490",
+    summary="per-layer, per-head patterns from a JSON profile (longattn profile search)",
+)
+@dataclass(frozen=True)
+class Mixed(PrefillPattern):
+    """Per-(layer, head) patterns loaded from ``profile`` (a JSON file)."""
+
+    profile: str = ""
+    _layers: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.profile, str) or not self.profile:
+            raise ValueError("profile must name a JSON file written by `longattn profile search`")
+        p = Path(self.profile)
+        if not p.is_file():
+            raise ValueError(f"profile: no such file {self.profile!r}")
+        try:
+            d = json.loads(p.read_text())
+            fmt, bs, layers = d["format"], int(d["block_size"]), d["layers"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"profile {p}: expected {FORMAT} JSON with block_size and layers ({e})") from None
+        if fmt != FORMAT:
+            raise ValueError(f"profile {p}: format must be {FORMAT!r}, got {fmt!r}")
+        if bs != self.block_size:
+            raise ValueError(f"block_size ({self.block_size}) does not match the profile's block_size {bs}; "
+                             f"use mixed:profile=...:block_size={bs}")
+        if not isinstance(layers, list) or not layers or not all(isinstance(r, list) and r for r in layers):
+            raise ValueError(f"profile {p}: layers must be a non-empty list of per-head spec lists")
+        if len({len(r) for r in layers}) != 1:
+            raise ValueError(f"profile {p}: every layer must list the same number of heads")
+        parsed = tuple(
+            tuple(_parse_head(s, bs, f"{p} layer {i} head {h}") for h, s in enumerate(r))
+            for i, r in enumerate(layers)
+        )
+        object.__setattr__(self, "_layers", parsed)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    def for_layer(self, layer_idx: int) -> MixedLayer:
+        if not 0 <= layer_idx < len(self._layers):
+            raise ValueError(f"profile {self.profile}: has {len(self._layers)} layers, the model asked for layer "
+                             f"{layer_idx}")
+        return MixedLayer(heads=self._layers[layer_idx], block_size=self.block_size, backend=self.backend)
+
+    def layout(self, q, k, key_valid=None) -> BlockLayout:
+        if len(self._layers) != 1:
+            raise ValueError("mixed: a multi-layer profile needs a layer; use for_layer(i).layout(...)")
+        return self.for_layer(0).layout(q, k, key_valid)
+
+
+@dataclass(frozen=True)
+class MixedLayer(PrefillPattern):
+    """One layer of a mixture: ``heads[h]`` is query head ``h``'s pattern (None = dense)."""
+
+    heads: tuple = ()
+
+    def layout(self, q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None = None) -> BlockLayout:
+        b, hq, nq, _ = q.shape
+        nk = k.shape[2]
+        if len(self.heads) != hq:
+            raise ValueError(f"mixed profile: the layer lists {len(self.heads)} heads, the model has {hq} query heads")
+        geo = Geometry(nq, nk, self.block_size, q.device)
+        distinct: list = []
+        assign = []
+        for p in self.heads:
+            if p not in distinct:
+                distinct.append(p)
+            assign.append(distinct.index(p))
+        assign_t = torch.tensor(assign, device=q.device)
+        bm = torch.zeros(b, hq, geo.nqb, geo.nkb, dtype=torch.bool, device=q.device)
+        rules = []
+        for i, p in enumerate(distinct):
+            heads = assign_t == i
+            if p is None:
+                m = geo.causal_blocks()[None, None].expand(b, hq, -1, -1)
+                rules.append(None)
+            else:
+                lay = p.layout(q, k, key_valid)
+                m = lay.to_block_mask().expand(b, hq, -1, -1)
+                rules.append(lay.rule)
+            bm = torch.where(heads.view(1, hq, 1, 1), m, bm)
+        rule = None
+        if any(r is not None for r in rules):
+            def fn(bb, hh, qp, kp):
+                ok = None
+                for i, r in enumerate(rules):
+                    term = assign_t[hh] == i
+                    if r is not None:
+                        term = term & r(bb, hh, qp, kp)
+                    ok = term if ok is None else ok | term
+                return ok
+            rule = TokenRule(fn=fn)
+        return BlockLayout.from_block_mask(bm, block_size=self.block_size, q_len=nq, kv_len=nk, rule=rule)

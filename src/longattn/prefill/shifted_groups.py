@@ -1,0 +1,73 @@
+"""Shifted group attention (LongLoRA S2-Attn) and its sink-token form (SinkLoRA SF-Attn).
+
+Papers: LongLoRA (Chen et al., ICLR 2024, https://arxiv.org/abs/2309.12307) S2-Attn; SinkLoRA (Zhang, 2024,
+https://arxiv.org/abs/2406.05678) SF-Attn.
+
+Tokens are split into groups of ``group`` tokens counted from each row's first real token; attention stays
+inside a group (causal). The second half of the heads uses groups shifted by ``group // 2`` so information
+flows between neighbouring groups. ``sink > 0`` adds global attention to the first ``sink`` real tokens
+(SinkLoRA's SF-Attn).
+
+Departures: LongLoRA rolls the shifted heads' tokens, so the first half group wraps around to the last group
+(SinkLoRA points out the resulting leak); here the shifted groups do not wrap (the first ``group // 2`` tokens
+form a shorter group), which is SinkLoRA's fix without its extra re-arrangement. Training-free (both papers
+fine-tune with the pattern).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..layout import BlockLayout, TokenRule
+from ..registry import register
+from .base import Geometry, PrefillPattern, check_int, first_real, group_blocks
+
+__all__ = ["ShiftedGroups"]
+
+
+@register(
+    "shifted_groups",
+    "prefill",
+    paper="LongLoRA S2-Attn (Chen et al., ICLR 2024) https://arxiv.org/abs/2309.12307; SinkLoRA SF-Attn "
+    "https://arxiv.org/abs/2406.05678",
+    summary="group-local attention, half the heads shifted by half a group; optional sink tokens",
+)
+@dataclass(frozen=True)
+class ShiftedGroups(PrefillPattern):
+    """Group-local attention with half the heads shifted by half a group (+ optional sinks)."""
+
+    group: int = 2048
+    sink: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.group, "group", 2)
+        check_int(self.sink, "sink", 0)
+
+    def groups(self, batch: int, heads: int, n: int, key_valid, device) -> torch.Tensor:
+        """int ``[b, heads, n]``: group id of each absolute position, per head."""
+        first = first_real(key_valid, batch, device)
+        rel = (torch.arange(n, device=device)[None, :] - first[:, None]).clamp_min(0)  # [b, n]
+        plain = rel // self.group
+        shifted = (rel + self.group - self.group // 2) // self.group
+        is_shift = (torch.arange(heads, device=device) >= heads // 2) & (heads > 1)  # LongLoRA: heads[h//2:]
+        return torch.where(is_shift.view(1, -1, 1), shifted[:, None, :], plain[:, None, :])
+
+    def layout(self, q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None = None) -> BlockLayout:
+        b, hq, nq, _ = q.shape
+        nk = k.shape[2]
+        geo = Geometry(nq, nk, self.block_size, q.device)
+        gr = self.groups(b, hq, nk, key_valid, q.device)
+        n_groups = nk // self.group + 2
+        m = group_blocks(gr, gr, geo, n_groups)
+        columns = None
+        if self.sink > 0:
+            first = first_real(key_valid, b, q.device)
+            kp = torch.arange(nk, device=q.device)
+            columns = ((kp[None, :] >= first[:, None]) & (kp[None, :] < first[:, None] + self.sink))[:, None, :]
+            m = m | geo.sink_blocks(self.sink, key_valid, b)
+        m = m & geo.causal_blocks()
+        rule = TokenRule(q_group=gr, k_group=gr, columns=columns)
+        return BlockLayout.from_block_mask(m, block_size=self.block_size, q_len=nq, kv_len=nk, rule=rule)
