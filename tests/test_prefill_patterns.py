@@ -110,7 +110,8 @@ def slow_vertical_slash(p, q, k, kv):
                   for j in range(nk)]
             ss = [float("inf") if dd < p.local else slash[dd] for dd in range(nk)]
             ss = [s if dd <= nk - 1 - f else float("-inf") for dd, s in enumerate(ss)]
-            cols, diags = _topk_set(vs, p.vertical), _topk_set(ss, p.slash)
+            cols = _topk_set(vs, p.vertical) | {j for j in range(f, min(f + p.sink, nk))}
+            diags = _topk_set(ss, p.slash) | {dd for dd in range(min(p.local, nk - f))}
             for i in range(nq):
                 qp = i + nk - nq
                 for j in range(qp + 1):
@@ -249,7 +250,9 @@ def slow_hierarchical(p, q, k, kv):
             for i in range(nqb):
                 nvis = (min((i + 1) * BS, nq) - 1 + off) // BS + 1
                 K = p.topk
-                ranges = [((t * nvis) // K, ((t + 1) * nvis) // K) for t in range(K)]
+                fb = _first(kv, bi) // BS
+                span = max(nvis - fb, 1)
+                ranges = [(fb + (t * span) // K, fb + ((t + 1) * span) // K) for t in range(K)]
                 while any(hi - lo > 1 for lo, hi in ranges):
                     cand = []
                     for lo, hi in ranges:

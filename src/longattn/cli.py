@@ -67,12 +67,18 @@ def _build() -> argparse.ArgumentParser:
 
     o = sub.add_parser("ops-bench", help="op-level speed vs dense SDPA")
     o.add_argument("--patterns", default=None, type=_csv)
-    o.add_argument("--lengths", default=[4096, 16384, 32768], type=_ints("--lengths"))
+    o.add_argument("--lengths", default=[8192, 32768], type=_ints("--lengths"))
     o.add_argument("--dtypes", default=["float32", "bfloat16"], type=_csv)
-    o.add_argument("--heads", default=8, type=int)
-    o.add_argument("--dim", default=64, type=int)
-    o.add_argument("--backends", default=["flex", "gather"], type=_csv)
+    o.add_argument("--heads", default=8, type=int, help="random inputs: query heads")
+    o.add_argument("--kv-heads", default=0, type=int, help="random inputs: kv heads (GQA); default = --heads")
+    o.add_argument("--dim", default=64, type=int, help="random inputs: head dim")
+    o.add_argument("--backends", default=["flex"], type=_csv)
+    o.add_argument("--block-size", default=128, type=int, help="block size of patterns that do not set one")
     o.add_argument("--repeats", default=3, type=int)
+    o.add_argument("--qk", default="captured", help="captured (q/k/v of --model's --layer) or random")
+    o.add_argument("--model", default="smollm2-135m")
+    o.add_argument("--layer", default=14, type=int, help="layer whose q/k/v are captured")
+    o.add_argument("--capture-max", default=32768, type=int, help="longest N with captured inputs")
     o.add_argument("--decode", action="store_true")
     o.add_argument("--selectors", type=_csv)
     o.add_argument("--budget", type=int)
@@ -85,9 +91,11 @@ def _build() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True)
     pr.add_argument("--method", default="retrieval", choices=["retrieval", "gates"],
                     help="retrieval: training-free retrieval score; gates: DuoAttention's trained gates")
-    pr.add_argument("--samples", default=8, type=int, help="retrieval: passkey samples")
+    pr.add_argument("--samples", default=None, type=int, help="prompts (heads: 8 passkey samples, search: 2)")
     pr.add_argument("--steps", default=60, type=int, help="gates: optimisation steps")
-    pr.add_argument("--length", default=1024, type=int)
+    pr.add_argument("--length", default=None, type=int, help="prompt tokens (heads: 1024, search: 4096)")
+    pr.add_argument("--density", default=0.3, type=float, help="search: mean density budget over all heads")
+    pr.add_argument("--candidates", default=None, type=_csv, help="search: candidate pattern specs")
 
     d = sub.add_parser("dist-bench", help="sequence-parallel attention (not implemented yet)")
     d.add_argument("--nproc", type=int, required=True)
@@ -199,8 +207,9 @@ def _cmd_report(a) -> int:
 
 
 def _cmd_ops_bench(a) -> int:
-    from .bench.ops import PATTERNS, OpsBenchConfig, run_ops
+    from .bench.ops import DEFAULT_PATTERNS, OpsBenchConfig, run_ops
     from .bench.report import ops_table
+    from .layout import check_block_size
     from .ops.block_sparse import BACKENDS
 
     if a.decode or a.cab or a.selectors or a.budget:
@@ -208,8 +217,11 @@ def _cmd_ops_bench(a) -> int:
     for be in a.backends:
         if be not in BACKENDS:
             raise ValueError(f"--backends: unknown backend {be!r}; allowed: {', '.join(BACKENDS)}")
-    cfg = OpsBenchConfig(patterns=tuple(a.patterns or PATTERNS), lengths=tuple(a.lengths), dtypes=tuple(a.dtypes),
-                         heads=a.heads, dim=a.dim, backends=tuple(a.backends), repeats=a.repeats)
+    check_block_size(a.block_size, "--block-size")
+    cfg = OpsBenchConfig(patterns=tuple(a.patterns or DEFAULT_PATTERNS), lengths=tuple(a.lengths),
+                         dtypes=tuple(a.dtypes), heads=a.heads, kv_heads=a.kv_heads, dim=a.dim,
+                         backends=tuple(a.backends), block_size=a.block_size, repeats=a.repeats, qk=a.qk,
+                         model=a.model, layer=a.layer, capture_max=a.capture_max)
     recs = run_ops(cfg)
     print(ops_table(recs))
     if a.json_path:
@@ -222,8 +234,10 @@ def _cmd_profile(a) -> int:
     from . import models
     from .profile import retrieval_scores, write_profile
 
-    if a.what != "heads":
-        raise ValueError("profile search (per-head prefill pattern search) is not implemented yet")
+    if a.what == "search":
+        return _profile_search(a)
+    a.length = a.length or 1024
+    a.samples = 8 if a.samples is None else a.samples
     if a.samples < 1 or a.length < 128:
         raise ValueError(f"--samples must be >= 1 and --length >= 128, got {a.samples}, {a.length}")
     model, tok = models.load(a.model)
@@ -238,6 +252,32 @@ def _cmd_profile(a) -> int:
         scores = retrieval_scores(model, tok, samples=a.samples, length=a.length)
         write_profile(a.out, scores, "retrieval_score", a.model)
     print(f"wrote {a.out}: {len(scores)} layers x {len(scores[0])} kv heads")
+    return 0
+
+
+def _profile_search(a) -> int:
+    from . import models
+    from .prefill.mixed import write_mixed
+    from .profile.search import CANDIDATES, search_patterns
+
+    length = a.length or 4096
+    samples = 2 if a.samples is None else a.samples
+    if not 0.0 < a.density <= 1.0:
+        raise ValueError(f"--density must be in (0, 1], got {a.density}")
+    cands = tuple(a.candidates) if a.candidates else CANDIDATES
+    from .api import parse_method
+
+    for c in cands:
+        parse_method(c, "prefill")
+    model, tok = models.load(a.model)
+    res = search_patterns(model, tok, length=length, samples=samples, density=a.density, candidates=cands)
+    write_mixed(a.out, res["layers"], block_size=64, model=a.model, length=length, samples=samples,
+                target_density=a.density, chosen=res["chosen"], uniform=res["uniform"])
+    ch, un = res["chosen"], res["uniform"]
+    print(f"wrote {a.out}: {len(res['layers'])} layers x {len(res['layers'][0])} heads")
+    print(f"per-head search : recall {ch['recall']:.3f} at mean density {ch['density']:.3f}")
+    print(f"best uniform    : recall {un['recall']:.3f} at mean density {un['density']:.3f} ({un['pattern']})")
+    print(f"use it with: --methods mixed:profile={a.out}")
     return 0
 
 

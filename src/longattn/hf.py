@@ -109,6 +109,11 @@ class Session:
         kv = self.recipe.kv
         if kv is not None:
             kv.prepare(self.model)
+        pre = self.recipe.prefill
+        n_layers = getattr(pre, "num_layers", None)
+        if n_layers is not None and n_layers != cfg.num_hidden_layers:
+            raise ValueError(f"prefill: the mixed profile {pre.profile!r} has {n_layers} layers, the model has "
+                             f"{cfg.num_hidden_layers}")
         self._prev_impl = cfg._attn_implementation
         self.model.set_attn_implementation(NAME)
         gc = getattr(self.model, "generation_config", None)

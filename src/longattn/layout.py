@@ -132,6 +132,9 @@ class BlockLayout:
         valid kv block ids, ascending, distinct; the rest is padding (ignored).
     kv_counts: int32 ``[batch, heads, n_q_blocks]``.
     rule: optional ``TokenRule`` applied to the token pairs of the selected blocks.
+    full: optional bool ``[B, H, n_q_blocks, n_kv_blocks]`` (B/H may be 1): blocks where the pattern guarantees
+        its token rule allows every pair; kernels may skip the rule there (FlexAttention "full" blocks). It is
+        a promise about the rule only; the causal/window/padding rules are still applied where they cut a block.
     """
 
     kv_indices: torch.Tensor
@@ -140,6 +143,7 @@ class BlockLayout:
     q_len: int
     kv_len: int
     rule: TokenRule | None = None
+    full: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_block_size(self.block_size)
@@ -185,6 +189,7 @@ class BlockLayout:
         q_len: int | None = None,
         kv_len: int | None = None,
         rule: TokenRule | None = None,
+        full: torch.Tensor | None = None,
     ) -> BlockLayout:
         """From a bool ``[b, h, n_q_blocks, n_kv_blocks]`` block mask (True = compute that block)."""
         check_block_size(block_size)
@@ -205,7 +210,7 @@ class BlockLayout:
         max_k = max(int(counts.max().item()) if counts.numel() else 0, 1)
         # stable sort puts selected blocks first, in ascending block order
         order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :max_k]
-        return cls(order.to(torch.int32).contiguous(), counts.contiguous(), block_size, q_len, kv_len, rule)
+        return cls(order.to(torch.int32).contiguous(), counts.contiguous(), block_size, q_len, kv_len, rule, full)
 
     @classmethod
     def from_indices(

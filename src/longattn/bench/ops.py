@@ -1,7 +1,15 @@
-"""``longattn ops-bench``: op-level speed of block-sparse attention vs dense causal SDPA, in one process.
+"""``longattn ops-bench``: op-level speed of sparse prefill patterns vs dense causal SDPA, in one process.
 
 Every record carries the dense SDPA time measured in the same run on the same inputs; ``speedup`` is
-``dense_ms / ms`` where ``ms`` includes the layout estimation (``est_ms``) and the kernel (``kernel_ms``).
+``dense_ms / ms`` where ``ms`` is the whole pattern call: the estimation (``est_ms``: building the layout) plus
+the kernel (``kernel_ms``).
+
+Inputs (``qk``): by default the real q, k, v that one layer of the embedded model (smollm2-135m: 9 query heads,
+3 kv heads, dim 64) sees on a long library-made prompt (stdlib source + a needle), for N <= ``capture_max``;
+random tensors (``--heads``/``--kv-heads``/``--dim``) beyond, or everywhere with ``qk="random"``. Density is
+the fraction of the causal token pairs the pattern chooses (its token rule included), ``block_density`` the
+fraction of causal pairs inside the blocks it computes, ``recall`` the dense softmax mass it keeps
+(``attention_recall`` on ``recall_rows`` evenly spaced query rows, exact on each row).
 """
 
 from __future__ import annotations
@@ -9,39 +17,52 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ..layout import BlockLayout
-from ..ops.block_sparse import block_sparse_attention, can_run
-from ..prefill.sink_window import SinkWindow
+from ..ops.block_sparse import can_run
+from ..prefill.base import PrefillPattern
+from ..recall import attention_recall, sample_rows
 
-__all__ = ["OpsBenchConfig", "run_ops", "PATTERNS"]
+__all__ = ["OpsBenchConfig", "run_ops", "DEFAULT_PATTERNS", "random_layout", "pattern_of"]
 
-PATTERNS = ("sink_window", "random")
+# one default setting per pattern (their defaults, except where a default needs a shape)
+DEFAULT_PATTERNS = (
+    "sink_window", "tri_shape", "vertical_slash", "block_topk", "block_topk:mode=threshold:tau=0.95",
+    "lowbit_topk", "linear_estimate", "hierarchical", "bilevel_routing", "neighborhood", "strided_window",
+    "shifted_groups:sink=64", "long_range_grouping:sink=64", "core_context", "random",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QK_SOURCES = ("captured", "random")
 
 
 @dataclass
 class OpsBenchConfig:
-    patterns: tuple[str, ...] = PATTERNS
-    lengths: tuple[int, ...] = (4096, 16384, 32768)
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    lengths: tuple[int, ...] = (8192, 32768)
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     heads: int = 8
+    kv_heads: int = 0  # 0: = heads (no GQA)
     dim: int = 64
-    backends: tuple[str, ...] = ("flex", "gather")
+    backends: tuple[str, ...] = ("flex",)
     block_size: int = 128
     repeats: int = 3
     seed: int = 0
+    qk: str = "captured"
+    model: str = "smollm2-135m"
+    layer: int = 14
+    capture_max: int = 32768
+    recall_rows: int = 512
     progress: bool = True
+    _patterns: dict = field(default_factory=dict, repr=False)
 
     def validate(self) -> None:
         for p in self.patterns:
-            if p not in PATTERNS:
-                raise ValueError(f"--patterns: unknown pattern {p!r}; allowed: {', '.join(PATTERNS)}")
+            self._patterns[p] = pattern_of(p, self.block_size)
         for d in self.dtypes:
             if d not in DTYPES:
                 raise ValueError(f"--dtypes: unknown dtype {d!r}; allowed: {', '.join(DTYPES)}")
@@ -49,6 +70,31 @@ class OpsBenchConfig:
             raise ValueError(f"--lengths must be integers >= 128, got {list(self.lengths)}")
         if self.heads < 1 or self.dim < 16:
             raise ValueError(f"--heads must be >= 1 and --dim >= 16, got {self.heads}, {self.dim}")
+        kvh = self.kv_heads or self.heads
+        if kvh < 1 or self.heads % kvh:
+            raise ValueError(f"--kv-heads must divide --heads ({self.heads}), got {self.kv_heads}")
+        if self.qk not in QK_SOURCES:
+            raise ValueError(f"--qk must be one of {', '.join(QK_SOURCES)}, got {self.qk!r}")
+        if self.repeats < 1 or self.recall_rows < 1:
+            raise ValueError(f"--repeats and recall rows must be >= 1, got {self.repeats}, {self.recall_rows}")
+
+
+def pattern_of(spec: str, block_size: int):
+    """A pattern spec (``name[:k=v...]``, or ``random``) -> the pattern object (block size applied unless set)."""
+    from ..api import parse_method
+    from ..prefill.mixed import Mixed
+
+    if spec == "random":
+        return "random"
+    try:
+        p = parse_method(spec, "prefill")
+    except ValueError as e:
+        raise ValueError(f"--patterns: {e}") from None
+    if isinstance(p, Mixed):
+        return p  # its block size is the profile's
+    if "block_size=" not in spec:
+        p = replace(p, block_size=block_size)
+    return p
 
 
 def _time(fn, repeats: int) -> float:
@@ -72,41 +118,90 @@ def random_layout(n: int, heads: int, block_size: int, density: float, seed: int
     return BlockLayout.from_block_mask(m, block_size=block_size, seq_len=n)
 
 
-def run_ops(cfg: OpsBenchConfig) -> list[dict]:
+class _Random(PrefillPattern):
+    """The ``random`` baseline: 10% of the causal blocks at random (no estimation)."""
+
+    def layout(self, q, k, key_valid=None):
+        return random_layout(q.shape[2], q.shape[1], self.block_size, 0.1, 0)
+
+
+def _inputs(cfg: OpsBenchConfig, n: int, model_cache: dict, log) -> tuple[tuple[torch.Tensor, ...], str]:
+    if cfg.qk == "captured" and n <= cfg.capture_max:
+        if "model" not in model_cache:
+            from .. import models
+
+            model_cache["model"] = models.load(cfg.model)
+        model, tok = model_cache["model"]
+        from ..profile.capture import calibration_ids, capture_qkv
+
+        log(f"ops-bench: capturing q/k/v of {cfg.model} layer {cfg.layer} at N={n}"
+            + (f" (beyond its {model.config.max_position_embeddings}-token training length)"
+               if n > model.config.max_position_embeddings else ""))
+        got = capture_qkv(model, calibration_ids(tok, n, seed=cfg.seed), [cfg.layer])
+        return got[cfg.layer], f"{cfg.model}:layer={cfg.layer}"
+    g = torch.Generator().manual_seed(cfg.seed)
+    kvh = cfg.kv_heads or cfg.heads
+    q = torch.randn(1, cfg.heads, n, cfg.dim, generator=g)
+    k = torch.randn(1, kvh, n, cfg.dim, generator=g)
+    v = torch.randn(1, kvh, n, cfg.dim, generator=g)
+    return (q, k, v), "random"
+
+
+def run_ops(cfg: OpsBenchConfig, log=None) -> list[dict]:
     from tqdm.auto import tqdm
 
+    log = log or (lambda s: print(s, file=sys.stderr))
     cfg.validate()
-    recs = []
-    combos = [(n, dt, p) for n in cfg.lengths for dt in cfg.dtypes for p in cfg.patterns]
-    bar = tqdm(combos, desc="ops-bench", disable=not cfg.progress, file=sys.stderr)
-    dense: dict[tuple[int, str], float] = {}
+    recs: list[dict] = []
+    model_cache: dict = {}
     with torch.no_grad():
-        for n, dtn, pat in bar:
-            bar.set_postfix_str(f"N={n} {dtn} {pat}")
-            dt = DTYPES[dtn]
-            g = torch.Generator().manual_seed(cfg.seed)
-            q, k, v = (torch.randn(1, cfg.heads, n, cfg.dim, generator=g).to(dt) for _ in range(3))
-            if (n, dtn) not in dense:  # the dense reference, same inputs, same run
-                dense[n, dtn] = _time(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True), cfg.repeats)
-            dense_ms = dense[n, dtn]
-            if pat == "sink_window":
-                sw = SinkWindow(sink=64, window=1024, block_size=cfg.block_size)
-                est_ms = _time(partial(sw.layout, q, k), cfg.repeats)
-                layout = sw.layout(q, k)
-            else:
-                est_ms = 0.0
-                layout = random_layout(n, cfg.heads, cfg.block_size, 0.1, cfg.seed)
-            density = layout.density()
-            for be in cfg.backends:
-                ok, why = can_run(be, q, k, v, layout)
-                if not ok:
-                    print(f"ops-bench: skipping backend {be}: {why}", file=sys.stderr)
-                    continue
-                kernel_ms = _time(partial(block_sparse_attention, q, k, v, layout, backend=be), cfg.repeats)
-                ms = est_ms + kernel_ms
-                recs.append({
-                    "op": "block_sparse", "pattern": pat, "N": n, "dtype": dtn, "heads": cfg.heads,
-                    "dim": cfg.dim, "density": density, "recall": None, "backend": be, "est_ms": est_ms,
-                    "kernel_ms": kernel_ms, "ms": ms, "dense_ms": dense_ms, "speedup": dense_ms / ms,
-                })
+        for n in cfg.lengths:
+            (q32, k32, v32), source = _inputs(cfg, n, model_cache, log)
+            rows = sample_rows(n, cfg.recall_rows)
+            combos = [(dt, p) for dt in cfg.dtypes for p in cfg.patterns]
+            bar = tqdm(combos, desc=f"ops-bench N={n}", disable=not cfg.progress, file=sys.stderr)
+            measured: dict[str, tuple] = {}  # per pattern: density, block density, recall (dtype-independent)
+            dense_ms: dict[str, float] = {}
+            for dtn, spec in bar:
+                bar.set_postfix_str(f"{dtn} {spec}")
+                dt = DTYPES[dtn]
+                q, k, v = (t.to(dt) for t in (q32, k32, v32))
+                if dtn not in dense_ms:  # the dense reference, same inputs, same run
+                    dense_ms[dtn] = _time(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True,
+                                                  enable_gqa=q.shape[1] != k.shape[1]), cfg.repeats)
+                pat = cfg._patterns[spec]
+                if pat == "random":
+                    pat = _Random(block_size=cfg.block_size)
+                if spec not in measured:
+                    lay = pat.for_layer(cfg.layer).layout(q32, k32) if hasattr(pat, "num_layers") else \
+                        pat.layout(q32, k32)
+                    measured[spec] = (
+                        lay.density(exact=True, rows=rows), lay.density(),
+                        float(attention_recall(lay, q32, k32, rows=rows).mean()),
+                    )
+                density, block_density, recall = measured[spec]
+                run_pat = pat.for_layer(cfg.layer) if hasattr(pat, "num_layers") else pat
+                for be in cfg.backends:
+                    bpat = replace(run_pat, backend=be)
+                    probe = BlockLayout.from_block_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=16,
+                                                        seq_len=16)
+                    ok, why = can_run(be, q, k, v, probe)
+                    if not ok:
+                        log(f"ops-bench: skipping backend {be}: {why}")
+                        continue
+                    stats: dict = {}
+
+                    def call(bpat=bpat, stats=stats):
+                        stats.clear()
+                        bpat.attend(q, k, v, stats=stats)
+
+                    ms = _time(call, cfg.repeats)
+                    est_ms = stats.get("est_s", 0.0) * 1e3
+                    recs.append({
+                        "op": "block_sparse", "pattern": spec, "N": n, "dtype": dtn, "heads": q.shape[1],
+                        "kv_heads": k.shape[1], "dim": q.shape[-1], "density": density,
+                        "block_density": block_density, "recall": recall, "backend": be, "qk": source,
+                        "est_ms": est_ms, "kernel_ms": ms - est_ms, "ms": ms, "dense_ms": dense_ms[dtn],
+                        "speedup": dense_ms[dtn] / ms,
+                    })
     return recs

@@ -47,9 +47,15 @@ def bench_table(records: list[dict]) -> str:
 
 
 def ops_table(records: list[dict]) -> str:
-    head = ["op", "pattern", "N", "dtype", "backend", "density", "est ms", "kernel ms", "dense ms", "speedup"]
-    rows = [[r["op"], r["pattern"], str(r["N"]), r["dtype"], r["backend"], f"{r['density']:.3f}",
-             f"{r['est_ms']:.1f}", f"{r['kernel_ms']:.1f}", f"{r['dense_ms']:.1f}", f"{r['speedup']:.2f}x"]
+    head = ["pattern", "N", "dtype", "backend", "density", "blocks", "recall", "est ms", "kernel ms", "dense ms",
+            "speedup"]
+
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    rows = [[r["pattern"], str(r["N"]), r["dtype"], r["backend"], f(r["density"], ".3f"),
+             f(r.get("block_density"), ".3f"), f(r.get("recall"), ".3f"), f"{r['est_ms']:.1f}",
+             f"{r['kernel_ms']:.1f}", f"{r['dense_ms']:.1f}", f"{r['speedup']:.2f}x"]
             for r in records]
     return _render(head, rows)
 

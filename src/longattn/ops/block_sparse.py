@@ -141,7 +141,7 @@ def block_sparse_attention(
         layout = BlockLayout(
             layout.kv_indices.expand(b, hq, *layout.kv_indices.shape[2:]),
             layout.kv_counts.expand(b, hq, layout.kv_counts.shape[2]),
-            layout.block_size, nq, nk, layout.rule,
+            layout.block_size, nq, nk, layout.rule, layout.full,
         )
     if backend == "gather":
         out, lse = _gather(q, k, v, layout, causal, scale, key_valid, window, need_lse=return_lse)
@@ -252,8 +252,11 @@ def _flex_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid, wind
         partial |= (q_hi[:, None] - k_lo[None, :]) >= window
     partial |= (k_hi - k_lo + 1 < bs)[None, :]  # last, incomplete kv block
     partial |= (q_hi - q_lo + 1 < bs)[:, None]  # last, incomplete q block
-    if key_valid is not None or layout.rule is not None:
+    if key_valid is not None:
         partial |= torch.ones_like(partial)
+    if layout.rule is not None:  # the rule is evaluated everywhere except where the pattern promises it is all-true
+        rule_full = layout.full if layout.full is not None else torch.zeros(1, 1, nqb, nkb, dtype=torch.bool, device=dev)
+        partial = partial | ~rule_full.to(dev)
 
     sel = layout.to_block_mask()  # [b, h, nqb, nkb]
     part = sel & partial

@@ -3,7 +3,8 @@
 Paper: HiP, "A Training-Free Context Extension via Hierarchically Pruned Attention" (Lee et al., ICLR 2025,
 https://arxiv.org/abs/2406.09827).
 
-For each query block, the causally visible kv blocks are split into ``topk`` ranges; each iteration splits every
+For each query block, the causally visible kv blocks (from the row's first real one) are split into ``topk``
+ranges; each iteration splits every
 surviving range in two, scores each half by its representative (the mean-pooled key of the half's middle block)
 against the mean-pooled query block, and keeps the ``topk`` best halves, until every range is one block. Cost:
 ``O(n_q_blocks * topk * log(n_kv_blocks))`` dot products after O(N) pooling — the full block grid is never scored.
@@ -22,7 +23,7 @@ import torch
 
 from ..layout import BlockLayout
 from ..registry import register
-from .base import Geometry, PrefillPattern, check_int, finish_blocks, pool_blocks
+from .base import Geometry, PrefillPattern, check_int, finish_blocks, first_real, pool_blocks
 
 __all__ = ["Hierarchical"]
 
@@ -55,8 +56,10 @@ class Hierarchical(PrefillPattern):
         kp, has = pool_blocks(k, bs, key_valid)  # [b, hk, nkb, d]
         K = self.topk
         n_vis = (geo.last_kb + 1).view(1, 1, -1, 1)  # visible blocks per q block
+        fb = (first_real(key_valid, b, q.device) // bs).view(b, 1, 1, 1)  # first block with a real key
         t = torch.arange(K + 1, device=q.device).view(1, 1, 1, -1)
-        edges = (t * n_vis) // K  # K equal ranges of [0, n_vis)
+        span = (n_vis - fb).clamp_min(1)
+        edges = fb + (t * span) // K  # K equal ranges of [first real block, n_vis)
         lo = edges[..., :-1].expand(b, hq, -1, -1)
         hi = edges[..., 1:].expand(b, hq, -1, -1)
         kvh = (torch.arange(hq, device=q.device) // g).view(1, hq, 1, 1)

@@ -6,8 +6,8 @@ head pattern: every query attends to a few key *columns* (vertical lines: sinks,
 
 Estimation as in the paper: the last ``last_q`` queries attend densely to all keys; summing their softmax
 over queries gives a score per column, summing along diagonals a score per diagonal; the ``vertical`` best
-columns and ``slash`` best diagonals are kept per head, with the first ``sink`` real tokens and the
-``local`` nearest diagonals forced in.
+columns and ``slash`` best diagonals are kept per head, and the first ``sink`` real tokens and the
+``local`` nearest diagonals are always kept (also when they outnumber the budget).
 
 Kernel: the chosen entries are computed exactly. ``attend()`` gathers the chosen columns' keys into a compact
 segment placed before the keys (so ``vertical`` columns cost ``vertical / block_size`` blocks, not one block
@@ -85,10 +85,12 @@ class VerticalSlash(PrefillPattern):
         sink = (kpos[None, :] >= first[:, None]) & (kpos[None, :] < first[:, None] + self.sink)
         vert = vert.masked_fill(sink[:, None, :], float("inf"))
         slash[..., : self.local] = float("inf")
-        columns = topk_mask(vert, self.vertical, key_ok.expand(b, hq, nk))
+        # forced columns/diagonals are kept even beyond the budget (deterministic when they exceed it)
+        columns = topk_mask(vert, self.vertical, key_ok.expand(b, hq, nk)) | (sink[:, None, :] & key_ok)
         # diagonals beyond the first real token's distance from the last key can hold no pair
         diag_ok = (kpos[None, :] <= (nk - 1 - first)[:, None])[:, None, :].expand(b, hq, nk)
-        diagonals = topk_mask(slash, self.slash, diag_ok)
+        local = (kpos < self.local)[None, None, :] & diag_ok
+        diagonals = topk_mask(slash, self.slash, diag_ok) | local
         return columns, diagonals
 
     # ---- layouts -----------------------------------------------------------------------------------------
@@ -152,6 +154,22 @@ class VerticalSlash(PrefillPattern):
         first_col = colpos[..., ::bs]  # [b, hq, ncb]: smallest position in each column block
         col_blocks = first_col[:, :, None, :] <= geo.q_hi[None, None, :, None]
         m = torch.cat([col_blocks, diag_blocks], -1)
+        # blocks where the rule keeps every pair (FlexAttention skips the mask there): column blocks whose
+        # columns are all real and all before the q block; diagonal blocks fully below the causal edge, free of
+        # column keys, whose whole distance range is chosen
+        last_col = colpos[..., bs - 1 :: bs]
+        col_full = (last_col < nk)[:, :, None, :] & (last_col[:, :, None, :] <= geo.q_lo[None, None, :, None])
+        csum = F.pad(diagonals.to(torch.int32).cumsum(-1), (1, 0))
+        k_lo = geo.kb * bs
+        k_hi = torch.clamp(k_lo + bs, max=nk) - 1
+        lo = (geo.q_lo[:, None] - k_hi[None, :]).clamp(0, nk)
+        hi = (geo.q_hi[:, None] - k_lo[None, :] + 1).clamp(0, nk)
+        flat = lambda t: t.reshape(1, 1, -1).expand(b, hq, -1)  # noqa: E731
+        n_chosen = (torch.gather(csum, -1, flat(hi)) - torch.gather(csum, -1, flat(lo))).view(b, hq, geo.nqb, -1)
+        has_col = F.pad(columns, (0, geo.nkb * bs - nk)).view(b, hq, geo.nkb, bs).any(-1)
+        diag_full = ((k_hi[None, :] <= geo.q_lo[:, None]) & (hi - lo == (geo.q_hi - geo.q_lo)[:, None] + bs))[None, None]
+        diag_full = diag_full & (n_chosen == (hi - lo)[None, None]) & ~has_col[:, :, None, :]
+        full = torch.cat([col_full, diag_full], -1)
         nk2 = vp + nk
         kv2 = None
         if key_valid is not None:  # padded keys are never chosen as columns; unused slots fail the rule
@@ -168,7 +186,7 @@ class VerticalSlash(PrefillPattern):
             diag_ok = (rk <= rq) & diagonals[bb, hh, dd] & ~is_col[bb, hh, rk]
             return torch.where(in_col, col_ok, diag_ok)
 
-        lay = BlockLayout.from_block_mask(m, block_size=bs, q_len=nq, kv_len=nk2, rule=TokenRule(fn=fn))
+        lay = BlockLayout.from_block_mask(m, block_size=bs, q_len=nq, kv_len=nk2, rule=TokenRule(fn=fn), full=full)
         if stats is not None:
             stats["est_s"] = stats.get("est_s", 0.0) + time.perf_counter() - t0
         return block_sparse_attention(q, k2, v2, lay, causal=False, scale=scale, key_valid=kv2,
