@@ -191,7 +191,7 @@ def run_ops(cfg: OpsBenchConfig, log=None) -> list[dict]:
                         continue
                     stats: dict = {}
 
-                    def call(bpat=bpat, stats=stats):
+                    def call(bpat=bpat, stats=stats, q=q, k=k, v=v):
                         stats.clear()
                         bpat.attend(q, k, v, stats=stats)
 
