@@ -73,7 +73,8 @@ def _build() -> argparse.ArgumentParser:
     o.add_argument("--kv-heads", default=0, type=int, help="random inputs: kv heads (GQA); default = --heads")
     o.add_argument("--dim", default=64, type=int, help="random inputs: head dim")
     o.add_argument("--backends", default=["flex"], type=_csv)
-    o.add_argument("--block-size", default=128, type=int, help="block size of patterns that do not set one")
+    o.add_argument("--block-size", default=None, type=int,
+                   help="block size for patterns whose spec does not set one (default: their own, 64)")
     o.add_argument("--repeats", default=3, type=int)
     o.add_argument("--qk", default="captured", help="captured (q/k/v of --model's --layer) or random")
     o.add_argument("--model", default="smollm2-135m")
@@ -217,7 +218,8 @@ def _cmd_ops_bench(a) -> int:
     for be in a.backends:
         if be not in BACKENDS:
             raise ValueError(f"--backends: unknown backend {be!r}; allowed: {', '.join(BACKENDS)}")
-    check_block_size(a.block_size, "--block-size")
+    if a.block_size is not None:
+        check_block_size(a.block_size, "--block-size")
     cfg = OpsBenchConfig(patterns=tuple(a.patterns or DEFAULT_PATTERNS), lengths=tuple(a.lengths),
                          dtypes=tuple(a.dtypes), heads=a.heads, kv_heads=a.kv_heads, dim=a.dim,
                          backends=tuple(a.backends), block_size=a.block_size, repeats=a.repeats, qk=a.qk,

@@ -49,7 +49,7 @@ class OpsBenchConfig:
     kv_heads: int = 0  # 0: = heads (no GQA)
     dim: int = 64
     backends: tuple[str, ...] = ("flex",)
-    block_size: int = 128
+    block_size: int | None = None  # None: each pattern's own default (64)
     repeats: int = 3
     seed: int = 0
     qk: str = "captured"
@@ -79,8 +79,9 @@ class OpsBenchConfig:
             raise ValueError(f"--repeats and recall rows must be >= 1, got {self.repeats}, {self.recall_rows}")
 
 
-def pattern_of(spec: str, block_size: int):
-    """A pattern spec (``name[:k=v...]``, or ``random``) -> the pattern object (block size applied unless set)."""
+def pattern_of(spec: str, block_size: int | None):
+    """A pattern spec (``name[:k=v...]``, or ``random``) -> the pattern object (``block_size`` applied unless the
+    spec sets one)."""
     from ..api import parse_method
     from ..prefill.mixed import Mixed
 
@@ -92,7 +93,7 @@ def pattern_of(spec: str, block_size: int):
         raise ValueError(f"--patterns: {e}") from None
     if isinstance(p, Mixed):
         return p  # its block size is the profile's
-    if "block_size=" not in spec:
+    if block_size is not None and "block_size=" not in spec:
         p = replace(p, block_size=block_size)
     return p
 
@@ -171,7 +172,7 @@ def run_ops(cfg: OpsBenchConfig, log=None) -> list[dict]:
                                                   enable_gqa=q.shape[1] != k.shape[1]), cfg.repeats)
                 pat = cfg._patterns[spec]
                 if pat == "random":
-                    pat = _Random(block_size=cfg.block_size)
+                    pat = _Random(block_size=cfg.block_size or 64)
                 if spec not in measured:
                     lay = pat.for_layer(cfg.layer).layout(q32, k32) if hasattr(pat, "num_layers") else \
                         pat.layout(q32, k32)

@@ -119,7 +119,7 @@ def write_html(records: list[dict], table: str, out_dir: str | Path, plots: list
         for p in plots
     )
     keys = ["task", "method", "length", "sample", "correct", "kv_cache_bytes", "prefill_s", "decode_tok_s",
-            "method_s", "kl", "top1_agree", "protocol", "prediction", "answer"]
+            "method_s", "recall", "kl", "top1_agree", "protocol", "prediction", "answer"]
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(r.get(k, '')))}</td>" for k in keys) + "</tr>" for r in records
     )

@@ -17,29 +17,35 @@ def _mean(xs):
 
 
 def bench_table(records: list[dict]) -> str:
-    """One row per (task, method, length): accuracy, cache MiB, compression vs dense, prefill s, decode tok/s,
-    method s, KL and top-1 agreement vs dense. Dense is the first row of each group."""
+    """One row per (task, method, length): accuracy, cache MiB, compression vs dense, prefill s and speed-up vs
+    dense prefill (same run), decode tok/s, method s, prefill attention recall, KL and top-1 agreement vs dense.
+    Dense is the first row of each group."""
     groups = defaultdict(list)
     for r in records:
         groups[(r["task"], r["length"], r["method"])].append(r)
     dense_bytes = {(t, n): _mean([r["kv_cache_bytes"] for r in rs])
                    for (t, n, m), rs in groups.items() if m == "dense"}
+    dense_prefill = {(t, n): _mean([r["prefill_s"] for r in rs])
+                     for (t, n, m), rs in groups.items() if m == "dense"}
     head = ["task", "length", "method", "acc", "n", "kv MiB", "kv/dense", "peak MiB", "prefill s",
-            "decode tok/s", "method s", "KL", "top1"]
+            "prefill x", "decode tok/s", "method s", "recall", "KL", "top1"]
     rows = []
     for (t, n, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "dense",
                                                                kv[0][2])):
         kvb = _mean([r["kv_cache_bytes"] for r in rs])
         db = dense_bytes.get((t, n))
         peak = _mean([r.get("peak_bytes") for r in rs])
+        pf, dpf = _mean([r["prefill_s"] for r in rs]), dense_prefill.get((t, n))
         rows.append([
             t, str(n), m, f"{_mean([r['score'] for r in rs]):.2f}", str(len(rs)),
             _fmt(kvb / 2**20 if kvb is not None else None, ".1f"),
             _fmt(kvb / db if (db and kvb is not None) else None, ".2f"),
             _fmt(peak / 2**20 if peak is not None else None, ".0f"),
-            _fmt(_mean([r["prefill_s"] for r in rs]), ".2f"),
+            _fmt(pf, ".2f"),
+            _fmt(dpf / pf if (dpf and pf) else None, ".2f"),
             _fmt(_mean([r["decode_tok_s"] for r in rs]), ".1f"),
             _fmt(_mean([r["method_s"] for r in rs]), ".3f"),
+            _fmt(_mean([r.get("recall") for r in rs]), ".3f"),
             _fmt(_mean([r["kl"] for r in rs]), ".3f"),
             _fmt(_mean([r["top1_agree"] for r in rs]), ".2f"),
         ])

@@ -18,8 +18,11 @@ import torch
 
 from .. import api, registry
 from ..cache import cache_nbytes
+from ..recall import attention_recall
 from .metrics import PeakMemory, fidelity
 from .tasks.base import Sample
+
+RECALL_ROWS = 32  # query rows per layer on which a prefill pattern's attention recall is measured
 
 __all__ = ["BenchConfig", "run", "encode", "RECORD_FIELDS", "record_key", "read_results"]
 
@@ -132,12 +135,24 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
         cache = DynamicCache()
         # question-agnostic: prefill (and compress) the context alone; query-aware: context + question
         first = ctx + rest if query_aware else ctx
+        recalls: list[float] = []
+        obs_s = [0.0]
+        pattern = recipe.prefill
+        if pattern is not None:  # the pattern's recall per layer, on sampled query rows; its time is excluded
+            def observe(layer_idx, q, k, v, key_valid):
+                t = time.perf_counter()
+                lay = pattern.for_layer(layer_idx).layout(q, k, key_valid)
+                recalls.append(float(attention_recall(lay, q, k, rows=RECALL_ROWS, key_valid=key_valid).mean()))
+                obs_s[0] += time.perf_counter() - t
+
+            session.observers.append(observe)
         with PeakMemory(model.device) as pm:
             t0 = time.perf_counter()
             size = chunk or len(first)
             for s0 in range(0, len(first), size):
                 logits = _forward(model, first[s0 : s0 + size], cache, kw)[0, -1]
-            prefill_s = time.perf_counter() - t0
+            prefill_s = time.perf_counter() - t0 - obs_s[0]
+        session.observers.clear()
         session.compress_enabled = False  # the question and the answer are never compressed
         kv_bytes = cache_nbytes(cache)
         # free greedy decoding of the answer
@@ -183,6 +198,7 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
         "answer_ids": gen,
         "ref_logits": tf,
         "protocol": "query_aware" if query_aware else "question_agnostic",
+        "recall": (sum(recalls) / len(recalls)) if recalls else None,
     }
 
 
@@ -250,7 +266,7 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                         "decode_s": res["decode_s"], "n_tokens": res["n_tokens"],
                         "kv_cache_bytes_end": res["kv_cache_bytes_end"],
                         "prediction": res["prediction"], "answer": sample.answers[0],
-                        "protocol": res["protocol"],
+                        "protocol": res["protocol"], "recall": res["recall"],
                     }
                     records.append(rec)
                     if sink is not None:

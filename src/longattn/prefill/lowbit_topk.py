@@ -80,21 +80,27 @@ class LowBitTopK(PrefillPattern):
         g = hq // hk
         geo = Geometry(nq, nk, bs, q.device)
         rows = self.sample_rows(nq, q.device)
-        qq = quantize_blocks(q, self.bits, bs)[:, :, rows]  # [b, hq, r, d]
+        qq = quantize_blocks(q, self.bits, bs)[:, :, rows] / math.sqrt(d)  # [b, hq, r, d], scaled
         kq = quantize_blocks(k, self.bits, bs)
         r = rows.numel()
-        s = torch.matmul(qq.view(b, hk, g * r, d), kq.transpose(-1, -2)).view(b, hq, r, nk) / math.sqrt(d)
         kpos = torch.arange(nk, device=q.device)
-        ok = (kpos[None, :] <= (rows + geo.off)[:, None])[None, None]
-        if key_valid is not None:
-            ok = ok & key_valid.to(torch.bool)[:, None, None, :]
-        s = s.masked_fill(~ok, float("-inf"))
         pad = geo.nkb * bs - nk
-        blockmax = F.pad(s, (0, pad), value=float("-inf")).view(b, hq, r, geo.nkb, bs).amax(-1)
-        rowmax = blockmax.amax(-1, keepdim=True)
-        keep = (blockmax >= rowmax + math.log(self.rel)) & torch.isfinite(blockmax)  # [b, hq, r, nkb]
+        kqt = F.pad(kq, (0, 0, 0, pad)).transpose(-1, -2)  # [b, hk, d, nkb*bs]
+        kv_ok = None if key_valid is None else F.pad(key_valid.to(torch.bool), (0, pad))[:, None, None, :]
         sel = torch.zeros(b, hq, geo.nqb, geo.nkb, dtype=torch.bool, device=q.device)
-        qb = (rows // bs).view(1, 1, r, 1).expand(b, hq, r, geo.nkb)
-        sel = sel.scatter_reduce(2, qb, keep, reduce="amax")
+        step = max(1, (1 << 22) // max(hq * geo.nkb * bs, 1))  # rows per chunk: ~16 MiB of logits
+        for c0 in range(0, r, step):
+            rr = rows[c0 : c0 + step]
+            n_r = rr.numel()
+            s = torch.matmul(qq[:, :, c0 : c0 + n_r].reshape(b, hk, g * n_r, d), kqt).view(b, hq, n_r, -1)
+            ok = (F.pad(kpos, (0, pad), value=nk)[None, :] <= (rr + geo.off)[:, None])[None, None]
+            if kv_ok is not None:
+                ok = ok & kv_ok
+            s = s.masked_fill(~ok, float("-inf"))
+            blockmax = s.view(b, hq, n_r, geo.nkb, bs).amax(-1)
+            rowmax = blockmax.amax(-1, keepdim=True)
+            keep = (blockmax >= rowmax + math.log(self.rel)) & torch.isfinite(blockmax)  # [b, hq, n_r, nkb]
+            qb = (rr // bs).view(1, 1, n_r, 1).expand(b, hq, n_r, geo.nkb)
+            sel = sel.scatter_reduce(2, qb, keep, reduce="amax")
         m = finish_blocks(sel, geo, self.sink, key_valid, q)
         return BlockLayout.from_block_mask(m, block_size=bs, q_len=nq, kv_len=nk)

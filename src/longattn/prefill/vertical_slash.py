@@ -47,7 +47,7 @@ class VerticalSlash(PrefillPattern):
     """Per head: ``vertical`` columns and ``slash`` diagonals, estimated from the last ``last_q`` queries."""
 
     vertical: int = 1024
-    slash: int = 1024
+    slash: int = 128
     last_q: int = 64
     sink: int = 64
     local: int = 64
