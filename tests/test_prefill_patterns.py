@@ -676,3 +676,19 @@ def test_recall_is_one_for_dense_and_lower_for_sparser_window():
     r_small = attention_recall(SinkWindow(sink=0, window=16, block_size=16).layout(q, k), q, k).mean()
     r_big = attention_recall(SinkWindow(sink=0, window=64, block_size=16).layout(q, k), q, k).mean()
     assert float(r_small) < float(r_big) < 1.0
+
+
+@pytest.mark.parametrize("name", list(ALL), ids=list(ALL))
+def test_non_contiguous_inputs_with_whole_blocks(name):
+    """transformers hands the attention function transposed (non-contiguous) q/k/v; with a length that is a
+    whole number of blocks no padding copy makes them contiguous."""
+    p = _with_backend(ALL[name], "gather")
+    n = 160 if getattr(p, "hw", None) is None else p.hw[0] * p.hw[1]
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, n, 4, 16, generator=g).transpose(1, 2)
+    k = torch.randn(1, n, 2, 16, generator=g).transpose(1, 2)
+    v = torch.randn(1, n, 2, 16, generator=g).transpose(1, 2)
+    with torch.no_grad():
+        out = p.attend(q, k, v)
+        ref = p.attend(q.contiguous(), k.contiguous(), v.contiguous())
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -141,8 +141,8 @@ def pool_blocks(x: torch.Tensor, bs: int, valid: torch.Tensor | None = None) -> 
     nb = -(-n // bs)
     pad = nb * bs - n
     w = torch.ones(b, n, device=x.device) if valid is None else valid.to(torch.float32)
-    w = F.pad(w, (0, pad)).view(b, 1, nb, bs, 1)
-    xs = F.pad(x.float(), (0, 0, 0, pad)).view(b, h, nb, bs, d)
+    w = F.pad(w, (0, pad)).reshape(b, 1, nb, bs, 1)
+    xs = F.pad(x.float(), (0, 0, 0, pad)).reshape(b, h, nb, bs, d)
     cnt = w.sum(3)  # [b, 1, nb, 1]
     pooled = (xs * w).sum(3) / cnt.clamp_min(1)
     return pooled, (cnt[..., 0] > 0)

@@ -46,7 +46,7 @@ def _log_block_features(x: torch.Tensor, w: torch.Tensor, bs: int, valid: torch.
     if valid is not None:
         logphi = logphi.masked_fill(~valid.to(torch.bool)[:, None, :, None], float("-inf"))
     nb = -(-n // bs)
-    lp = F.pad(logphi, (0, 0, 0, nb * bs - n), value=float("-inf")).view(b, h, nb, bs, -1)
+    lp = F.pad(logphi, (0, 0, 0, nb * bs - n), value=float("-inf")).reshape(b, h, nb, bs, -1)
     return torch.logsumexp(lp, dim=3)
 
 

@@ -34,11 +34,11 @@ def quantize_blocks(x: torch.Tensor, bits: int, bs: int) -> torch.Tensor:
     """Symmetric ``bits``-bit fake-quantization of ``x [b, h, n, d]`` with one scale per (b, h, block)."""
     b, h, n, d = x.shape
     nb = -(-n // bs)
-    xp = F.pad(x.float(), (0, 0, 0, nb * bs - n)).view(b, h, nb, bs * d)
+    xp = F.pad(x.float(), (0, 0, 0, nb * bs - n)).reshape(b, h, nb, bs * d)
     qmax = 2 ** (bits - 1) - 1
     scale = xp.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
     xq = torch.clamp(torch.round(xp / scale), -qmax - 1, qmax) * scale
-    return xq.view(b, h, nb * bs, d)[:, :, :n]
+    return xq.reshape(b, h, nb * bs, d)[:, :, :n]
 
 
 @register(

@@ -115,7 +115,7 @@ class VerticalSlash(PrefillPattern):
     def layout_from(self, columns, diagonals, q_len: int, kv_len: int) -> BlockLayout:
         geo = Geometry(q_len, kv_len, self.block_size, columns.device)
         b, h, _ = columns.shape
-        colblk = F.pad(columns, (0, geo.nkb * geo.bs - kv_len)).view(b, h, geo.nkb, geo.bs).any(-1)
+        colblk = F.pad(columns, (0, geo.nkb * geo.bs - kv_len)).reshape(b, h, geo.nkb, geo.bs).any(-1)
         m = (colblk[:, :, None, :] & geo.causal_blocks()) | self._diag_blocks(diagonals, geo)
         rule = TokenRule(columns=columns, diagonals=diagonals)
         return BlockLayout.from_block_mask(m, block_size=self.block_size, q_len=q_len, kv_len=kv_len, rule=rule)
@@ -166,7 +166,7 @@ class VerticalSlash(PrefillPattern):
         hi = (geo.q_hi[:, None] - k_lo[None, :] + 1).clamp(0, nk)
         flat = lambda t: t.reshape(1, 1, -1).expand(b, hq, -1)  # noqa: E731
         n_chosen = (torch.gather(csum, -1, flat(hi)) - torch.gather(csum, -1, flat(lo))).view(b, hq, geo.nqb, -1)
-        has_col = F.pad(columns, (0, geo.nkb * bs - nk)).view(b, hq, geo.nkb, bs).any(-1)
+        has_col = F.pad(columns, (0, geo.nkb * bs - nk)).reshape(b, hq, geo.nkb, bs).any(-1)
         diag_full = ((k_hi[None, :] <= geo.q_lo[:, None]) & (hi - lo == (geo.q_hi - geo.q_lo)[:, None] + bs))[None, None]
         diag_full = diag_full & (n_chosen == (hi - lo)[None, None]) & ~has_col[:, :, None, :]
         full = torch.cat([col_full, diag_full], -1)
