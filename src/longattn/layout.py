@@ -14,8 +14,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .reference import dense_mask
-
 __all__ = ["BlockLayout", "TokenRule", "check_block_size"]
 
 
@@ -105,6 +103,23 @@ class TokenRule:
         if self.free is not None:
             hs.append(self.free.shape[0])
         return max(hs, default=1)
+
+    def select_heads(self, idx: torch.Tensor) -> TokenRule:
+        """The rule for query heads ``idx`` only (new head ``i`` = old head ``idx[i]``)."""
+        mv = {}
+        for n in ("columns", "diagonals", "q_group", "k_group"):
+            t = getattr(self, n)
+            if t is not None and t.shape[1] > 1:
+                mv[n] = t[:, idx.to(t.device)]
+        if self.free is not None and self.free.shape[0] > 1:
+            mv["free"] = self.free[idx.to(self.free.device)]
+        if self.fn is not None:
+            fn, table = self.fn, idx
+
+            def sub(b, h, qp, kp):
+                return fn(b, table[h], qp, kp)
+            mv["fn"] = sub
+        return replace(self, **mv)
 
     def to(self, device) -> TokenRule:
         mv = {n: getattr(self, n).to(device) for n in ("columns", "diagonals", "q_group", "k_group", "free")
@@ -253,7 +268,13 @@ class BlockLayout:
         dev = bm.device
         rows = torch.arange(self.q_len, device=dev) if rows is None else rows.to(dev).long()
         m = bm[:, :, rows // bs].repeat_interleave(bs, dim=3)[..., : self.kv_len]
-        tok = dense_mask(self.q_len, self.kv_len, causal=causal, window=window, device=dev)[rows]
+        qp = (rows + self.kv_len - self.q_len)[:, None]
+        kp = torch.arange(self.kv_len, device=dev)[None, :]
+        tok = torch.ones(rows.numel(), self.kv_len, dtype=torch.bool, device=dev)
+        if causal:
+            tok = kp <= qp
+        if window is not None:
+            tok = tok & ((qp - kp) < window)
         m = m & tok
         if self.rule is not None:
             b, h = m.shape[:2]
@@ -263,6 +284,19 @@ class BlockLayout:
             hi = torch.arange(h, device=dev).view(1, -1, 1, 1)
             m = m & self.rule(bi, hi, qp, kp)
         return m
+
+    def select_heads(self, idx: torch.Tensor) -> BlockLayout:
+        """The layout for query heads ``idx`` only (a one-head layout broadcasts and stays as it is)."""
+        if self.heads == 1 and (self.rule is None or self.rule.heads == 1):
+            return self
+        lay = self
+        if self.heads > 1:
+            i = idx.to(self.kv_indices.device)
+            lay = replace(lay, kv_indices=self.kv_indices[:, i], kv_counts=self.kv_counts[:, i],
+                          full=None if self.full is None or self.full.shape[1] == 1 else self.full[:, i])
+        if self.rule is not None:
+            lay = replace(lay, rule=self.rule.select_heads(idx))
+        return lay
 
     def with_rule(self, rule: TokenRule | None) -> BlockLayout:
         return replace(self, rule=rule)
@@ -280,7 +314,8 @@ class BlockLayout:
             for c in rows_.split(max(1, (1 << 24) // max(self.kv_len, 1))):
                 m = self.mask_rows(c, causal=causal)
                 chosen = chosen + m.sum((-1, -2)).double()
-                total = total + dense_mask(self.q_len, self.kv_len, causal=causal)[c.to(m.device)].sum().double()
+                qp = c.to(m.device) + self.kv_len - self.q_len
+                total = total + ((qp + 1).clamp(max=self.kv_len).sum() if causal else c.numel() * self.kv_len)
             d = chosen / total.clamp_min(1)
             return d if per_head else float(d.mean())
         # computed block-wise to avoid the N x N mask: token pairs per (q block, kv block) under the rule

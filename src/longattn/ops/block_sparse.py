@@ -30,8 +30,10 @@ __all__ = ["BACKENDS", "FLEX_MIN_Q", "block_sparse_attention", "can_run", "choos
 
 BACKENDS = ("flex", "gather", "dense")
 FLEX_MIN_Q = 1024
-# Each distinct (shape, dtype, mask kind) is one compiled graph; a bench sweeps a few dozen of them.
-_DYNAMO_CACHE_LIMIT = 64
+# Each distinct (shape, dtype, mask kind) is one compiled graph; a bench sweeps dozens of them, a per-head
+# mixture of patterns (one call per pattern and head count) a few hundred: past the limit dynamo would fall
+# back to running FlexAttention eagerly, which is very slow.
+_DYNAMO_CACHE_LIMIT = 512
 _flex_fn: Callable | None = None
 
 

@@ -31,6 +31,23 @@ from .base import Geometry, PrefillPattern
 
 __all__ = ["Mixed", "MixedLayer", "FORMAT", "write_mixed"]
 
+
+def _dense(q, k, v, scale, key_valid, window, causal):
+    """Dense SDPA for the heads of a mixture that use no pattern (rows with no visible key give 0)."""
+    import torch.nn.functional as F
+
+    from ..reference import dense_mask
+
+    nq, nk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if key_valid is None and window is None and causal and nq == nk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    m = dense_mask(nq, nk, causal=causal, window=window, device=q.device)[None, None]
+    if key_valid is not None:
+        m = m & key_valid.to(torch.bool)[:, None, None, :]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=gqa)
+    return torch.where(m.any(-1, keepdim=True), o, torch.zeros_like(o))
+
 FORMAT = "longattn.mixed/1"
 # built-in profiles shipped with the package, by name (made by `longattn profile search`)
 BUILTIN = {"smollm2-135m": "smollm2-135m.mixed.json"}
@@ -127,9 +144,51 @@ class Mixed(PrefillPattern):
 
 @dataclass(frozen=True)
 class MixedLayer(PrefillPattern):
-    """One layer of a mixture: ``heads[h]`` is query head ``h``'s pattern (None = dense)."""
+    """One layer of a mixture: ``heads[h]`` is query head ``h``'s pattern (None = dense).
+
+    ``attend`` runs each pattern on its own heads with its own kernel path (so vertical_slash heads keep their
+    compact column segment) and writes the outputs into place; ``layout`` is the merged per-head layout."""
 
     heads: tuple = ()
+
+    def groups(self) -> list[tuple[PrefillPattern | None, list[int]]]:
+        out: dict = {}
+        for h, p in enumerate(self.heads):
+            out.setdefault(p, []).append(h)
+        return list(out.items())
+
+    def attend(self, q, k, v, *, scale=None, key_valid=None, window=None, layout=None, causal=None, stats=None):
+        if layout is not None:
+            return super().attend(q, k, v, scale=scale, key_valid=key_valid, window=window, layout=layout,
+                                  causal=causal, stats=stats)
+        b, hq, nq, _ = q.shape
+        hk = k.shape[1]
+        if len(self.heads) != hq:
+            raise ValueError(f"mixed profile: the layer lists {len(self.heads)} heads, the model has {hq} query heads")
+        g = hq // hk
+        causal = True if causal is None else causal
+        out = q.new_empty(b, hq, nq, v.shape[-1])
+        for p, heads in self.groups():
+            idx = torch.tensor(heads, device=q.device)
+            kv_heads = sorted({h // g for h in heads})
+            if len(heads) == len(kv_heads) * g:  # whole GQA groups: keep the kv heads unrepeated
+                kv_idx = torch.tensor(kv_heads, device=q.device)
+            else:
+                kv_idx = idx // g
+            qs, ks, vs = q[:, idx], k[:, kv_idx], v[:, kv_idx]
+            if p is None:
+                o = _dense(qs, ks, vs, scale, key_valid, window, causal)
+            elif getattr(p, "head_dependent", False):  # its rule depends on the head's index among all heads
+                from ..ops.block_sparse import block_sparse_attention
+
+                lay = p.layout(q, k, key_valid).select_heads(idx)
+                o = block_sparse_attention(qs, ks, vs, lay, causal=causal, scale=scale, key_valid=key_valid,
+                                           window=window, backend=p.backend)
+            else:
+                o = p.attend(qs, ks, vs, scale=scale, key_valid=key_valid, window=window, causal=causal,
+                             stats=stats)
+            out[:, idx] = o.to(out.dtype)
+        return out
 
     def layout(self, q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None = None) -> BlockLayout:
         b, hq, nq, _ = q.shape

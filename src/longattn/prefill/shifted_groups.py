@@ -17,6 +17,7 @@ fine-tune with the pattern).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -40,6 +41,8 @@ class ShiftedGroups(PrefillPattern):
 
     group: int = 2048
     sink: int = 0
+    #: which heads are shifted depends on the head's index among all heads (for per-head mixtures)
+    head_dependent: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
