@@ -17,6 +17,7 @@ the reason.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -30,20 +31,23 @@ __all__ = ["BACKENDS", "FLEX_MIN_Q", "block_sparse_attention", "can_run", "choos
 
 BACKENDS = ("flex", "gather", "dense")
 FLEX_MIN_Q = 1024
-# Each distinct (shape, dtype, mask kind) is one compiled graph; a bench sweeps dozens of them, a per-head
+# Compiled with dynamic shapes: a new sequence length reuses the graph (a static compile costs seconds per new
+# length, i.e. per bench sample; ``dynamic=None`` hits an inductor C++ codegen error on CPU in torch 2.13).
+# Each distinct (dtype, mask kind, ...) is still one compiled graph; a bench sweeps dozens of them, a per-head
 # mixture of patterns (one call per pattern and head count) a few hundred: past the limit dynamo would fall
 # back to running FlexAttention eagerly, which is very slow.
 _DYNAMO_CACHE_LIMIT = 512
-_flex_fn: Callable | None = None
+_flex_fns: dict[bool, Callable] = {}
+# call kinds whose dynamic-shape compilation failed (inductor bug); they use a static compile from then on
+_STATIC_ONLY: set[tuple] = set()
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _flex():
-    global _flex_fn
-    if _flex_fn is None:
+def _flex(dynamic: bool = True):
+    if dynamic not in _flex_fns:
         import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -51,8 +55,25 @@ def _flex():
         lim = getattr(torch._dynamo.config, "accumulated_cache_size_limit", None)
         if lim is not None:
             torch._dynamo.config.accumulated_cache_size_limit = max(lim, 4 * _DYNAMO_CACHE_LIMIT)
-        _flex_fn = torch.compile(flex_attention, dynamic=False)
-    return _flex_fn
+        _flex_fns[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
+    return _flex_fns[dynamic]
+
+
+def _run_flex(kind: tuple, *args, **kwargs):
+    """Run the compiled FlexAttention with dynamic shapes (one graph for every sequence length); a call kind whose
+    dynamic compilation fails (torch 2.13's CPU inductor has codegen bugs for some masks) is compiled statically,
+    per shape, from then on (same results, a compilation per new length)."""
+    if kind not in _STATIC_ONLY:
+        try:
+            return _flex(True)(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - inductor raises several exception types
+            if "Compile" not in type(e).__name__ and "Inductor" not in type(e).__name__ \
+                    and "BackendCompilerFailed" not in type(e).__name__:
+                raise
+            _STATIC_ONLY.add(kind)
+            warnings.warn(f"longattn: FlexAttention dynamic-shape compilation failed for {kind}; compiling per "
+                          f"shape instead ({type(e).__name__})", RuntimeWarning, stacklevel=3)
+    return _flex(False)(*args, **kwargs)
 
 
 def can_run(
@@ -304,7 +325,9 @@ def _flex_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid, wind
         pc, pi, fc, fi, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(nq, nk)
     )
     with torch.no_grad() if q.device.type == "cpu" else _null():
-        out = _flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=hq != k.shape[1])
+        kind = (q.device.type, q.dtype, causal, window is not None, key_valid is not None, layout.rule is not None,
+                hq, k.shape[1], q.shape[-1])
+        out = _run_flex(kind, q, k, v, block_mask=bm, scale=scale, enable_gqa=hq != k.shape[1])
     if key_valid is not None or window is not None or layout.rule is not None:
         # rows that see no key at all (e.g. padded queries) come out as 0 (not NaN) to match the reference
         out = torch.nan_to_num(out, nan=0.0)
