@@ -114,10 +114,10 @@ def _cmd_list(a) -> int:
     for kind in kinds:
         if kind == "backend":
             for be in BACKENDS:
-                print(f"{be:<16} backend  block-sparse attention backend")
+                print(f"{be:<20} backend  block-sparse attention backend")
             continue
         for e in registry.entries(kind):
-            print(f"{e.name:<16} {e.kind:<8} {e.summary} | {e.paper}")
+            print(f"{e.name:<20} {e.kind:<8} {e.summary} | {e.paper}")
     return 0
 
 

@@ -90,7 +90,7 @@ def pattern_of(spec: str, block_size: int | None):
     try:
         p = parse_method(spec, "prefill")
     except ValueError as e:
-        raise ValueError(f"--patterns: {e}") from None
+        raise ValueError(f"--patterns: {e} (or random, the baseline)") from None
     if isinstance(p, Mixed):
         return p  # its block size is the profile's
     if block_size is not None and "block_size=" not in spec:
