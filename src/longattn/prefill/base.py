@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..layout import BlockLayout, check_block_size
+from ..layout import BlockLayout, TokenRule, check_block_size
 
 __all__ = ["PrefillPattern", "Geometry", "check_int", "check_float"]
 
@@ -134,6 +134,13 @@ def first_real(key_valid: torch.Tensor | None, batch: int, device=None) -> torch
     return key_valid.to(torch.int8).argmax(-1).long()
 
 
+def sink_tokens(sink: int, key_valid: torch.Tensor | None, batch: int, n: int, device=None) -> torch.Tensor:
+    """bool ``[b, n]``: the first ``sink`` real tokens of each row."""
+    first = first_real(key_valid, batch, device)
+    kp = torch.arange(n, device=device)
+    return (kp[None, :] >= first[:, None]) & (kp[None, :] < first[:, None] + sink)
+
+
 def pool_blocks(x: torch.Tensor, bs: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of ``x [b, h, n, d]`` over blocks of ``bs`` positions (padding and invalid positions excluded).
     Returns ``(pooled [b, h, nb, d] float32, has_any [b, 1, nb] bool)``."""
@@ -232,3 +239,18 @@ def group_blocks(q_group: torch.Tensor, k_group: torch.Tensor, geo: Geometry, n_
     aq = member(q_group, geo.off, geo.nqb)
     ak = member(k_group, 0, geo.nkb)
     return torch.matmul(aq, ak.transpose(-1, -2)) > 0
+
+
+def group_layout(gr: torch.Tensor, n_groups: int, geo: Geometry, sink: int, key_valid: torch.Tensor | None,
+                 batch: int) -> BlockLayout:
+    """Layout of group-local attention (group ids ``gr [b, H, kv_len]``) plus global attention to the first
+    ``sink`` real tokens: the blocks where a query and a key share a group or the key is a sink, and the token
+    rule that keeps exactly those pairs."""
+    m = group_blocks(gr, gr, geo, n_groups)
+    columns = None
+    if sink > 0:
+        columns = sink_tokens(sink, key_valid, batch, geo.kv_len, geo.device)[:, None, :]
+        m = m | geo.sink_blocks(sink, key_valid, batch)
+    m = m & geo.causal_blocks()
+    rule = TokenRule(q_group=gr, k_group=gr, columns=columns)
+    return BlockLayout.from_block_mask(m, block_size=geo.bs, q_len=geo.q_len, kv_len=geo.kv_len, rule=rule)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import BlockLayout, TokenRule
+from ..layout import BlockLayout
 from ..registry import register
-from .base import Geometry, PrefillPattern, check_int, first_real, group_blocks
+from .base import Geometry, PrefillPattern, check_int, first_real, group_layout
 
 __all__ = ["LongRangeGrouping"]
 
@@ -56,12 +56,4 @@ class LongRangeGrouping(PrefillPattern):
         rel = (torch.arange(nk, device=q.device)[None, :] - first[:, None]).clamp_min(0)
         gr = ((rel % self.segment) // self.chunk)[:, None, :]  # [b, 1, nk]
         n_groups = -(-self.segment // self.chunk)
-        m = group_blocks(gr, gr, geo, n_groups)
-        columns = None
-        if self.sink > 0:
-            kp = torch.arange(nk, device=q.device)
-            columns = ((kp[None, :] >= first[:, None]) & (kp[None, :] < first[:, None] + self.sink))[:, None, :]
-            m = m | geo.sink_blocks(self.sink, key_valid, b)
-        m = m & geo.causal_blocks()
-        rule = TokenRule(q_group=gr, k_group=gr, columns=columns)
-        return BlockLayout.from_block_mask(m, block_size=self.block_size, q_len=nq, kv_len=nk, rule=rule)
+        return group_layout(gr, n_groups, geo, self.sink, key_valid, b)

@@ -21,9 +21,9 @@ from typing import ClassVar
 
 import torch
 
-from ..layout import BlockLayout, TokenRule
+from ..layout import BlockLayout
 from ..registry import register
-from .base import Geometry, PrefillPattern, check_int, first_real, group_blocks
+from .base import Geometry, PrefillPattern, check_int, first_real, group_layout
 
 __all__ = ["ShiftedGroups"]
 
@@ -64,13 +64,4 @@ class ShiftedGroups(PrefillPattern):
         geo = Geometry(nq, nk, self.block_size, q.device)
         gr = self.groups(b, hq, nk, key_valid, q.device)
         n_groups = nk // self.group + 2
-        m = group_blocks(gr, gr, geo, n_groups)
-        columns = None
-        if self.sink > 0:
-            first = first_real(key_valid, b, q.device)
-            kp = torch.arange(nk, device=q.device)
-            columns = ((kp[None, :] >= first[:, None]) & (kp[None, :] < first[:, None] + self.sink))[:, None, :]
-            m = m | geo.sink_blocks(self.sink, key_valid, b)
-        m = m & geo.causal_blocks()
-        rule = TokenRule(q_group=gr, k_group=gr, columns=columns)
-        return BlockLayout.from_block_mask(m, block_size=self.block_size, q_len=nq, kv_len=nk, rule=rule)
+        return group_layout(gr, n_groups, geo, self.sink, key_valid, b)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..layout import BlockLayout, TokenRule
 from ..registry import register
-from .base import Geometry, PrefillPattern, check_int, first_real, topk_mask
+from .base import Geometry, PrefillPattern, check_int, first_real, sink_tokens, topk_mask
 
 __all__ = ["VerticalSlash"]
 
@@ -82,7 +82,7 @@ class VerticalSlash(PrefillPattern):
         if key_valid is not None:
             key_ok = key_valid.to(torch.bool)[:, None, :]
         first = first_real(key_valid, b, q.device)
-        sink = (kpos[None, :] >= first[:, None]) & (kpos[None, :] < first[:, None] + self.sink)
+        sink = sink_tokens(self.sink, key_valid, b, nk, q.device)
         vert = vert.masked_fill(sink[:, None, :], float("inf"))
         slash[..., : self.local] = float("inf")
         # forced columns/diagonals are kept even beyond the budget (deterministic when they exceed it)
