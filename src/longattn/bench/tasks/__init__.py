@@ -4,5 +4,7 @@ from .base import Sample, Task
 from .custom import Custom
 from .niah import Niah
 from .passkey import Passkey
+from .ruler import CommonWords, KVRetrieval, MultiQuery, MultiValue, VariableTracking
 
-__all__ = ["Custom", "Niah", "Passkey", "Sample", "Task"]
+__all__ = ["CommonWords", "Custom", "KVRetrieval", "MultiQuery", "MultiValue", "Niah", "Passkey", "Sample", "Task",
+           "VariableTracking"]
