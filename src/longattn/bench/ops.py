@@ -135,6 +135,10 @@ def _inputs(cfg: OpsBenchConfig, n: int, model_cache: dict, log) -> tuple[tuple[
         model, tok = model_cache["model"]
         from ..profile.capture import calibration_ids, capture_qkv
 
+        n_layers = model.config.num_hidden_layers
+        if not 0 <= cfg.layer < n_layers:
+            raise ValueError(f"--layer must be in [0, {n_layers}) for {cfg.model}, got {cfg.layer}")
+
         log(f"ops-bench: capturing q/k/v of {cfg.model} layer {cfg.layer} at N={n}"
             + (f" (beyond its {model.config.max_position_embeddings}-token training length)"
                if n > model.config.max_position_embeddings else ""))
