@@ -17,18 +17,18 @@ from dataclasses import dataclass
 from ...registry import register
 from .base import Sample, Task
 from .niah import CITIES, Niah
+from .passkey import _ntok
 
 __all__ = ["CommonWords", "KVRetrieval", "MultiQuery", "MultiValue", "VariableTracking"]
 
 
-def _ntok(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _insert(hay: list[str], items: list[str], rng: random.Random, ordered: bool = False) -> str:
-    """Insert ``items`` at random places of ``hay`` (in their order when ``ordered``)."""
+def _hay_with(tokenizer, length: int, reserve: int, items: list[str], haystack: str, rng: random.Random,
+              ordered: bool = False) -> str:
+    """A ``haystack`` text of about ``length - reserve`` tokens in all, ``items`` inserted at random places (in
+    their order when ``ordered``)."""
+    budget = length - reserve - sum(_ntok(tokenizer, x) for x in items)
+    out = Niah(haystack=haystack)._hay(tokenizer, max(budget, 16), rng)
     spots = sorted(rng.random() for _ in items) if ordered else [rng.random() for _ in items]
-    out = list(hay)
     for s, item in sorted(zip(spots, items), key=lambda x: -x[0]):
         out.insert(int(round(s * len(out))), item)
     return "".join(out)
@@ -64,10 +64,9 @@ class MultiValue(_AllOf):
         city = rng.choice(CITIES)
         nums = [str(rng.randint(1_000_000, 9_999_999)) for _ in range(self.values)]
         needles = [f"\nOne of the special magic numbers for {city} is: {n}.\n" for n in nums]
-        budget = length - self.reserve - sum(_ntok(tokenizer, x) for x in needles)
-        hay = Niah(haystack=self.haystack)._hay(tokenizer, max(budget, 16), rng)
         return Sample(
-            id=f"multivalue-{length}-{index}", context=_insert(hay, needles, rng),
+            id=f"multivalue-{length}-{index}",
+            context=_hay_with(tokenizer, length, self.reserve, needles, self.haystack, rng),
             question=f"What are all the special magic numbers for {city}? List every one of them.",
             answer_prefix=f"The special magic numbers for {city} are:", answers=nums,
             meta={"values": self.values},
@@ -92,10 +91,9 @@ class MultiQuery(_AllOf):
         cities = rng.sample(CITIES, self.queries)
         nums = [str(rng.randint(1_000_000, 9_999_999)) for _ in cities]
         needles = [f"\nThe special magic number for {c} is: {n}.\n" for c, n in zip(cities, nums)]
-        budget = length - self.reserve - sum(_ntok(tokenizer, x) for x in needles)
-        hay = Niah(haystack=self.haystack)._hay(tokenizer, max(budget, 16), rng)
         return Sample(
-            id=f"multiquery-{length}-{index}", context=_insert(hay, needles, rng),
+            id=f"multiquery-{length}-{index}",
+            context=_hay_with(tokenizer, length, self.reserve, needles, self.haystack, rng),
             question=f"What are the special magic numbers for {', '.join(cities)}? Give each city's number.",
             answer_prefix="The special magic numbers are:", answers=nums, meta={"queries": self.queries},
         )
@@ -125,10 +123,9 @@ class VariableTracking(_AllOf):
             if n not in names:
                 names.append(n)
         chain = [f" VAR {names[0]} = {value}. "] + [f" VAR {b} = {a}. " for a, b in zip(names, names[1:])]
-        budget = length - self.reserve - sum(_ntok(tokenizer, x) for x in chain)
-        hay = Niah(haystack="filler")._hay(tokenizer, max(budget, 16), rng)
         return Sample(
-            id=f"vt-{length}-{index}", context=_insert(hay, chain, rng, ordered=True),
+            id=f"vt-{length}-{index}",
+            context=_hay_with(tokenizer, length, self.reserve, chain, "filler", rng, ordered=True),
             question=f"Find all variables that are assigned the value {value} in the text above, directly or "
                      f"through other variables.",
             answer_prefix=f"The variables assigned the value {value} are:", answers=names,
