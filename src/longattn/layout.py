@@ -121,11 +121,6 @@ class TokenRule:
             mv["fn"] = sub
         return replace(self, **mv)
 
-    def to(self, device) -> TokenRule:
-        mv = {n: getattr(self, n).to(device) for n in ("columns", "diagonals", "q_group", "k_group", "free")
-              if getattr(self, n) is not None}
-        return replace(self, **mv)
-
 
 def _bi(t, b):
     return b if t.shape[0] > 1 else b * 0
@@ -297,9 +292,6 @@ class BlockLayout:
         if self.rule is not None:
             lay = replace(lay, rule=self.rule.select_heads(idx))
         return lay
-
-    def with_rule(self, rule: TokenRule | None) -> BlockLayout:
-        return replace(self, rule=rule)
 
     def density(
         self, causal: bool = True, per_head: bool = False, exact: bool = False, rows: torch.Tensor | None = None
