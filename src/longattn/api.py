@@ -33,10 +33,18 @@ class Recipe:
         if self.kv is not None and not isinstance(self.kv, KVPolicy):
             raise ValueError(f"kv must be a KVPolicy or None, got {type(self.kv).__name__}")
         if self.decode is not None:
-            raise ValueError(
-                f"decode: no decode-time selector is implemented yet (allowed: {', '.join(registry.names('decode'))}"
-                " or None)"
-            )
+            from .decode.base import DecodeSelector
+
+            if not isinstance(self.decode, DecodeSelector):
+                raise ValueError(f"decode must be a DecodeSelector or None, got {type(self.decode).__name__}")
+            kv = self.kv
+            if kv is not None and getattr(kv, "decode_budget", 0):
+                raise ValueError(f"decode: {self.decode.name} cannot be combined with {kv.name}'s decode-time "
+                                 "eviction (decode_budget); both would decide what each step attends to")
+            if kv is not None and not kv.is_noop and self.decode.needs_full_cache:
+                raise ValueError(f"decode: {self.decode.name} needs the full cache as the prompt filled it; it cannot "
+                                 f"follow the KV policy {kv.name} (allowed with a KV policy: quest, token_select, "
+                                 "landmark, lserve_pages, longheads)")
 
     def __str__(self) -> str:
         if self.spec:

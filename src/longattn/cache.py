@@ -18,7 +18,90 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["LongattnLayer", "RaggedKV", "cache_nbytes"]
+__all__ = ["LongattnLayer", "PageMeta", "RaggedKV", "cache_nbytes"]
+
+
+class PageMeta:
+    """Element-wise min, max and sum of the keys of every page of ``page_size`` consecutive physical tokens,
+    ``[b, kv_heads, pages, d]`` (min/max in the keys' dtype, sum in float32), kept up to date incrementally:
+    ``update(keys)`` recomputes only the last (partial) page and the pages appended since the previous call, in
+    preallocated buffers that grow by doubling (no copy of all pages per step). The last page may be partial;
+    ``counts()`` gives each page's token count."""
+
+    def __init__(self, page_size: int) -> None:
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        self.page_size = page_size
+        self.n = 0  # tokens covered
+        self._min = self._max = self._sum = None
+        self.recomputed_pages = 0  # pages (re)computed in total: the test of incrementality reads it
+
+    @property
+    def pages(self) -> int:
+        return -(-self.n // self.page_size)
+
+    @property
+    def kmin(self) -> torch.Tensor:
+        return self._min[:, :, : self.pages]
+
+    @property
+    def kmax(self) -> torch.Tensor:
+        return self._max[:, :, : self.pages]
+
+    @property
+    def ksum(self) -> torch.Tensor:
+        return self._sum[:, :, : self.pages]
+
+    def counts(self) -> torch.Tensor:
+        """``[pages]`` tokens in each page (``page_size`` except maybe the last)."""
+        dev = self._sum.device if self._sum is not None else None
+        c = torch.full((self.pages,), self.page_size, dtype=torch.float32, device=dev)
+        if self.pages and self.n % self.page_size:
+            c[-1] = self.n % self.page_size
+        return c
+
+    def kmean(self) -> torch.Tensor:
+        return self.ksum / self.counts().view(1, 1, -1, 1)
+
+    def update(self, keys: torch.Tensor) -> PageMeta:
+        """Cover ``keys [b, h, n, d]``, of which the first ``self.n`` tokens are unchanged since the last call."""
+        b, h, n, d = keys.shape
+        if n < self.n:
+            raise ValueError(f"PageMeta.update: the cache shrank from {self.n} to {n} tokens; rebuild the metadata")
+        if n == self.n and self._min is not None:
+            return self
+        p = self.page_size
+        first = self.n // p  # the first page that changed (the partial one, or the first new one)
+        pages = -(-n // p)
+        if self._min is None or self._min.shape[2] < pages:
+            cap = max(pages, 2 * (self._min.shape[2] if self._min is not None else 0), 16)
+            new = [torch.empty(b, h, cap, d, dtype=dt, device=keys.device)
+                   for dt in (keys.dtype, keys.dtype, torch.float32)]
+            if self._min is not None:
+                for dst, src in zip(new, (self._min, self._max, self._sum)):
+                    dst[:, :, :first] = src[:, :, :first]
+            self._min, self._max, self._sum = new
+        seg = keys[:, :, first * p : n]
+        m = seg.shape[2]
+        full = pages - first
+        pad = full * p - m
+        if pad:
+            big = torch.finfo(keys.dtype).max
+            seg_lo = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=big)
+            seg_hi = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=-big)
+            seg_0 = torch.nn.functional.pad(seg.float(), (0, 0, 0, pad), value=0.0)
+        else:
+            seg_lo = seg_hi = seg
+            seg_0 = seg.float()
+        self._min[:, :, first:pages] = seg_lo.reshape(b, h, full, p, d).amin(3)
+        self._max[:, :, first:pages] = seg_hi.reshape(b, h, full, p, d).amax(3)
+        self._sum[:, :, first:pages] = seg_0.reshape(b, h, full, p, d).sum(3)
+        self.recomputed_pages += full
+        self.n = n
+        return self
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self._min, self._max, self._sum) if t is not None)
 
 
 @dataclass
@@ -128,6 +211,18 @@ class LongattnLayer(DynamicLayer):
         self.kept_positions: torch.Tensor | None = None  # uniform compressed prefix: [b, h, n] int32
         self.prefix_logical_len = 0  # tokens of the prefix before compression (0 if uncompressed)
         self.scores: torch.Tensor | None = None  # [b, h, physical] accumulated attention (H2O decode eviction)
+        #: state of the decode-time selector (page metadata, selection caches), keyed by name; it describes the
+        #: physical tokens, so every operation that rewrites them (compress, evict, crop, reset) clears it
+        self.decode_state: dict = {}
+
+    def page_meta(self, page_size: int) -> PageMeta:
+        """Min/max/sum metadata of pages of ``page_size`` physical tokens, updated incrementally to the current
+        length (``PageMeta``)."""
+        key = ("pages", page_size)
+        meta = self.decode_state.get(key)
+        if meta is None:
+            meta = self.decode_state[key] = PageMeta(page_size)
+        return meta.update(self.keys)
 
     @classmethod
     def adopt(cls, layer: DynamicLayer) -> LongattnLayer:
@@ -170,11 +265,25 @@ class LongattnLayer(DynamicLayer):
         return self.get_seq_length() + q, 0
 
     def nbytes(self) -> int:
+        """Bytes of the cached keys/values and their bookkeeping (not the decode selectors' metadata:
+        ``decode_nbytes()``)."""
         n = self.prefix.nbytes() if self.prefix is not None else 0
         for t in (self.keys, self.values, self.kept_positions, self.scores):
             if t is not None:
                 n += t.numel() * t.element_size()
         return n
+
+    def decode_nbytes(self) -> int:
+        """Bytes held by the decode selector's state (page metadata, centroids, representative keys)."""
+        total = 0
+        for val in self.decode_state.values():
+            if hasattr(val, "nbytes") and callable(val.nbytes):
+                total += val.nbytes()
+            elif isinstance(val, torch.Tensor):
+                total += val.numel() * val.element_size()
+            elif isinstance(val, dict):
+                total += sum(t.numel() * t.element_size() for t in val.values() if isinstance(t, torch.Tensor))
+        return total
 
     def physical_key_valid(self, key_valid: torch.Tensor | None) -> torch.Tensor | None:
         """Map a logical ``[b, logical_len]`` key validity onto the uniform ``keys`` (kept prefix: all valid)."""
@@ -209,6 +318,7 @@ class LongattnLayer(DynamicLayer):
         """Keep, per (batch, kv head), the tail tokens at ``idx`` (first ``lengths`` entries; indices into the
         tail, i.e. into every token on the first call) and free the rest of the tail. A compressed prefix from
         earlier calls (chunked prefill) is kept as it is."""
+        self.decode_state.clear()
         t = self.tail_len
         if t == 0:
             raise ValueError("nothing to compress: no token was added since the last compression")
@@ -265,6 +375,7 @@ class LongattnLayer(DynamicLayer):
             return
         if self.scores is None or self.scores.shape[-1] != p:
             raise ValueError("evict: the layer has no accumulated scores for all its tokens")
+        self.decode_state.clear()
         s = self.scores.clone()
         s[..., max(p - protect, 0) :] = float("inf")
         keep = torch.topk(s, budget, dim=-1).indices.sort(-1).values  # [b, h, budget]
@@ -287,6 +398,7 @@ class LongattnLayer(DynamicLayer):
                 f"crop: can remove at most the {self.tail_len} tokens appended after compression, "
                 f"got {-tokens_to_remove}"
             )
+        self.decode_state.clear()
         super().crop(tokens_to_remove)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -306,6 +418,7 @@ class LongattnLayer(DynamicLayer):
         self.kept_positions = None
         self.scores = None
         self.prefix_logical_len = 0
+        self.decode_state.clear()
         super().reset()
 
 

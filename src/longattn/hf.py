@@ -95,6 +95,9 @@ class Session:
         self.observers: list = []
         #: ``f(layer_idx, q, k, v, key_valid, scale) -> out`` replacing multi-token attention (gate training)
         self.attention_override = None
+        #: decode selectors: seconds selecting, tokens attended and tokens cached, summed over layers and steps
+        self.decode_stats: dict = {}
+        self._decode_shared: dict = {}  # per-step state shared across layers (TidalDecode's positions)
         self._prev_chunk = None
         self._hook = None
         self._prev_impl = None
@@ -109,6 +112,8 @@ class Session:
         kv = self.recipe.kv
         if kv is not None:
             kv.prepare(self.model)
+        if self.recipe.decode is not None:
+            self.recipe.decode.prepare(self.model)
         pre = self.recipe.prefill
         n_layers = getattr(pre, "num_layers", None)
         if n_layers is not None and n_layers != cfg.num_hidden_layers:
@@ -187,6 +192,9 @@ class Session:
             for obs in self.observers:
                 obs(layer_idx, query, key, value, key_valid)
         policy = self.recipe.kv
+        if nq == 1 and layer is not None and self.recipe.decode is not None:
+            out = self._decode_select(layer, layer_idx, query, key, value, key_valid, scale, window)
+            return out.transpose(1, 2).contiguous(), None
         if nq == 1 and layer is not None and getattr(policy, "decode_budget", 0) and layer.prefix is None:
             out = self._decode_evicting(layer, query, key_valid, scale, policy)
             return out.transpose(1, 2).contiguous(), None
@@ -196,6 +204,7 @@ class Session:
             out = attend_compressed(layer, query, key_valid, scale)
             self._maybe_compress(layer, module, query, layer.keys[..., layer.prefix_physical_len :, :],
                                  layer.values[..., layer.prefix_physical_len :, :], key_valid)
+            self._selector_prefill(layer, layer_idx, query, key_valid)
             return out.transpose(1, 2).contiguous(), None
 
         pattern = self.recipe.prefill
@@ -212,7 +221,37 @@ class Session:
             out = _dense(query, key, value, key_valid, scale, window)
 
         self._maybe_compress(layer, module, query, key, value, key_valid)
+        self._selector_prefill(layer, layer_idx, query, key_valid)
         return out.transpose(1, 2).contiguous(), None
+
+    def _selector_prefill(self, layer, layer_idx, query, key_valid) -> None:
+        """Let the decode selector see a multi-token forward (its representatives, clusters) once the layer holds
+        what the KV policy kept."""
+        sel = self.recipe.decode
+        if sel is None or layer is None or query.shape[2] <= 1 or layer.prefix is not None:
+            return
+        t0 = time.perf_counter()
+        sel.on_prefill(layer, layer_idx, query, layer.keys, layer.physical_key_valid(key_valid))
+        self.method_s += time.perf_counter() - t0
+
+    def _decode_select(self, layer, layer_idx, query, key, value, key_valid, scale, window):
+        """One decode step through the recipe's selector (dense on its ``dense_layers``)."""
+        from .decode.base import Step
+
+        sel = self.recipe.decode
+        if window is not None:
+            raise ValueError(f"decode: {sel.name} cannot run on sliding-window layers")
+        if layer.prefix is not None:
+            raise ValueError(f"decode: {sel.name} needs every kv head to hold the same tokens count; the KV policy "
+                             f"{self.recipe.kv.name} kept per-head budgets (ragged cache)")
+        kv_phys = layer.physical_key_valid(key_valid)
+        if sel.is_dense(layer_idx):
+            return _dense(query, key, value, kv_phys, scale, None)
+        step = Step(query, key, value, kv_phys, layer, layer_idx, self.num_layers, scale, self._decode_shared)
+        before = self.decode_stats.get("select_s", 0.0)
+        out = sel.attend(step, self.decode_stats)
+        self.method_s += self.decode_stats.get("select_s", 0.0) - before
+        return out
 
     def _decode_evicting(self, layer, query, key_valid, scale, policy):
         """One decode step that also accumulates each kept token's attention, then evicts down to the budget."""

@@ -1,0 +1,141 @@
+"""InfLLM: attention sinks + a local window + memory blocks retrieved through representative keys.
+
+Paper: "InfLLM: Training-Free Long-Context Extrapolation for LLMs with an Efficient Context Memory" (Xiao et
+al., NeurIPS 2024, https://arxiv.org/abs/2402.04617). The cache is cut into blocks of ``block_size`` tokens.
+Each token gets a *representative score*, the sum of ``q . k`` it receives from the ``block_size`` queries that
+follow it (the paper uses the local-window queries); a block's ``reps`` best-scored keys are its
+representatives, fixed once the block has left the local window (so they are computed once per block, kept in
+the cache layer). At each step a memory block's relevance is the sum of ``q . r`` over its representatives and
+over the query heads of the kv head's group; the ``(budget - sink - local) // block_size`` most relevant blocks
+are attended together with the first ``sink`` real tokens and the last ``local`` tokens (extended back to a
+block boundary, so sinks, memory blocks and the local window never overlap).
+
+Departures: the score horizon is ``block_size`` queries, not the whole local window; the decode queries also
+score the keys before them, so blocks formed while generating get representatives the same way. Offloading
+memory blocks to CPU memory with an LRU of loaded blocks (the paper's GPU setting) is not implemented: the
+cache stays on one device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..prefill.base import first_real
+from ..registry import register
+from .base import DecodeSelector, Step, check_int, top_with_forced
+
+__all__ = ["InfLLM", "representative_scores"]
+
+
+def representative_scores(buf: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                          key_valid: torch.Tensor | None, horizon: int, chunk: int = 256) -> torch.Tensor:
+    """Add to ``buf [b, hk, n]`` (grown with zeros to the cache length) the ``q . k_m`` of every new query ``i``
+    (the last ``q.shape[2]`` positions) for the keys ``m`` with ``1 <= i - m <= horizon``, averaged over the
+    group's query heads; padded queries add nothing."""
+    b, hq, nq, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    g = hq // hk
+    if buf is None:
+        buf = torch.zeros(b, hk, n, device=k.device)
+    elif buf.shape[-1] < n:
+        buf = torch.nn.functional.pad(buf, (0, n - buf.shape[-1]))
+    s0 = n - nq
+    for c0 in range(0, nq, chunk):
+        c1 = min(nq, c0 + chunk)
+        qa, qb = s0 + c0, s0 + c1
+        ka = max(0, qa - horizon)
+        s = torch.matmul(q[:, :, c0:c1].float().reshape(b, hk, g, c1 - c0, d),
+                         k[:, :, ka:qb].float().transpose(-1, -2).unsqueeze(2))  # [b, hk, g, c, kl]
+        dist = torch.arange(qa, qb, device=k.device)[:, None] - torch.arange(ka, qb, device=k.device)[None, :]
+        m = ((dist >= 1) & (dist <= horizon)).float()[None]  # [1, c, kl]
+        if key_valid is not None:
+            m = m * key_valid[:, qa:qb, None].float()
+        buf[:, :, ka:qb] += torch.einsum("bhgck,bck->bhk", s, m.expand(b, -1, -1)) / g
+    return buf
+
+
+@register("infllm", "decode", paper="InfLLM (Xiao et al., NeurIPS 2024) https://arxiv.org/abs/2402.04617",
+          summary="sinks + local window + memory blocks retrieved by representative keys")
+@dataclass(frozen=True)
+class InfLLM(DecodeSelector):
+    """Sinks + local window + top-k memory blocks by representative keys."""
+
+    sink: int = 64
+    local: int = 256
+    block_size: int = 128
+    reps: int = 4
+
+    needs_full_cache: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.sink, "sink", 0)
+        check_int(self.block_size, "block_size")
+        check_int(self.local, "local", self.block_size)  # representatives are final once out of the window
+        check_int(self.reps, "reps")
+        if self.reps > self.block_size:
+            raise ValueError(f"reps ({self.reps}) must be <= block_size ({self.block_size})")
+        if self.budget < self.sink + self.local + self.block_size:
+            raise ValueError(f"budget ({self.budget}) must be >= sink + local + block_size "
+                             f"({self.sink + self.local + self.block_size}): room for one memory block")
+
+    @property
+    def topk(self) -> int:
+        return (self.budget - self.sink - self.local) // self.block_size
+
+    def on_prefill(self, layer, layer_idx, q, k, key_valid) -> None:
+        if self.is_dense(layer_idx):
+            return
+        st = layer.decode_state.setdefault("infllm", {"rep": None, "rep_k": None, "blocks": 0})
+        st["rep"] = representative_scores(st["rep"], q, k, key_valid, self.block_size)
+
+    def _representatives(self, st: dict, k: torch.Tensor, blocks: int) -> torch.Tensor:
+        """``[b, hk, blocks, reps, d]`` representative keys of the first ``blocks`` blocks (new ones computed)."""
+        bs = self.block_size
+        done = st["blocks"]
+        if blocks > done:
+            b, hk, _, d = k.shape
+            sc = st["rep"][:, :, done * bs : blocks * bs].reshape(b, hk, blocks - done, bs)
+            top = sc.topk(self.reps, dim=-1).indices + (torch.arange(done, blocks, device=k.device) * bs)[:, None]
+            new = k.gather(2, top.reshape(b, hk, -1, 1).expand(-1, -1, -1, d)).reshape(b, hk, -1, self.reps, d)
+            st["rep_k"] = new if st["rep_k"] is None else torch.cat([st["rep_k"], new], 2)
+            st["blocks"] = blocks
+        return st["rep_k"][:, :, :blocks]
+
+    def select(self, step: Step):
+        b, hk, n = step.k.shape[0], step.k.shape[1], step.n
+        bs, dev = self.block_size, step.k.device
+        st = step.state.setdefault("infllm", {"rep": None, "rep_k": None, "blocks": 0})
+        st["rep"] = representative_scores(st["rep"], step.q, step.k, step.key_valid, bs)
+        first = first_real(step.key_valid, b, dev)  # [b]
+        mstart = -(-(first + self.sink) // bs) * bs  # memory starts at the first block boundary after the sinks
+        lstart = max(0, ((n - self.local) // bs) * bs)  # the local window, back to a block boundary
+        lstart = torch.clamp(mstart, min=lstart)
+        n_blocks = int(lstart.max()) // bs  # complete blocks before the local window (any row)
+        parts, valids = [], []
+        # sinks: [first, mstart)
+        s_slots = first[:, None] + torch.arange(self.sink + bs - 1, device=dev)[None]
+        parts.append(s_slots.clamp_max(n - 1))
+        valids.append(s_slots < torch.minimum(mstart, lstart)[:, None])
+        # local window: [lstart, n)
+        l_slots = lstart[:, None] + torch.arange(self.local + bs, device=dev)[None]
+        parts.append(l_slots.clamp_max(n - 1))
+        valids.append(l_slots < n)
+        idx = torch.cat(parts, -1)[:, None].expand(b, hk, -1)
+        valid = torch.cat(valids, -1)[:, None].expand(b, hk, -1)
+        if n_blocks:
+            reps = self._representatives(st, step.k, n_blocks)  # [b, hk, J, r, d]
+            rel = torch.einsum("bhgd,bhjrd->bhj", step.grouped_q(), reps.float())
+            j = torch.arange(n_blocks, device=dev)
+            usable = (j[None] * bs >= mstart[:, None]) & ((j[None] + 1) * bs <= lstart[:, None])  # [b, J]
+            rel = rel.masked_fill(~usable[:, None], float("-inf"))
+            kb = min(self.topk, n_blocks)
+            blocks = top_with_forced(rel, kb)  # [b, hk, kb]
+            ok = torch.gather(usable[:, None].expand(-1, hk, -1), 2, blocks)
+            tok = (blocks.unsqueeze(-1) * bs + torch.arange(bs, device=dev)).flatten(-2)
+            idx = torch.cat([idx, tok], -1)
+            valid = torch.cat([valid, ok.repeat_interleave(bs, -1)], -1)
+        return idx, valid

@@ -1,0 +1,55 @@
+"""Landmark-style block retrieval, training-free: each block's mean key is its landmark.
+
+Paper: "Landmark Attention: Random-Access Infinite Context Length for Transformers" (Mohtashami & Jaggi,
+NeurIPS 2023, https://arxiv.org/abs/2305.16300). The paper *trains* a landmark token per block whose attention
+score gates the block; this is the training-free variant (say so in results): the landmark of a block of
+``block_size`` tokens is the mean of its keys (``cache.PageMeta`` sums, incremental), a block's score is
+``q . landmark`` summed over the query heads of the kv head's group, and the top blocks within ``budget`` are
+attended exactly. The first block holding a real token (attention sinks) and the newest block are always attended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..prefill.base import first_real
+from ..registry import register
+from .base import DecodeSelector, Step, check_int, page_has_valid, pages_to_tokens, top_with_forced
+
+__all__ = ["Landmark"]
+
+
+@register("landmark", "decode",
+          paper="Landmark Attention (Mohtashami & Jaggi, NeurIPS 2023) https://arxiv.org/abs/2305.16300",
+          summary="training-free: mean key of each block as its landmark, top-k blocks per step")
+@dataclass(frozen=True)
+class Landmark(DecodeSelector):
+    """Block retrieval by mean-key landmarks (training-free variant of Landmark Attention)."""
+
+    block_size: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.block_size, "block_size")
+        if self.budget < 2 * self.block_size:
+            raise ValueError(f"budget ({self.budget}) must be >= 2 * block_size ({2 * self.block_size}): the first "
+                             "and the newest block are always attended")
+
+    def block_scores(self, step: Step) -> torch.Tensor:
+        meta = step.layer.page_meta(self.block_size)
+        s = torch.matmul(step.grouped_q(), meta.kmean().transpose(-1, -2)).sum(2)  # [b, hk, blocks]
+        ok = page_has_valid(step.key_valid, self.block_size, step.n)
+        if ok is not None:
+            s = s.masked_fill(~ok[:, None, :], float("-inf"))
+        return s
+
+    def select(self, step: Step):
+        s = self.block_scores(step)
+        forced = torch.zeros_like(s, dtype=torch.bool)
+        first = first_real(step.key_valid, s.shape[0], s.device) // self.block_size  # first block with a real token
+        forced.scatter_(-1, first.view(-1, 1, 1).expand(-1, s.shape[1], 1), True)
+        forced[..., -1] = True
+        blocks = top_with_forced(s, self.budget // self.block_size, forced)
+        return pages_to_tokens(blocks, self.block_size, step.n)

@@ -1,0 +1,63 @@
+"""Quest: query-aware page selection from per-page element-wise min/max keys.
+
+Paper: "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference" (Tang et al., ICML 2024,
+https://arxiv.org/abs/2406.10774). The cache keeps, per page of ``page_size`` tokens, the element-wise min and
+max of the keys (``cache.PageMeta``, updated incrementally as tokens are appended). A page's score is the upper
+bound ``sum_d max(q_d * max_d, q_d * min_d)`` of ``q . k`` over its keys; the ``budget // page_size`` best pages
+are attended exactly. The first layers are dense (the paper skips the first two; ``dense_layers``).
+
+Departures: GQA — a page's score for a kv head is the max over the group's query heads, so each kv page is
+loaded once for the whole group (the paper's models are MHA); the page holding the newest tokens is always
+selected (it is partial and holds the current token); pages holding only padding are never selected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import register
+from .base import (
+    DecodeSelector,
+    Step,
+    check_int,
+    minmax_scores,
+    page_has_valid,
+    pages_to_tokens,
+    top_with_forced,
+)
+
+__all__ = ["Quest"]
+
+
+@register("quest", "decode", paper="Quest (Tang et al., ICML 2024) https://arxiv.org/abs/2406.10774",
+          summary="pages scored by per-page min/max keys (upper bound of q.k); top pages within the budget")
+@dataclass(frozen=True)
+class Quest(DecodeSelector):
+    """Query-aware page selection (min/max page metadata)."""
+
+    page_size: int = 16
+    dense_layers: str = "0,1"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.page_size, "page_size")
+        if self.budget < self.page_size:
+            raise ValueError(f"budget ({self.budget}) must be >= page_size ({self.page_size}): at least one page")
+
+    def page_scores(self, step: Step) -> torch.Tensor:
+        """``[b, hk, pages]``: max over the group's query heads of the page upper bound; -inf for padding pages."""
+        meta = step.layer.page_meta(self.page_size)
+        s = minmax_scores(step.grouped_q(), meta.kmin, meta.kmax).amax(2)
+        ok = page_has_valid(step.key_valid, self.page_size, step.n)
+        if ok is not None:
+            s = s.masked_fill(~ok[:, None, :], float("-inf"))
+        return s
+
+    def select(self, step: Step):
+        s = self.page_scores(step)
+        forced = torch.zeros_like(s, dtype=torch.bool)
+        forced[..., -1] = True
+        pages = top_with_forced(s, self.budget // self.page_size, forced)
+        return pages_to_tokens(pages, self.page_size, step.n)

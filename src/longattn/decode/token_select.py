@@ -1,0 +1,79 @@
+"""TokenSelect: token-level selection by per-head q.k criticality with a soft vote across heads, plus the
+Selection Cache.
+
+Paper: "TokenSelect: Efficient Long-Context Inference and Length Extrapolation for LLMs via Dynamic Token-Level
+KV Cache Selection" (Wu et al., 2024, https://arxiv.org/abs/2411.02886). Each query head scores every cached
+token by ``q . k``; the scores are softmax-normalised per head (so no single head dominates) and summed over the
+heads — the *soft vote* — and the ``budget`` best tokens are attended by all heads of the layer (one gather).
+The Selection Cache: when the new query is similar to the query of the last selection (mean cosine over heads
+``>= threshold``), the previous selection is reused, plus the tokens appended since; it is recomputed otherwise.
+The first ``sink`` real tokens and the last ``local`` tokens are always selected (as the paper's init/local
+tokens).
+
+Departure: the vote is over all query heads of the layer as in the paper (``vote=layer``), or per kv head over
+its group only (``vote=group``: each kv head gets its own selection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..prefill.base import check_float, sink_tokens
+from ..registry import register
+from .base import DecodeSelector, Step, check_int, top_with_forced
+
+__all__ = ["TokenSelect"]
+
+VOTES = ("layer", "group")
+
+
+@register("token_select", "decode", paper="TokenSelect (Wu et al., 2024) https://arxiv.org/abs/2411.02886",
+          summary="token-level q.k criticality, per-head soft vote, selection cache for similar queries")
+@dataclass(frozen=True)
+class TokenSelect(DecodeSelector):
+    """Token-level selection with a per-head soft vote and the Selection Cache."""
+
+    sink: int = 16
+    local: int = 64
+    threshold: float = 0.9
+    vote: str = "layer"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.sink, "sink", 0)
+        check_int(self.local, "local", 0)
+        check_float(self.threshold, "threshold", -1.0, 1.0, lo_open=False)
+        if self.vote not in VOTES:
+            raise ValueError(f"vote must be one of {', '.join(VOTES)}, got {self.vote!r}")
+        if self.budget < self.sink + self.local + 1:
+            raise ValueError(f"budget ({self.budget}) must exceed sink + local ({self.sink + self.local})")
+
+    def token_scores(self, step: Step) -> torch.Tensor:
+        """Soft-vote scores ``[b, 1 or hk, n]``: per-head softmax of ``q . k`` summed over heads."""
+        s = torch.matmul(step.grouped_q(), step.k.float().transpose(-1, -2)) * step.scale  # [b, hk, g, n]
+        if step.key_valid is not None:
+            s = s.masked_fill(~step.key_valid[:, None, None, :], float("-inf"))
+        p = s.softmax(-1).sum(2)  # [b, hk, n]
+        return p.sum(1, keepdim=True) if self.vote == "layer" else p
+
+    def select(self, step: Step):
+        b, hk, n = step.k.shape[0], step.k.shape[1], step.n
+        q = step.q[:, :, 0].float()  # [b, hq, d]
+        st = step.state.get("token_select")
+        if st is not None and self.threshold < 1.0:
+            cos = torch.nn.functional.cosine_similarity(q, st["q"], dim=-1).mean()
+            if float(cos) >= self.threshold and n - st["n"] <= self.local:
+                new = torch.arange(st["n"], n, device=q.device).expand(*st["idx"].shape[:2], -1)
+                st["hits"] += 1
+                idx = torch.cat([st["idx"], new], -1)
+                return idx.expand(b, hk, -1) if idx.shape[1] == 1 else idx, None
+        s = self.token_scores(step)
+        kp = torch.arange(n, device=q.device)
+        forced = sink_tokens(self.sink, step.key_valid, b, n, q.device)[:, None, :] | (kp >= n - self.local)
+        idx = top_with_forced(s, min(self.budget, n), forced)
+        hits = st["hits"] if st is not None else 0
+        step.state["token_select"] = {"q": q, "idx": idx, "n": n, "hits": hits,
+                                      "misses": (st["misses"] if st else 0) + 1}
+        return (idx.expand(b, hk, -1) if idx.shape[1] == 1 else idx), None

@@ -1,0 +1,119 @@
+"""Decode attention: split-K (flash-decoding / Lean Attention) and attention over selected tokens.
+
+A decode step has one query (or a few) per head over a long cache: too little work along the query to keep a
+machine busy, so the kv length is cut into ``splits`` contiguous parts, each part gives a partial output and its
+log-sum-exp, and the partials are merged exactly (``merge.merge_attention``). On a GPU each part is a thread
+block; here the parts are independent torch ops, the arithmetic and the merge are the same.
+
+``gather_attention`` attends to the tokens a decode selector picked, given as indices ``idx [b, hs, m]`` per kv
+head (``hs = kv_heads``) or per query head (``hs = q_heads``). It gathers only the selected ``m`` keys/values
+(a copy of ``m x dim``, the budget, never of the cache); the pure-torch backend has no indirect-load kernel that
+could skip that small copy.
+
+Layout as ``reference.py``: ``q [b, hq, nq, d]``, ``k, v [b, hk, n, d]``; every cached key is visible to every
+query (decode over a cache: the new token is already in the cache), ``key_valid [b, n]`` masks padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .core import masked_attention
+from .merge import merge_attention
+
+__all__ = ["split_k_attention", "gather_attention", "split_bounds"]
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    from ..reference import check_qkv
+
+    return check_qkv(q, k, v)
+
+
+def split_bounds(n: int, splits: int) -> list[tuple[int, int]]:
+    """``splits`` contiguous ranges covering ``[0, n)``: equal sizes ``ceil(n / splits)``, the last one ragged
+    (fewer ranges when ``n < splits``)."""
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be an int >= 1, got {splits!r}")
+    size = max(1, math.ceil(n / splits))
+    return [(s, min(s + size, n)) for s in range(0, n, size)] or [(0, 0)]
+
+
+def split_k_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    splits: int = 4,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over all of ``k, v`` computed in ``splits`` kv parts merged by lse.
+
+    Returns ``(out [b, hq, nq, d] in q's dtype, lse [b, hq, nq] float32)``; rows with no valid key: 0, -inf."""
+    b, hq, hk, nq, n, d = _check(q, k, v)
+    if key_valid is not None and tuple(key_valid.shape) != (b, n):
+        raise ValueError(f"key_valid: expected shape {(b, n)}, got {tuple(key_valid.shape)}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    g = hq // hk
+    qg = q.reshape(b, hk, g * nq, d)
+    outs, lses = [], []
+    for s, e in split_bounds(n, splits):
+        allowed = None if key_valid is None else key_valid[:, None, None, s:e]
+        o, lse = masked_attention(qg, k[:, :, s:e], v[:, :, s:e], allowed, scale)
+        outs.append(o)
+        lses.append(lse)
+    out, lse = merge_attention(outs, lses)
+    return out.reshape(b, hq, nq, d).to(q.dtype), lse.reshape(b, hq, nq).float()
+
+
+def gather_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    valid: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    splits: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over the keys at ``idx [b, hs, m]`` (``hs`` = kv heads: shared by the query heads of
+    the group; ``hs`` = q heads: one set per query head). ``valid [b, hs, m]`` masks unused slots (indices there
+    must still be in range); ``key_valid [b, n]`` masks padded keys. Indices must be distinct within a row (a
+    repeated key would count twice). ``splits`` > 1 cuts the selected set into parts merged by lse.
+
+    Returns ``(out [b, hq, nq, d], lse [b, hq, nq] float32)``."""
+    b, hq, hk, nq, n, d = _check(q, k, v)
+    if idx.dim() != 3 or idx.shape[0] != b or idx.shape[1] not in (hk, hq):
+        raise ValueError(f"idx: expected [batch={b}, heads={hk} or {hq}, m], got {tuple(idx.shape)}")
+    if valid is not None and valid.shape != idx.shape:
+        raise ValueError(f"valid: expected the shape of idx {tuple(idx.shape)}, got {tuple(valid.shape)}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    hs, m = idx.shape[1], idx.shape[2]
+    idx = idx.long()
+    g = hq // hk
+    if hs == hk:
+        rows = torch.arange(b * hk, device=idx.device).view(b, hk, 1) * n
+        qs = q.reshape(b, hk, g * nq, d)
+    else:  # one set per query head: query head h reads kv head h // g
+        kvh = torch.arange(hq, device=idx.device) // g
+        rows = (torch.arange(b, device=idx.device).view(b, 1) * hk + kvh.view(1, hq)).view(b, hq, 1) * n
+        qs = q
+    flat = (rows + idx).reshape(-1)
+    kg = k.reshape(b * hk * n, d).index_select(0, flat).view(b, hs, m, d)
+    vg = v.reshape(b * hk * n, d).index_select(0, flat).view(b, hs, m, d)
+    allowed = None if valid is None else valid[:, :, None, :]
+    if key_valid is not None:
+        kv_ok = key_valid.gather(1, idx.reshape(b, hs * m)).view(b, hs, 1, m)
+        allowed = kv_ok if allowed is None else allowed & kv_ok
+    outs, lses = [], []
+    for s, e in split_bounds(m, splits):
+        a = None if allowed is None else allowed[..., s:e]
+        o, lse = masked_attention(qs, kg[:, :, s:e], vg[:, :, s:e], a, scale)
+        outs.append(o)
+        lses.append(lse)
+    out, lse = merge_attention(outs, lses)
+    return out.reshape(b, hq, nq, d).to(q.dtype), lse.reshape(b, hq, nq).float()

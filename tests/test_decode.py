@@ -1,0 +1,552 @@
+"""Decode-time selectors and the decode ops, against the dense reference and slow loop-by-loop selections."""
+
+import math
+
+import pytest
+import torch
+
+import longattn
+from _helpers import ids_batch
+from longattn import api, reference, registry
+from longattn.cache import LongattnLayer, PageMeta
+from longattn.decode import (
+    InfLLM,
+    Landmark,
+    LongHeads,
+    LServePages,
+    Quest,
+    Squeezed,
+    Step,
+    TidalDecode,
+    TokenSelect,
+)
+from longattn.decode.infllm import representative_scores
+from longattn.decode.squeezed import kmeans
+from longattn.models import tiny_model
+from longattn.ops.decode import gather_attention, split_bounds, split_k_attention
+
+
+def _qkv(b=2, hq=4, hk=2, n=53, d=8, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, 1, d, generator=g, dtype=dtype)
+    k = torch.randn(b, hk, n, d, generator=g, dtype=dtype)
+    v = torch.randn(b, hk, n, d, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _key_valid(b, n, pads):
+    kv = torch.ones(b, n, dtype=torch.bool)
+    for i, p in enumerate(pads):
+        kv[i, :p] = False
+    return kv
+
+
+# ---- ops ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("splits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 7, 53, 64])
+def test_split_k_equals_reference(splits, n):
+    q, k, v = _qkv(n=n)
+    kv = _key_valid(2, n, (0, min(3, n - 1)))
+    out, lse = split_k_attention(q, k, v, splits=splits, key_valid=kv)
+    ref, ref_lse = reference.attention(q, k, v, causal=False, mask=kv[:, None, None, :])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_split_bounds_cover_and_validate():
+    for n in (1, 5, 17, 64):
+        for s in range(1, 9):
+            b = split_bounds(n, s)
+            assert b[0][0] == 0 and b[-1][1] == n and len(b) <= s
+            assert all(e0 == s1 for (_, e0), (s1, _) in zip(b, b[1:]))
+    with pytest.raises(ValueError, match="splits"):
+        split_bounds(10, 0)
+
+
+@pytest.mark.parametrize("per", ["kv", "q"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gather_attention_equals_reference_mask(per, splits):
+    q, k, v = _qkv(n=40)
+    b, hq, hk = 2, 4, 2
+    hs = hk if per == "kv" else hq
+    g = torch.Generator().manual_seed(1)
+    idx = torch.stack([torch.stack([torch.randperm(40, generator=g)[:12] for _ in range(hs)]) for _ in range(b)])
+    valid = torch.rand(b, hs, 12, generator=g) > 0.25
+    kv = _key_valid(b, 40, (0, 5))
+    out, lse = gather_attention(q, k, v, idx, valid=valid, key_valid=kv, splits=splits)
+    mask = torch.zeros(b, hq, 1, 40, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hq):
+            row = h // (hq // hk) if per == "kv" else h
+            for j in range(12):
+                if valid[bi, row, j] and kv[bi, idx[bi, row, j]]:
+                    mask[bi, h, 0, idx[bi, row, j]] = True
+    ref, ref_lse = reference.attention(q, k, v, causal=False, mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_gather_attention_validates_shapes():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="idx"):
+        gather_attention(q, k, v, torch.zeros(2, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="valid"):
+        gather_attention(q, k, v, torch.zeros(2, 2, 4, dtype=torch.long), valid=torch.ones(2, 2, 3, dtype=torch.bool))
+
+
+# ---- page metadata ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_page_meta_incremental_equals_scratch(dtype):
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 3, 200, 8, generator=g).to(dtype)
+    meta = PageMeta(16)
+    n = 0
+    for step in [37, 1, 1, 5, 16, 3, 1, 64, 40, 1, 31]:
+        before = meta.recomputed_pages
+        n += step
+        meta.update(keys[:, :, :n])
+        changed = meta.recomputed_pages - before
+        # only the partial page and the new ones are recomputed
+        assert changed <= math.ceil(step / 16) + 1
+        scratch = PageMeta(16).update(keys[:, :, :n])
+        assert meta.pages == scratch.pages == math.ceil(n / 16)
+        torch.testing.assert_close(meta.kmin, scratch.kmin, rtol=0, atol=0)
+        torch.testing.assert_close(meta.kmax, scratch.kmax, rtol=0, atol=0)
+        torch.testing.assert_close(meta.ksum, scratch.ksum)
+        for p in range(meta.pages):
+            seg = keys[:, :, p * 16 : min(n, (p + 1) * 16)]
+            assert torch.equal(meta.kmin[:, :, p], seg.amin(2))
+            assert torch.equal(meta.kmax[:, :, p], seg.amax(2))
+            torch.testing.assert_close(meta.kmean()[:, :, p], seg.float().mean(2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="shrank"):
+        meta.update(keys[:, :, :10])
+    with pytest.raises(ValueError, match="page_size"):
+        PageMeta(0)
+
+
+def test_layer_page_meta_follows_appends_and_is_cleared_on_compress():
+    layer = LongattnLayer()
+    k, v = torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    layer.update(k, v)
+    m1 = layer.page_meta(8)
+    assert m1.n == 30
+    layer.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    assert layer.page_meta(8) is m1 and m1.n == 31
+    assert layer.decode_nbytes() > 0
+    idx = torch.arange(10).expand(1, 2, 10)
+    layer.compress(idx, torch.full((1, 2), 10))
+    assert layer.decode_state == {} and layer.decode_nbytes() == 0
+    assert layer.page_meta(8).n == 10
+
+
+# ---- selections vs slow references -------------------------------------------------------------------------
+def _step(n=150, b=2, hq=4, hk=2, d=8, pads=(0, 13), seed=0, layer_idx=1, num_layers=4, prefill_q=None, sel=None):
+    """A Step over a cache filled with random keys (and, if ``sel`` is given, the selector's prefill hook run)."""
+    q, k, v = _qkv(b, hq, hk, n, d, seed)
+    kv = _key_valid(b, n, pads) if pads else None
+    layer = LongattnLayer()
+    layer.update(k, v)
+    if sel is not None:
+        pq = torch.randn(b, hq, n, d, generator=torch.Generator().manual_seed(seed + 5)) if prefill_q is None \
+            else prefill_q
+        sel.on_prefill(layer, layer_idx, pq, k, kv)
+    return Step(q, k, v, kv, layer, layer_idx, num_layers, 1 / math.sqrt(d))
+
+
+def _sets(idx, valid):
+    out = {}
+    for bi in range(idx.shape[0]):
+        for h in range(idx.shape[1]):
+            keep = idx[bi, h] if valid is None else idx[bi, h][valid[bi, h]]
+            vals = keep.tolist()
+            assert len(vals) == len(set(vals)), "a token was selected twice"
+            out[bi, h] = set(vals)
+    return out
+
+
+def _first_real(kv, bi):
+    return 0 if kv is None else int(kv[bi].to(torch.int8).argmax())
+
+
+def _ref_pages_minmax(step, ps, group_reduce="max"):
+    """Quest page bounds by loops: per (b, kv head, page) the max over the group of sum_d max(q*max, q*min)."""
+    b, hq = step.q.shape[:2]
+    hk, n = step.k.shape[1], step.n
+    g = hq // hk
+    np_ = math.ceil(n / ps)
+    s = torch.empty(b, hk, np_)
+    for bi in range(b):
+        for h in range(hk):
+            for p in range(np_):
+                seg = step.k[bi, h, p * ps : min(n, (p + 1) * ps)]
+                mx, mn = seg.amax(0), seg.amin(0)
+                vals = [float(torch.maximum(step.q[bi, h * g + j, 0] * mx, step.q[bi, h * g + j, 0] * mn).sum())
+                        for j in range(g)]
+                s[bi, h, p] = max(vals)
+                kv = step.key_valid
+                if kv is not None and not kv[bi, p * ps : min(n, (p + 1) * ps)].any():
+                    s[bi, h, p] = -math.inf
+    return s
+
+
+def _tokens_of(pages, ps, n):
+    return {t for p in pages for t in range(p * ps, min(n, (p + 1) * ps))}
+
+
+def _top(scores, k, forced=()):
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    chosen = list(dict.fromkeys(list(forced)))
+    for i in order:
+        if len(chosen) >= k:
+            break
+        if i not in chosen:
+            chosen.append(i)
+    return chosen
+
+
+@pytest.mark.parametrize("n", [150, 160])
+def test_quest_selection_equals_slow_reference(n):
+    sel = Quest(budget=48, page_size=16, dense_layers="")
+    step = _step(n=n)
+    got = _sets(*sel.select(step))
+    ref_s = _ref_pages_minmax(step, 16)
+    np_ = ref_s.shape[-1]
+    for (bi, h), toks in got.items():
+        pages = _top(ref_s[bi, h].tolist(), 3, forced=[np_ - 1])
+        assert toks == _tokens_of(pages, 16, n)
+
+
+def test_lserve_selection_equals_slow_reference():
+    sel = LServePages(budget=64, page_size=32, logical_page=8, reuse=1)
+    step = _step(n=150)
+    got = _sets(*sel.select(step))
+    logical = _ref_pages_minmax(step, 8)
+    for (bi, h), toks in got.items():
+        lp = logical[bi, h].tolist()
+        phys = [max(lp[j : j + 4]) for j in range(0, len(lp), 4)]
+        pages = _top(phys, 2, forced=[len(phys) - 1])
+        assert toks == _tokens_of(pages, 32, 150)
+
+
+def test_lserve_reuses_selection_and_adds_new_pages():
+    sel = LServePages(budget=64, page_size=32, logical_page=8, reuse=3)
+    step = _step(n=150)
+    first = _sets(*sel.select(step))
+    q, k, v = _qkv(n=200, seed=3)
+    k[:, :, :150], v[:, :, :150] = step.k, step.v
+    step.layer.update(k[:, :, 150:], v[:, :, 150:])
+    step2 = Step(q, k, v, None, step.layer, 1, 4, step.scale)
+    second = _sets(*sel.select(step2))  # reused: old pages (the forced last one now full) + pages 5, 6 appended since
+    for key in first:
+        assert second[key] == first[key] | set(range(150, 200))
+    third = sel.select(step2)
+    assert step.state["lserve"]["age"] == 2
+    sel.select(step2)  # the fourth call re-selects
+    assert step.state["lserve"]["age"] == 0
+    assert third[0].shape[-1] >= 64
+
+
+def test_lserve_streaming_heads_attend_sinks_and_local(tmp_path):
+    import json
+
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps({"num_layers": 4, "num_kv_heads": 2, "scores": [[0.9, 0.8]] * 3 + [[0.1, 0.9]]}))
+    sel = LServePages(budget=64, page_size=32, logical_page=8, streaming=0.125, profile=str(prof), sink=4, local=16)
+    assert sel.streaming_heads(3) == [0] and sel.streaming_heads(1) == []
+    step = _step(n=150, layer_idx=3)
+    got = _sets(*sel.select(step))
+    for bi in range(2):
+        f = _first_real(step.key_valid, bi)
+        assert got[bi, 0] == set(range(f, f + 4)) | set(range(134, 150))
+        assert len(got[bi, 1]) > 20  # the retrieval head selects pages
+
+
+def test_landmark_selection_equals_slow_reference():
+    sel = Landmark(budget=64, block_size=16)
+    step = _step(n=150)
+    got = _sets(*sel.select(step))
+    g = 2
+    for (bi, h), toks in got.items():
+        scores = []
+        for p in range(math.ceil(150 / 16)):
+            mean = step.k[bi, h, p * 16 : min(150, (p + 1) * 16)].mean(0)
+            s = sum(float(step.q[bi, h * g + j, 0] @ mean) for j in range(g))
+            if not step.key_valid[bi, p * 16 : min(150, (p + 1) * 16)].any():
+                s = -math.inf
+            scores.append(s)
+        first = _first_real(step.key_valid, bi) // 16
+        blocks = _top(scores, 4, forced=[first, len(scores) - 1])
+        assert toks == _tokens_of(blocks, 16, 150)
+
+
+def test_longheads_selects_per_query_head():
+    sel = LongHeads(budget=64, chunk_size=16)
+    step = _step(n=150)
+    idx, valid = sel.select(step)
+    assert idx.shape[1] == 4  # one set per query head
+    got = _sets(idx, valid)
+    for (bi, h), toks in got.items():
+        kvh = h // 2
+        scores = []
+        for p in range(math.ceil(150 / 16)):
+            seg = slice(p * 16, min(150, (p + 1) * 16))
+            s = float(step.q[bi, h, 0] @ step.k[bi, kvh, seg].mean(0))
+            scores.append(s if step.key_valid[bi, seg].any() else -math.inf)
+        blocks = _top(scores, 4, forced=[_first_real(step.key_valid, bi) // 16, len(scores) - 1])
+        assert toks == _tokens_of(blocks, 16, 150)
+    assert len({frozenset(got[0, h]) for h in range(4)}) > 1  # heads of one group pick different chunks
+
+
+@pytest.mark.parametrize("vote", ["layer", "group"])
+def test_token_select_equals_slow_reference(vote):
+    sel = TokenSelect(budget=40, sink=4, local=8, vote=vote, threshold=1.0)
+    step = _step(n=150)
+    got = _sets(*sel.select(step))
+    for (bi, h), toks in got.items():
+        heads = range(4) if vote == "layer" else range(2 * h, 2 * h + 2)
+        votes = [0.0] * 150
+        for hq in heads:
+            s = [float(step.q[bi, hq, 0] @ step.k[bi, hq // 2, t]) * step.scale if step.key_valid[bi, t] else -math.inf
+                 for t in range(150)]
+            m = max(s)
+            z = sum(math.exp(x - m) for x in s)
+            for t in range(150):
+                votes[t] += math.exp(s[t] - m) / z
+        f = _first_real(step.key_valid, bi)
+        forced = list(range(f, f + 4)) + list(range(142, 150))
+        assert toks == set(_top(votes, 40, forced=forced))
+
+
+def test_token_select_selection_cache_hits_on_similar_queries():
+    sel = TokenSelect(budget=40, sink=4, local=8, threshold=0.9)
+    step = _step(n=150)
+    first = _sets(*sel.select(step))
+    q, k, v = _qkv(n=151, seed=3)
+    k[:, :, :150], v[:, :, :150] = step.k, step.v
+    step.layer.update(k[:, :, 150:], v[:, :, 150:])
+    similar = Step(step.q + 0.01 * q, k, v, None, step.layer, 1, 4, step.scale)
+    got = _sets(*sel.select(similar))
+    st = step.state["token_select"]
+    assert st["hits"] == 1 and st["misses"] == 1
+    assert all(got[key] == first[key] | {150} for key in first)
+    other = Step(-step.q, k, v, None, step.layer, 1, 4, step.scale)  # cosine -1: re-selected
+    sel.select(other)
+    assert st is not step.state["token_select"] and step.state["token_select"]["misses"] == 2
+
+
+def test_tidal_decode_reuses_the_selection_layer_positions():
+    sel = TidalDecode(budget=32, dense_layers="0", select_layers="1")
+    assert TidalDecode(dense_layers="0,1").selection_layers(32) == (2, 13)
+    step = _step(n=150, layer_idx=1)
+    out = sel.attend(step)
+    ref, _ = reference.attention(step.q, step.k, step.v, causal=False, mask=step.key_valid[:, None, None, :])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # dense at the selection layer
+    idx, n = step.shared["tidal"]
+    p = torch.softmax(torch.matmul(step.grouped_q(), step.k.transpose(-1, -2)) * step.scale
+                      + torch.where(step.key_valid, 0.0, -math.inf)[:, None, None, :], -1)
+    want = p.sum(dim=(1, 2)).topk(32, -1).indices
+    for bi in range(2):
+        assert set(idx[bi, 0].tolist()) == set(want[bi].tolist())
+    later = Step(step.q, step.k, step.v, step.key_valid, step.layer, 3, 4, step.scale, step.shared)
+    got, _ = sel.select(later)
+    assert torch.equal(got[:, 0], idx[:, 0]) and torch.equal(got[:, 1], idx[:, 0])
+    with pytest.raises(RuntimeError, match="before any selection layer"):
+        sel.select(Step(step.q, step.k[:, :, :100], step.v[:, :, :100], None, step.layer, 3, 4, step.scale, {}))
+
+
+def test_infllm_representatives_and_blocks_equal_slow_reference():
+    sel = InfLLM(budget=4 + 32 + 2 * 16, sink=4, local=32, block_size=16, reps=2)
+    n = 150
+    step = _step(n=n, sel=sel, pads=(0, 13))
+    # representative scores by loops: sum over later queries within the horizon, mean over the group
+    g = torch.Generator().manual_seed(5)
+    pq = torch.randn(2, 4, n, 8, generator=g)
+    rep = representative_scores(None, pq, step.k, step.key_valid, 16)
+    for bi in range(2):
+        for h in range(2):
+            for m_ in (0, 20, 140, 149):
+                want = sum(float(pq[bi, hq, i] @ step.k[bi, h, m_]) for hq in (2 * h, 2 * h + 1)
+                           for i in range(m_ + 1, min(n, m_ + 17)) if step.key_valid[bi, i]) / 2
+                assert abs(float(rep[bi, h, m_]) - want) < 1e-4
+    got = _sets(*sel.select(step))
+    rep = step.state["infllm"]["rep"]  # now also scored by the decode query
+    for (bi, h), toks in got.items():
+        f = _first_real(step.key_valid, bi)
+        mstart = math.ceil((f + 4) / 16) * 16
+        lstart = max(mstart, ((n - 32) // 16) * 16)
+        sinks, local = set(range(f, min(mstart, lstart))), set(range(lstart, n))
+        rel = []
+        for j in range(n // 16):
+            if j * 16 < mstart or (j + 1) * 16 > lstart:
+                rel.append(-math.inf)
+                continue
+            top = rep[bi, h, j * 16 : (j + 1) * 16].topk(2).indices + j * 16
+            rel.append(sum(float(step.q[bi, hq, 0] @ step.k[bi, h, t]) for hq in (2 * h, 2 * h + 1) for t in top))
+        blocks = [j for j in _top(rel, 2) if rel[j] > -math.inf]
+        assert toks == sinks | local | _tokens_of(blocks, 16, n)
+
+
+def test_kmeans_recovers_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1) * 5
+    x = torch.cat([centers[i] + 0.05 * torch.randn(20, 8, generator=g) for i in (0, 1, 2)])[torch.randperm(60, generator=g)]
+    _, assign = kmeans(x[None], 3, 10)
+    groups = {}
+    for i, a in enumerate(assign[0].tolist()):
+        groups.setdefault(a, set()).add(int(torch.cdist(x[i][None], centers).argmin()))
+    assert len(groups) == 3 and all(len(s) == 1 for s in groups.values())
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_squeezed_selects_best_clusters_then_appended_tokens(levels):
+    sel = Squeezed(budget=40, cluster_tokens=10, levels=levels, fanout=3, coarse_keep=0.5)
+    step = _step(n=120, sel=sel)
+    st = step.state["squeezed"]
+    # the context grew by 5 tokens after clustering
+    q, k, v = _qkv(n=125, seed=3)
+    k[:, :, :120], v[:, :, :120] = step.k, step.v
+    step.layer.update(k[:, :, 120:], v[:, :, 120:])
+    kv = torch.cat([step.key_valid, torch.ones(2, 5, dtype=torch.bool)], 1)
+    step2 = Step(step.q, k, v, kv, step.layer, 1, 4, step.scale)
+    got = _sets(*sel.select(step2))
+    for (bi, h), toks in got.items():
+        assert set(range(120, 125)) <= toks
+        ctx = toks - set(range(120, 125))
+        cs = [max(float(step.q[bi, 2 * h + j, 0] @ st["cent"][bi, h, c]) for j in range(2))
+              for c in range(st["cent"].shape[2])]
+        if levels == 2:
+            cc = [max(float(step.q[bi, 2 * h + j, 0] @ st["coarse"][bi, h, c]) for j in range(2))
+                  for c in range(st["coarse"].shape[2])]
+            best = set(_top(cc, max(1, round(0.5 * len(cc)))))
+            cs = [s if int(st["parent"][bi, h, c]) in best else -math.inf for c, s in enumerate(cs)]
+        tok = [cs[int(st["assign"][bi, h, t])] if step.key_valid[bi, t] else -math.inf for t in range(120)]
+        eligible = [t for t in range(120) if tok[t] > -math.inf]
+        assert len(ctx) == min(40, len(eligible))
+        worst_in = min(tok[t] for t in ctx)
+        assert all(tok[t] <= worst_in for t in eligible if t not in ctx)
+
+
+# ---- through the model --------------------------------------------------------------------------------------
+FULL = {
+    "quest": "quest:budget=4096:dense_layers=",
+    "token_select": "token_select:budget=4096",
+    "tidal_decode": "tidal_decode:budget=4096:dense_layers=0:select_layers=1",
+    "infllm": "infllm:budget=4096:sink=4:local=32:block_size=16",
+    "squeezed": "squeezed:budget=4096:levels=2:coarse_keep=1.0",
+    "lserve_pages": "lserve_pages:budget=4096:page_size=32:logical_page=8",
+    "landmark": "landmark:budget=4096:block_size=16",
+    "longheads": "longheads:budget=4096:chunk_size=16",
+}
+SMALL = {
+    "quest": "quest:budget=48:dense_layers=0",
+    "token_select": "token_select:budget=48:sink=4:local=8",
+    "tidal_decode": "tidal_decode:budget=48:dense_layers=0:select_layers=1",
+    "infllm": "infllm:budget=84:sink=4:local=32:block_size=16",
+    "squeezed": "squeezed:budget=48:cluster_tokens=8:levels=2",
+    "lserve_pages": "lserve_pages:budget=64:page_size=32:logical_page=8",
+    "landmark": "landmark:budget=64:block_size=16",
+    "longheads": "longheads:budget=64:chunk_size=16",
+}
+
+
+def test_every_selector_has_full_and_small_specs():
+    assert set(FULL) == set(SMALL) == set(registry.names("decode"))
+
+
+def _generate(m, ids, am, recipe=None, steps=6):
+    kw = dict(attention_mask=am, max_new_tokens=steps, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        if recipe is None:
+            return m.generate(ids, **kw), None
+        with longattn.apply(m, recipe) as s:
+            return m.generate(ids, **kw), s
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_budget_covering_the_cache_gives_dense_logits(name, arch):
+    m = tiny_model(arch, num_hidden_layers=4)
+    ids, am = ids_batch(2, 150, pad=(0, 23))
+    ref, _ = _generate(m, ids, am)
+    got, s = _generate(m, ids, am, FULL[name])
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.scores, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert s.decode_stats["selected"] > 0 and s.decode_stats["select_s"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_budget_generates_batch2_with_padding_like_each_prompt_alone(name):
+    """Selection is per row: a padded batch decodes as each prompt alone, and the budget really bounds what is read.
+    Pages sit at physical positions (as in a paged cache), so the padding is a whole number of pages here; squeezed
+    clusters every physical key (its cluster count follows the padded length), so only its budget is checked."""
+    m = tiny_model("llama", num_hidden_layers=4)
+    pad = 32
+    ids, am = ids_batch(2, 150, pad=(0, pad))
+    got, s = _generate(m, ids, am, SMALL[name])
+    assert s.decode_stats["selected"] < 0.75 * s.decode_stats["possible"]
+    if name == "squeezed":
+        return
+    alone, _ = _generate(m, ids[1:, pad:], am[1:, pad:], SMALL[name])
+    for a, b in zip(got.scores, alone.scores):
+        torch.testing.assert_close(a[1], b[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.sequences[1, 150:], alone.sequences[0, 150 - pad :])
+
+
+def test_selector_follows_a_uniform_kv_policy():
+    m = tiny_model("llama", num_hidden_layers=4)
+    ids, am = ids_batch(1, 150, pad=(0,))
+    got, s = _generate(m, ids, None, "snapkv:ratio=0.5:window=8+quest:budget=32:dense_layers=0")
+    assert s.compressions > 0 and s.decode_stats["selected"] > 0
+    got2, _ = _generate(m, ids, None, "snapkv:ratio=0.5:window=8+quest:budget=4096:dense_layers=0")
+    ref, _ = _generate(m, ids, None, "snapkv:ratio=0.5:window=8")
+    assert torch.equal(got2.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("quest:budget=8:page_size=16", r"budget \(8\) must be >= page_size \(16\)"),
+    ("lserve_pages:page_size=64:logical_page=24", r"logical_page \(24\) must divide page_size \(64\)"),
+    ("landmark:budget=64:block_size=64", "budget"),
+    ("longheads:budget=100:chunk_size=64", "budget"),
+    ("infllm:budget=100", "budget"),
+    ("infllm:local=8:block_size=16", "local"),
+    ("token_select:vote=heads", "vote must be one of layer, group"),
+    ("token_select:budget=10:sink=8:local=8", "budget"),
+    ("squeezed:levels=3", "levels must be 1 or 2"),
+    ("quest:dense_layers=a", "dense_layers"),
+    ("tidal_decode:select_layers=1:dense_layers=1", "select_layers"),
+    ("quest:budget=0", "budget must be an int >= 1"),
+])
+def test_bad_arguments_name_the_argument(spec, match):
+    with pytest.raises(ValueError, match=match):
+        api.parse(spec)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("quest:dense_layers=0,9", "dense_layers: layer 9 does not exist; the model has 2 layers"),
+    ("tidal_decode:dense_layers=0:select_layers=5", "select_layers: layer 5 does not exist"),
+    ("tidal_decode:dense_layers=:select_layers=1", "select_layers: layer 0 is neither dense"),
+])
+def test_unknown_layers_are_refused_at_apply(spec, match):
+    m = tiny_model("llama")
+    with pytest.raises(ValueError, match=match):
+        with longattn.apply(m, spec):
+            pass
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("snapkv:ratio=0.5+infllm", "infllm needs the full cache"),
+    ("snapkv:ratio=0.5+tidal_decode", "tidal_decode needs the full cache"),
+    ("h2o:ratio=0.5:decode_budget=40:n_recent=4+quest", "decode_budget"),
+])
+def test_incompatible_combinations_are_refused(spec, match):
+    with pytest.raises(ValueError, match=match):
+        api.parse(spec)
+
+
+def test_ragged_kv_policy_then_selector_is_refused_clearly():
+    m = tiny_model("llama")
+    ids, am = ids_batch(2, 96, pad=(0, 17))
+    with pytest.raises(ValueError, match="ragged"):
+        _generate(m, ids, am, "snapkv:ratio=0.5:window=8+quest:budget=32:dense_layers=")
