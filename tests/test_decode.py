@@ -550,3 +550,40 @@ def test_ragged_kv_policy_then_selector_is_refused_clearly():
     ids, am = ids_batch(2, 96, pad=(0, 17))
     with pytest.raises(ValueError, match="ragged"):
         _generate(m, ids, am, "snapkv:ratio=0.5:window=8+quest:budget=32:dense_layers=")
+
+
+# ---- ops-bench --decode ---------------------------------------------------------------------------------------
+def test_decode_ops_bench_records_every_selector_and_split_k():
+    from longattn.bench.decode_ops import DEFAULT_SELECTORS, DecodeBenchConfig, run_decode_ops
+    from longattn.bench.report import decode_table
+
+    cfg = DecodeBenchConfig(lengths=(1024,), heads=4, kv_heads=2, dim=16, budget=512, repeats=1, progress=False,
+                            selectors=DEFAULT_SELECTORS + ("quest:budget=4096:dense_layers=",))
+    recs = run_decode_ops(cfg, log=lambda s: None)
+    names = {r["pattern"].split(" ")[0].split(":")[0] for r in recs}
+    assert names == set(registry.names("decode")) | {"split_k"}
+    for r in recs:
+        assert 0.0 <= r["recall"] <= 1.0 + 1e-6 and 0.0 < r["density"] <= 1.0
+        assert r["ms"] > 0 and r["dense_ms"] > 0 and r["eager_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"])
+    full = [r for r in recs if r["pattern"] == "quest:budget=4096:dense_layers="][0]
+    assert full["density"] == 1.0 and full["recall"] == pytest.approx(1.0, abs=1e-5)
+    sparse = [r for r in recs if r["pattern"] == "quest"][0]
+    assert sparse["density"] == pytest.approx(512 / 1024)
+    assert "tidal_decode (reuse layer)" in decode_table(recs)
+
+
+@pytest.mark.parametrize("argv", [
+    ["ops-bench", "--decode", "--selectors", "nope"],
+    ["ops-bench", "--decode", "--selectors", "split_k:ways=2"],
+    ["ops-bench", "--budget", "128"],
+    ["ops-bench", "--decode", "--patterns", "sink_window"],
+    ["ops-bench", "--decode", "--budget", "0"],
+    ["ops-bench", "--decode", "--lengths", "100"],
+])
+def test_decode_ops_bench_bad_arguments_exit_2(argv, capsys):
+    from longattn import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("longattn: error:")

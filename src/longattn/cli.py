@@ -67,22 +67,25 @@ def _build() -> argparse.ArgumentParser:
 
     o = sub.add_parser("ops-bench", help="op-level speed vs dense SDPA")
     o.add_argument("--patterns", default=None, type=_csv)
-    o.add_argument("--lengths", default=[8192, 32768], type=_ints("--lengths"))
-    o.add_argument("--dtypes", default=["float32", "bfloat16"], type=_csv)
-    o.add_argument("--heads", default=8, type=int, help="random inputs: query heads")
-    o.add_argument("--kv-heads", default=0, type=int, help="random inputs: kv heads (GQA); default = --heads")
-    o.add_argument("--dim", default=64, type=int, help="random inputs: head dim")
+    o.add_argument("--lengths", default=None, type=_ints("--lengths"),
+                   help="default 8192,32768 (--decode: 32768,131072)")
+    o.add_argument("--dtypes", default=None, type=_csv, help="default float32,bfloat16 (--decode: float32)")
+    o.add_argument("--heads", default=None, type=int, help="random inputs: query heads (default 8; --decode: 32)")
+    o.add_argument("--kv-heads", default=None, type=int,
+                   help="random inputs: kv heads (GQA); default = --heads (--decode: 8)")
+    o.add_argument("--dim", default=None, type=int, help="random inputs: head dim (default 64; --decode: 128)")
     o.add_argument("--backends", default=["flex"], type=_csv)
     o.add_argument("--block-size", default=None, type=int,
                    help="block size for patterns whose spec does not set one (default: their own, 64)")
     o.add_argument("--repeats", default=3, type=int)
-    o.add_argument("--qk", default="captured", help="captured (q/k/v of --model's --layer) or random")
+    o.add_argument("--qk", default=None,
+                   help="captured (q/k/v of --model's --layer) or random (default captured; --decode: random)")
     o.add_argument("--model", default="smollm2-135m")
     o.add_argument("--layer", default=14, type=int, help="layer whose q/k/v are captured")
     o.add_argument("--capture-max", default=32768, type=int, help="longest N with captured inputs")
-    o.add_argument("--decode", action="store_true")
-    o.add_argument("--selectors", type=_csv)
-    o.add_argument("--budget", type=int)
+    o.add_argument("--decode", action="store_true", help="time one decode step of decode-time selectors")
+    o.add_argument("--selectors", type=_csv, help="--decode: selector specs (default: all, and split_k:splits=8)")
+    o.add_argument("--budget", type=int, help="--decode: tokens per head and step for selectors (default 2048)")
     o.add_argument("--cab", action="store_true")
     o.add_argument("--json", dest="json_path")
 
@@ -213,22 +216,55 @@ def _cmd_ops_bench(a) -> int:
     from .layout import check_block_size
     from .ops.block_sparse import BACKENDS
 
-    if a.decode or a.cab or a.selectors or a.budget:
-        raise ValueError("--decode/--selectors/--budget/--cab: not implemented yet (decode selectors, CAB grid)")
+    if a.cab:
+        raise ValueError("--cab: not implemented yet (the CAB efficiency grid)")
+    if a.decode:
+        return _decode_bench(a)
+    if a.selectors or a.budget is not None:
+        raise ValueError("--selectors/--budget need --decode")
     for be in a.backends:
         if be not in BACKENDS:
             raise ValueError(f"--backends: unknown backend {be!r}; allowed: {', '.join(BACKENDS)}")
     if a.block_size is not None:
         check_block_size(a.block_size, "--block-size")
-    cfg = OpsBenchConfig(patterns=tuple(a.patterns or DEFAULT_PATTERNS), lengths=tuple(a.lengths),
-                         dtypes=tuple(a.dtypes), heads=a.heads, kv_heads=a.kv_heads, dim=a.dim,
-                         backends=tuple(a.backends), block_size=a.block_size, repeats=a.repeats, qk=a.qk,
-                         model=a.model, layer=a.layer, capture_max=a.capture_max)
+    cfg = OpsBenchConfig(patterns=tuple(a.patterns or DEFAULT_PATTERNS), lengths=tuple(a.lengths or (8192, 32768)),
+                         dtypes=tuple(a.dtypes or ("float32", "bfloat16")), heads=_or(a.heads, 8),
+                         kv_heads=_or(a.kv_heads, 0), dim=_or(a.dim, 64), backends=tuple(a.backends),
+                         block_size=a.block_size, repeats=a.repeats, qk=a.qk or "captured", model=a.model,
+                         layer=a.layer, capture_max=a.capture_max)
     recs = run_ops(cfg)
     print(ops_table(recs))
-    if a.json_path:
-        Path(a.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json_path).write_text(json.dumps(recs, indent=1))
+    _write_json(a.json_path, recs)
+    return 0
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _write_json(path, recs) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(recs, indent=1))
+
+
+def _decode_bench(a) -> int:
+    from .bench.decode_ops import DEFAULT_SELECTORS, DecodeBenchConfig, run_decode_ops
+    from .bench.report import decode_table
+
+    if a.patterns or a.block_size is not None:
+        raise ValueError("--patterns/--block-size are for prefill patterns; with --decode use --selectors")
+    heads = _or(a.heads, 32)
+    cfg = DecodeBenchConfig(selectors=tuple(a.selectors or DEFAULT_SELECTORS),
+                            lengths=tuple(a.lengths or (32768, 131072)), dtypes=tuple(a.dtypes or ("float32",)),
+                            heads=heads, kv_heads=_or(a.kv_heads, 8 if a.heads is None else heads),
+                            dim=_or(a.dim, 128), budget=_or(a.budget, 2048), repeats=a.repeats,
+                            qk=a.qk or "random", model=a.model, layer=a.layer, capture_max=a.capture_max)
+    if cfg.budget < 1:
+        raise ValueError(f"--budget must be an int >= 1, got {cfg.budget}")
+    recs = run_decode_ops(cfg)
+    print(decode_table(recs))
+    _write_json(a.json_path, recs)
     return 0
 
 

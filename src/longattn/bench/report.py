@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-__all__ = ["bench_table", "ops_table", "render_dir"]
+__all__ = ["bench_table", "decode_table", "ops_table", "render_dir"]
 
 
 def _fmt(x, spec: str) -> str:
@@ -63,6 +63,18 @@ def ops_table(records: list[dict]) -> str:
              f(r.get("block_density"), ".3f"), f(r.get("recall"), ".3f"), f"{r['est_ms']:.1f}",
              f"{r['kernel_ms']:.1f}", f"{r['dense_ms']:.1f}", f"{r['speedup']:.2f}x"]
             for r in records]
+    return _render(head, rows)
+
+
+def decode_table(records: list[dict]) -> str:
+    """ops-bench --decode records: selection and attention time of one decode step vs dense decode attention
+    (SDPA, and eager matmul-softmax-matmul), same run."""
+    head = ["selector", "N", "dtype", "heads", "density", "recall", "setup ms", "select ms", "attend ms",
+            "sdpa ms", "eager ms", "vs sdpa", "vs eager"]
+    rows = [[r["pattern"], str(r["N"]), r["dtype"], f"{r['heads']}/{r['kv_heads']}x{r['dim']}",
+             f"{r['density']:.3f}", f"{r['recall']:.3f}", f"{r['setup_ms']:.0f}", f"{r['est_ms']:.2f}",
+             f"{r['kernel_ms']:.2f}", f"{r['dense_ms']:.2f}", f"{r['eager_ms']:.2f}", f"{r['speedup']:.2f}x",
+             f"{r['speedup_eager']:.2f}x"] for r in records]
     return _render(head, rows)
 
 

@@ -2,12 +2,15 @@
 
 Protocol (as kvpress's pipeline): the context is prefilled and the KV policy compresses it (question-agnostic);
 then the question and answer prefix are fed uncompressed and the answer is decoded greedily. Prefill patterns
-apply to every multi-token forward. The chat template of the model is applied when it has one. Fidelity: the
-method is teacher-forced along the dense answer and its next-token distributions are compared with dense's.
+apply to every multi-token forward; decode selectors to every single-token forward (the generated tokens).
+The chat template of the model is applied when it has one. Fidelity: the method is teacher-forced along the
+dense answer, from a copy of its cache taken after the context (one token at a time when the recipe has a
+decode selector), and its next-token distributions are compared with dense's.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -112,12 +115,6 @@ def _forward(model, ids: list[int] | torch.Tensor, cache, kw: str):
     return model(input_ids=x, use_cache=True, **{kw: cache}).logits
 
 
-def _crop(cache, n: int) -> None:
-    if n > 0:
-        for layer in cache.layers:
-            layer.crop(-n)
-
-
 def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, ref: dict | None) -> dict:
     """One (method, sample): returns the measured fields (and ``answer_ids``/``ref_logits`` for dense)."""
     from transformers import DynamicCache
@@ -155,6 +152,8 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
         session.observers.clear()
         session.compress_enabled = False  # the question and the answer are never compressed
         kv_bytes = cache_nbytes(cache)
+        # the fidelity pass continues from a copy of this cache (selector state included): no crop, exact
+        snapshot = copy.deepcopy(cache)
         # free greedy decoding of the answer
         if not query_aware:
             logits = _forward(model, rest, cache, kw)[0, -1]
@@ -169,17 +168,25 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
             logits = _forward(model, [tok], cache, kw)[0, -1]
         decode_s = time.perf_counter() - t1
         kv_bytes_end = cache_nbytes(cache)
-        # teacher-forced along the dense answer, for fidelity (dense's logits are the reference)
+        del cache
+        # teacher-forced along the dense answer, for fidelity (dense's logits are the reference); with a decode
+        # selector the answer tokens go one at a time, so the selector is what produces those logits
         answer_ids = ref["answer_ids"] if ref is not None else gen
+        one_by_one = recipe.decode is not None
         if query_aware:  # the question is inside the compressed cache: continue from the first answer token
-            _crop(cache, len(gen) - 1)
-            tf = tf_first[None]
-            if len(answer_ids) > 1:
-                tf = torch.cat([tf, _forward(model, answer_ids[:-1], cache, kw)[0]])
+            head, feed = tf_first[None], answer_ids[:-1]
         else:
-            _crop(cache, len(rest) + len(gen) - 1)
-            tf = _forward(model, rest + answer_ids[:-1], cache, kw)[0, len(rest) - 1 :]
+            head = _forward(model, rest, snapshot, kw)[0, -1:]
+            feed = answer_ids[:-1]
+        parts = [head]
+        if feed and one_by_one:
+            parts += [_forward(model, [t], snapshot, kw)[0] for t in feed]
+        elif feed:
+            parts.append(_forward(model, feed, snapshot, kw)[0])
+        tf = torch.cat(parts)
+        del snapshot
         method_s = session.method_s
+        dstats = dict(session.decode_stats)
     pred = tokenizer.decode(gen, skip_special_tokens=True)
     kl, top1 = (0.0, 1.0) if ref is None else fidelity(ref["ref_logits"], tf)
     steps = max(len(gen) - 1, 0)
@@ -199,6 +206,8 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
         "ref_logits": tf,
         "protocol": "query_aware" if query_aware else "question_agnostic",
         "recall": (sum(recalls) / len(recalls)) if recalls else None,
+        # decode selectors: fraction of the cached tokens the selected layers attended, over all decode steps
+        "decode_density": (dstats["selected"] / dstats["possible"]) if dstats.get("possible") else None,
     }
 
 
@@ -267,6 +276,7 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                         "kv_cache_bytes_end": res["kv_cache_bytes_end"],
                         "prediction": res["prediction"], "answer": sample.answers[0],
                         "protocol": res["protocol"], "recall": res["recall"],
+                        "decode_density": res["decode_density"],
                     }
                     records.append(rec)
                     if sink is not None:

@@ -27,24 +27,35 @@ from .base import DecodeSelector, Step, check_int, top_with_forced
 __all__ = ["Squeezed", "kmeans"]
 
 
-def kmeans(x: torch.Tensor, clusters: int, iters: int, valid: torch.Tensor | None = None
+def kmeans(x: torch.Tensor, clusters: int, iters: int, valid: torch.Tensor | None = None, chunk: int = 16384
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched k-means (Lloyd) of ``x [r, n, d]`` on unit vectors (cosine). Returns ``(centroids [r, c, d],
     assign [r, n] long)``. Init: evenly spaced points. Points with ``valid`` False are assigned but do not move
-    centroids. Empty clusters keep their previous centroid."""
+    centroids. Empty clusters keep their previous centroid; the returned memberships are those of the returned
+    centroids. Rows and points are processed in chunks (memory
+    ``chunk x clusters`` per step)."""
     r, n, d = x.shape
-    xn = torch.nn.functional.normalize(x.float(), dim=-1)
     init = torch.linspace(0, n - 1, clusters, device=x.device).round().long()
-    cent = xn[:, init].clone()
-    w = torch.ones(r, n, device=x.device) if valid is None else valid.float()
-    assign = torch.zeros(r, n, dtype=torch.long, device=x.device)
-    for _ in range(max(iters, 1)):
-        assign = torch.matmul(xn, cent.transpose(-1, -2)).argmax(-1)  # [r, n]
-        sums = torch.zeros(r, clusters, d, device=x.device).scatter_add_(
-            1, assign.unsqueeze(-1).expand(-1, -1, d), xn * w.unsqueeze(-1))
-        cnt = torch.zeros(r, clusters, device=x.device).scatter_add_(1, assign, w)
-        cent = torch.where(cnt.unsqueeze(-1) > 0, torch.nn.functional.normalize(sums, dim=-1), cent)
-    return cent, assign
+    cents, assigns = [], []
+    for ri in range(r):
+        xn = torch.nn.functional.normalize(x[ri].float(), dim=-1)
+        cent = xn[init].clone()
+        w = torch.ones(n, device=x.device) if valid is None else valid[ri].float()
+        assign = torch.zeros(n, dtype=torch.long, device=x.device)
+
+        def nearest(cent, xn=xn, assign=assign):
+            for c0 in range(0, n, chunk):
+                assign[c0 : c0 + chunk] = torch.matmul(xn[c0 : c0 + chunk], cent.T).argmax(-1)
+
+        for _ in range(max(iters, 1)):
+            nearest(cent)
+            sums = torch.zeros(clusters, d, device=x.device).index_add_(0, assign, xn * w[:, None])
+            cnt = torch.zeros(clusters, device=x.device).index_add_(0, assign, w)
+            cent = torch.where(cnt[:, None] > 0, torch.nn.functional.normalize(sums, dim=-1), cent)
+        nearest(cent)  # the memberships of the final centroids
+        cents.append(cent)
+        assigns.append(assign)
+    return torch.stack(cents), torch.stack(assigns)
 
 
 @register("squeezed", "decode", paper="Squeezed Attention (Hooper et al., ACL 2025) https://arxiv.org/abs/2411.09688",

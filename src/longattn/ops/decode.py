@@ -32,6 +32,20 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
     return check_qkv(q, k, v)
 
 
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor, kvh: torch.Tensor) -> torch.Tensor:
+    """``x [b, hk, n, d]`` at ``idx [b, hs, m]``, row ``h`` of ``idx`` reading kv head ``kvh[h]``:
+    ``[b, hs, m, d]``. One ``index_select`` over the flattened cache when it is contiguous; per row otherwise
+    (a transposed cache would be copied whole by the flattening)."""
+    b, hk, n, d = x.shape
+    hs, m = idx.shape[1], idx.shape[2]
+    if x.is_contiguous():
+        rows = (torch.arange(b, device=idx.device).view(b, 1, 1) * hk + kvh.view(1, hs, 1)) * n
+        return x.reshape(b * hk * n, d).index_select(0, (rows + idx).reshape(-1)).view(b, hs, m, d)
+    heads = kvh.tolist()
+    return torch.stack([torch.stack([x[bi, heads[h]].index_select(0, idx[bi, h]) for h in range(hs)])
+                        for bi in range(b)])
+
+
 def split_bounds(n: int, splits: int) -> list[tuple[int, int]]:
     """``splits`` contiguous ranges covering ``[0, n)``: equal sizes ``ceil(n / splits)``, the last one ragged
     (fewer ranges when ``n < splits``)."""
@@ -95,16 +109,9 @@ def gather_attention(
     hs, m = idx.shape[1], idx.shape[2]
     idx = idx.long()
     g = hq // hk
-    if hs == hk:
-        rows = torch.arange(b * hk, device=idx.device).view(b, hk, 1) * n
-        qs = q.reshape(b, hk, g * nq, d)
-    else:  # one set per query head: query head h reads kv head h // g
-        kvh = torch.arange(hq, device=idx.device) // g
-        rows = (torch.arange(b, device=idx.device).view(b, 1) * hk + kvh.view(1, hq)).view(b, hq, 1) * n
-        qs = q
-    flat = (rows + idx).reshape(-1)
-    kg = k.reshape(b * hk * n, d).index_select(0, flat).view(b, hs, m, d)
-    vg = v.reshape(b * hk * n, d).index_select(0, flat).view(b, hs, m, d)
+    kvh = torch.arange(hs, device=idx.device) // (1 if hs == hk else g)  # the kv head each row of idx reads
+    qs = q.reshape(b, hk, g * nq, d) if hs == hk else q
+    kg, vg = _gather_rows(k, idx, kvh), _gather_rows(v, idx, kvh)  # [b, hs, m, d]
     allowed = None if valid is None else valid[:, :, None, :]
     if key_valid is not None:
         kv_ok = key_valid.gather(1, idx.reshape(b, hs * m)).view(b, hs, 1, m)
