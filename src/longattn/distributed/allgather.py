@@ -1,0 +1,67 @@
+"""All-gather-KV context parallelism: one all-gather of K/V per layer, local attention of the query shard.
+
+As PyTorch's context-parallel default and Llama 3's long-context training ("The Llama 3 Herd of Models",
+https://arxiv.org/abs/2407.21783, section 3.3.2): every rank gathers the whole K/V (one all-gather of the packed
+K and V; local lengths may differ: padded to the longest for the collective), then attends its query shard to
+it, skipping causal blocks entirely in the future. Backward: the gradients of the gathered K/V are summed and
+returned to their owners by one reduce-scatter.
+
+Collectives per call: forward 1 all-gather (+1 of the lengths unless given); backward 1 reduce-scatter.
+Volume per rank: ``2 * n_local * kv_heads * dim`` elements sent, ``(P - 1)`` times that received.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .blocks import KERNELS, LAYOUTS, attend_ranges, backward_ranges, rank_ranges
+from .comm import all_gather_var, compute_timer, exchange_lengths, reduce_scatter_var, world
+from .ring import check_local
+
+__all__ = ["allgather_kv"]
+
+
+class _AllGatherKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, lengths, ranges, causal, scale, kernel):
+        r, _ = world(group)
+        parts = all_gather_var(torch.stack([k, v]), lengths, 3, "allgather_kv", group)
+        kv = torch.cat(parts, 3)  # [2, b, hk, N, d] in rank order
+        kranges = [rg for rr in ranges for rg in rr]
+        with compute_timer():
+            out, lse = attend_ranges(q, kv[0], kv[1], ranges[r], kranges, causal=causal, scale=scale, kernel=kernel)
+        ctx.save_for_backward(q, kv, out, lse)
+        ctx.cfg = (group, lengths, ranges, kranges, causal, scale)
+        ctx.mark_non_differentiable(lse)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, kv, out, lse = ctx.saved_tensors
+        group, lengths, ranges, kranges, causal, scale = ctx.cfg
+        r, _ = world(group)
+        with compute_timer():
+            dq, dk, dv = backward_ranges(q, kv[0], kv[1], out, lse, dout, ranges[r], kranges, causal=causal,
+                                         scale=scale)
+        dkv = reduce_scatter_var(torch.stack([dk, dv]), lengths, 3, "allgather_kv", group)
+        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None, None, None
+
+
+def allgather_kv(q, k, v, *, group=None, causal: bool = True, layout: str = "contiguous",
+                 scale: float | None = None, kernel: str = "eager", lengths: list[int] | None = None,
+                 return_lse: bool = False):
+    """Sequence-parallel attention by one all-gather of K/V (see the module docstring); arguments as
+    ``ring_attention``."""
+    check_local(q, k, v, "allgather_kv")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if lengths is None:
+        lengths = exchange_lengths(q.shape[2], "allgather_kv", group, q.device)
+    ranges = rank_ranges(list(lengths), layout)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out, lse = _AllGatherKV.apply(q, k, v, group, list(lengths), ranges, causal, scale, kernel)
+    return (out, lse) if return_lse else out

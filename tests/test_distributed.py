@@ -1,0 +1,183 @@
+"""Sequence-parallel attention on gloo (2 and 4 local processes) against the single-process reference, and
+linear attention against its quadratic and recurrent references."""
+
+import pytest
+import torch
+
+import _dist_workers as W
+from longattn.distributed.blocks import pair_work, rank_ranges, shard, split_lengths, unshard
+from longattn.distributed.launch import spawn
+from longattn.ops.linear import (
+    chunk_state,
+    lightning_attention,
+    linear_attention_naive,
+    linear_attention_recurrent,
+    linear_decode_step,
+)
+
+TOL = 1e-5
+
+
+def _ok(results):
+    for r in results:
+        assert r["ok"], f"rank {r['rank']}: {r.get('error')}\n{r.get('traceback', '')}"
+    return [r["result"] for r in results]
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def methods(request):
+    p = request.param
+    n = 37
+    lengths = [11, 26] if p == 2 else [3, 11, 9, 14]
+    return p, _ok(spawn(W.check_methods, p, (n, lengths), timeout_s=60))
+
+
+EXPECTED = {  # collectives per call: forward, backward (lengths given)
+    "ring": (lambda p: {"send": p - 1}, lambda p: {"send": p}),
+    "allgather": (lambda p: {"all_gather": 1}, lambda p: {"reduce_scatter": 1}),
+    "ulysses": (lambda p: {"all_to_all": 2}, lambda p: {"all_to_all": 2}),
+}
+
+
+def test_every_method_equals_the_reference_with_gradients(methods):
+    p, per_rank = methods
+    for rank, res in enumerate(per_rank):
+        for case, m in res.items():
+            if case == "ring/exchange":
+                continue
+            for key in ("out", "lse", "dq", "dk", "dv"):
+                if m[key] is not None:
+                    assert m[key] < TOL, f"P={p} rank {rank} {case}: {key} off by {m[key]:.2e}"
+
+
+def test_collectives_per_call_are_what_the_algorithm_says(methods):
+    p, per_rank = methods
+    for res in per_rank:
+        for case, m in res.items():
+            if case == "ring/exchange":
+                assert m == {"send": p - 1, "lengths": 1}
+                continue
+            fwd, bwd = EXPECTED[case.split("/")[0]]
+            assert m["fwd"] == fwd(p), case
+            assert m["bwd"] == bwd(p), case
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_decode_lasp2_and_hybrid_equal_references(world):
+    for rank, res in enumerate(_ok(spawn(W.check_decode_and_linear, world, timeout_s=60))):
+        assert res["dist_decode"]["out"] < TOL and res["dist_decode"]["lse"] < TOL
+        assert res["dist_decode"]["calls"] == {"all_gather": 1}
+        for key in ("out", "dq", "dk", "dv"):
+            assert res["lasp2"][key] < 1e-4, (rank, key, res["lasp2"][key])
+        assert res["lasp2"]["fwd"] == {"all_gather": 1} and res["lasp2"]["bwd"] == {"all_reduce": 1}
+        assert res["lasp2h"]["out"] < 1e-4
+
+
+@pytest.mark.parametrize("mode,timeout", [("die", 20), ("hang", 3)])
+def test_a_lost_rank_fails_the_others_clearly_within_the_timeout(mode, timeout):
+    res = spawn(W.die_or_hang, 2, (mode,), timeout_s=timeout, startup_s=20)
+    assert not res[1]["ok"]  # died, or killed by the launcher while hanging
+    r0 = res[0]
+    assert r0["ok"], r0.get("error")
+    err = r0["result"]["error"]
+    assert err is not None and "PeerLostError: ring_attention: rank 0 lost contact with its peers" in err
+    assert r0["result"]["elapsed"] < timeout + 5
+
+
+# ---- single process ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_zigzag_balances_causal_work(world):
+    n = 4096
+    sizes = split_lengths(n, 2 * world)
+    zig = [pair_work(rr, [x for r2 in rank_ranges([sizes[i] + sizes[2 * world - 1 - i] for i in range(world)],
+                                                  "zigzag") for x in r2], True)
+           for rr in rank_ranges([sizes[i] + sizes[2 * world - 1 - i] for i in range(world)], "zigzag")]
+    cont_r = rank_ranges(split_lengths(n, world), "contiguous")
+    cont = [pair_work(rr, [x for r2 in cont_r for x in r2], True) for rr in cont_r]
+    assert max(zig) / min(zig) < 1.01
+    assert max(cont) / min(cont) > 2 * world - 2
+    assert sum(zig) == sum(cont) == n * (n + 1) // 2
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_shard_unshard_roundtrip(layout):
+    x = torch.arange(2 * 37).view(1, 2, 37, 1)
+    parts = [shard(x, layout, 3, r) for r in range(3)]
+    assert torch.equal(unshard(parts, layout), x)
+    with pytest.raises(ValueError, match="layout must be one of contiguous, zigzag"):
+        shard(x, "ring", 3, 0)
+    with pytest.raises(ValueError, match="zigzag: rank 0 holds 5 tokens"):
+        rank_ranges([5, 5, 27], "zigzag")
+
+
+def test_methods_refuse_without_a_process_group():
+    from longattn.distributed import ring_attention
+
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        ring_attention(q, q, q, lengths=[4])
+
+
+@pytest.mark.parametrize("block", [16, 33, 64, 128, 256])
+@pytest.mark.parametrize("n", [1, 50, 300])
+def test_lightning_equals_naive_and_recurrent(block, n):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, n, 8, generator=g)
+    k, v = torch.randn(2, 2, n, 8, generator=g), torch.randn(2, 2, n, 6, generator=g)
+    lam = torch.tensor([0.9, 0.99, 1.0, 0.7])
+    ref = linear_attention_naive(q, k, v, decay=lam)
+    out, state = lightning_attention(q, k, v, decay=lam, block_size=block, return_state=True)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    rec, rstate = linear_attention_recurrent(q, k, v, decay=lam)
+    torch.testing.assert_close(rec, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state, rstate, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunk_state(k, v, decay=lam, q_heads=4), state, rtol=1e-4, atol=1e-4)
+
+
+def test_lightning_gradients_equal_naive():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 70, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    w = torch.randn(1, 2, 70, 8, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (lambda: linear_attention_naive(q, k, v, decay=0.95),
+               lambda: lightning_attention(q, k, v, decay=0.95, block_size=16)):
+        q.grad = k.grad = v.grad = None
+        (fn() * w).sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_decode_step_continues_the_chunked_prefill():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=g) for _ in range(3))
+    lam = torch.tensor([0.9, 0.98])
+    ref = linear_attention_naive(q, k, v, decay=lam)
+    out, state = lightning_attention(q[:, :, :33], k[:, :, :33], v[:, :, :33], decay=lam, block_size=16,
+                                     return_state=True)
+    steps = []
+    for t in range(33, 40):
+        o, state = linear_decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state, decay=lam)
+        steps.append(o)
+    torch.testing.assert_close(torch.cat([out] + steps, 2), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_non_causal_and_cross_forms():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 20, 8, generator=g)
+    k, v = torch.randn(1, 2, 50, 8, generator=g), torch.randn(1, 2, 50, 4, generator=g)
+    ref = linear_attention_naive(q, k, v, causal=False)
+    torch.testing.assert_close(lightning_attention(q, k, v, causal=False), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref, q @ (k.transpose(-1, -2) @ v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(decay=1.5), r"decay: every value must be in \(0, 1\]"),
+    (dict(decay=0.9, causal=False), "decay: only the causal form"),
+    (dict(block_size=0), "block_size must be an int >= 1"),
+    (dict(decay=torch.ones(3)), r"decay: expected a float or a \[2\] tensor"),
+])
+def test_linear_bad_arguments(kwargs, match):
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match=match):
+        lightning_attention(q, q, q, **kwargs)
