@@ -181,3 +181,46 @@ def test_linear_bad_arguments(kwargs, match):
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(ValueError, match=match):
         lightning_attention(q, q, q, **kwargs)
+
+
+def test_dist_bench_runs_and_checks_its_output(capsys):
+    from longattn import cli
+
+    assert cli.main(["dist-bench", "--nproc", "2", "--method", "zigzag", "--seq", "96", "--repeats", "1",
+                     "--heads", "4", "--kv-heads", "2", "--dim", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert len(rows) == 2 and all(r[0] == "zigzag" for r in rows)
+    assert float(rows[0][-1]) < 1e-5  # max error of the gathered output vs the single process
+
+
+@pytest.mark.parametrize("argv", [
+    ["dist-bench", "--nproc", "0", "--method", "ring", "--seq", "64"],
+    ["dist-bench", "--nproc", "2", "--method", "ulysses", "--seq", "64", "--heads", "3", "--kv-heads", "1"],
+    ["dist-bench", "--nproc", "2", "--method", "ring", "--seq", "64", "--kernel", "cuda"],
+    ["dist-bench", "--nproc", "2", "--method", "ring", "--seq", "64", "--kv-heads", "3"],
+])
+def test_dist_bench_bad_arguments_exit_2(argv, capsys):
+    from longattn import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("longattn: error:")
+
+
+def test_linear_ops_bench_records_and_skips():
+    from longattn.bench.linear_ops import LinearBenchConfig, linear_table, run_linear_ops
+
+    recs = run_linear_ops(LinearBenchConfig(lengths=(64, 256), heads=2, dim=8, repeats=1, naive_max=64,
+                                            softmax_max=256, progress=False))
+    by = {(r["pattern"], r["N"]): r for r in recs}
+    assert by[("naive", 256)]["ms"] is None and by[("naive", 64)]["ms"] > 0
+    assert by[("lightning", 256)]["us_per_token"] == pytest.approx(by[("lightning", 256)]["ms"] * 1e3 / 256)
+    assert "skipped" in linear_table(recs)
+
+
+def test_ops_bench_linear_and_decode_together_is_refused(capsys):
+    from longattn import cli
+
+    assert cli.main(["ops-bench", "--linear", "--decode"]) == 2
+    assert "choose one" in capsys.readouterr().err

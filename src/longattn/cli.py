@@ -86,6 +86,8 @@ def _build() -> argparse.ArgumentParser:
     o.add_argument("--decode", action="store_true", help="time one decode step of decode-time selectors")
     o.add_argument("--selectors", type=_csv, help="--decode: selector specs (default: all, and split_k:splits=8)")
     o.add_argument("--budget", type=int, help="--decode: tokens per head and step for selectors (default 2048)")
+    o.add_argument("--linear", action="store_true",
+                   help="Lightning (chunked linear) attention vs naive linear vs causal softmax SDPA per length")
     o.add_argument("--cab", action="store_true")
     o.add_argument("--json", dest="json_path")
 
@@ -101,11 +103,19 @@ def _build() -> argparse.ArgumentParser:
     pr.add_argument("--density", default=0.3, type=float, help="search: mean density budget over all heads")
     pr.add_argument("--candidates", default=None, type=_csv, help="search: candidate pattern specs")
 
-    d = sub.add_parser("dist-bench", help="sequence-parallel attention (not implemented yet)")
+    d = sub.add_parser("dist-bench", help="sequence-parallel attention on local gloo processes vs one process")
     d.add_argument("--nproc", type=int, required=True)
     d.add_argument("--method", required=True,
                    choices=["ring", "zigzag", "allgather", "ulysses", "dist_decode", "lasp2"])
     d.add_argument("--seq", type=int, required=True)
+    d.add_argument("--heads", type=int, default=8)
+    d.add_argument("--kv-heads", type=int, default=2)
+    d.add_argument("--dim", type=int, default=64)
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--threads", type=int, default=1, help="torch threads per process (and for the baseline)")
+    d.add_argument("--kernel", default="flash", help="block kernel of the softmax methods: flash (CPU flash op) or eager")
+    d.add_argument("--timeout", type=float, default=300.0, help="seconds before a silent rank fails the run")
+    d.add_argument("--json", dest="json_path")
     return p
 
 
@@ -218,8 +228,12 @@ def _cmd_ops_bench(a) -> int:
 
     if a.cab:
         raise ValueError("--cab: not implemented yet (the CAB efficiency grid)")
+    if a.decode and a.linear:
+        raise ValueError("--decode and --linear: choose one")
     if a.decode:
         return _decode_bench(a)
+    if a.linear:
+        return _linear_bench(a)
     if a.selectors or a.budget is not None:
         raise ValueError("--selectors/--budget need --decode")
     for be in a.backends:
@@ -246,6 +260,19 @@ def _write_json(path, recs) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(recs, indent=1))
+
+
+def _linear_bench(a) -> int:
+    from .bench.linear_ops import LinearBenchConfig, linear_table, run_linear_ops
+
+    if a.patterns or a.selectors or a.budget is not None or a.block_size is not None:
+        raise ValueError("--linear takes --lengths, --heads, --dim, --repeats (not --patterns/--selectors/--budget)")
+    cfg = LinearBenchConfig(lengths=tuple(a.lengths or LinearBenchConfig.lengths), heads=_or(a.heads, 8),
+                            dim=_or(a.dim, 64), repeats=a.repeats)
+    recs = run_linear_ops(cfg)
+    print(linear_table(recs))
+    _write_json(a.json_path, recs)
+    return 0
 
 
 def _decode_bench(a) -> int:
@@ -319,10 +346,23 @@ def _profile_search(a) -> int:
     return 0
 
 
+def _cmd_dist_bench(a) -> int:
+    from .distributed.bench import DistBenchConfig, dist_table, run_dist_bench
+
+    if a.timeout <= 0:
+        raise ValueError(f"--timeout must be > 0, got {a.timeout}")
+    cfg = DistBenchConfig(method=a.method, nproc=a.nproc, seq=a.seq, heads=a.heads, kv_heads=a.kv_heads, dim=a.dim,
+                          repeats=a.repeats, threads=a.threads, kernel=a.kernel, timeout_s=a.timeout)
+    recs = run_dist_bench(cfg)
+    print(dist_table(recs))
+    _write_json(a.json_path, recs)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _build().parse_args(argv)
     handlers = {"list": _cmd_list, "generate": _cmd_generate, "bench": _cmd_bench, "report": _cmd_report,
-                "ops-bench": _cmd_ops_bench, "profile": _cmd_profile}
+                "ops-bench": _cmd_ops_bench, "profile": _cmd_profile, "dist-bench": _cmd_dist_bench}
     if a.cmd not in handlers:
         print(f"longattn: error: `{a.cmd}` is not implemented yet in this version", file=sys.stderr)
         return 2
