@@ -224,3 +224,12 @@ def test_ops_bench_linear_and_decode_together_is_refused(capsys):
 
     assert cli.main(["ops-bench", "--linear", "--decode"]) == 2
     assert "choose one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["dist_decode", "lasp2", "ulysses"])
+def test_dist_bench_other_methods(method):
+    from longattn.distributed.bench import DistBenchConfig, run_dist_bench
+
+    recs = run_dist_bench(DistBenchConfig(method=method, nproc=2, seq=64, heads=4, kv_heads=2, dim=8, repeats=1),
+                          log=lambda s: None)
+    assert len(recs) == 2 and recs[0]["max_err"] < 1e-4 and recs[0]["bytes_sent"] > 0

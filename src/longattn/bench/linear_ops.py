@@ -11,6 +11,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +61,11 @@ def run_linear_ops(cfg: LinearBenchConfig) -> list[dict]:
         for n in tqdm(cfg.lengths, desc="ops-bench --linear", disable=not cfg.progress, file=sys.stderr):
             q, k, v = (torch.randn(1, cfg.heads, n, cfg.dim, generator=g) for _ in range(3))
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-            runs = {"lightning": lambda: lightning_attention(q, k, v, decay=cfg.decay, block_size=cfg.block_size)}
+            runs = {"lightning": partial(lightning_attention, q, k, v, decay=cfg.decay, block_size=cfg.block_size)}
             if n <= cfg.naive_max:
-                runs["naive"] = lambda: linear_attention_naive(q, k, v, decay=cfg.decay)
+                runs["naive"] = partial(linear_attention_naive, q, k, v, decay=cfg.decay)
             if n <= cfg.softmax_max:
-                runs["softmax_sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                runs["softmax_sdpa"] = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
             times = {name: _time(fn, cfg.repeats) for name, fn in runs.items()}
             for name in ("lightning", "naive", "softmax_sdpa"):
                 ms = times.get(name)

@@ -94,8 +94,8 @@ def worker(rank: int, world: int, cfg_dict: dict) -> dict:
     if cfg.method == "dist_decode":
         lens = split_lengths(cfg.seq, world)
         s = sum(lens[:rank])
-        kl, vl = k[:, :, s : s + lens[rank]], v[:, :, s : s + lens[rank]]
-        call = lambda: dist_decode(q, kl, vl)  # noqa: E731
+        qd, kl, vl = q, k[:, :, s : s + lens[rank]].clone(), v[:, :, s : s + lens[rank]].clone()
+        call = lambda: dist_decode(qd, kl, vl)  # noqa: E731
     else:
         ql, kl, vl = (shard(t, layout, world, rank) for t in (q, k, v))
         lens = [shard(q, layout, world, r).shape[2] for r in range(world)]
