@@ -150,7 +150,10 @@ def _write(tmp_path, lines):
         ('{"context": "c", "question": "q", "answers": ["a"], "foo": 1}', ":1: unknown field"),
         ("[1, 2]", ":1: expected a JSON object"),
         ("{broken", ":1: not valid JSON"),
-        ('{"context": "c", "question": "q", "answers": ["a"], "turns": []}', ":1: field 'turns'"),
+        ('{"context": "c", "question": "q", "answers": ["a"], "turns": {}}', ":1: field 'turns' must be a list"),
+        ('{"context": "c", "question": "q", "answers": ["a"], "turns": [{"question": "q2"}]}',
+         r":1: turns\[0\]: field 'answers'"),
+        ('{"context": "c", "question": "q", "answers": ["a"], "mode": "chat"}', ":1: field 'mode' must be one of"),
     ],
 )
 def test_custom_data_validation_names_line_and_field(tmp_path, line, match):

@@ -49,6 +49,25 @@ def bench_table(records: list[dict]) -> str:
             _fmt(_mean([r["kl"] for r in rs]), ".3f"),
             _fmt(_mean([r["top1_agree"] for r in rs]), ".2f"),
         ])
+    table = _render(head, rows)
+    turns = turn_table(records)
+    return table + ("\n\naccuracy per turn (shared context)\n" + turns if turns else "")
+
+
+def turn_table(records: list[dict]) -> str:
+    """Shared-context records: accuracy of each turn (mean over samples), per (task, length, method)."""
+    groups = defaultdict(list)
+    for r in records:
+        if r.get("turn_scores"):
+            groups[(r["task"], r["length"], r["method"])].append(r["turn_scores"])
+    if not groups:
+        return ""
+    turns = max(len(t) for ts in groups.values() for t in ts)
+    head = ["task", "length", "method", "n"] + [f"turn {i + 1}" for i in range(turns)]
+    rows = []
+    for (t, n, m), ts in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "dense", kv[0][2])):
+        accs = [_mean([x[i] for x in ts if i < len(x)]) for i in range(turns)]
+        rows.append([t, str(n), m, str(len(ts))] + [_fmt(a, ".2f") for a in accs])
     return _render(head, rows)
 
 

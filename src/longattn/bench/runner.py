@@ -14,7 +14,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -115,8 +115,64 @@ def _forward(model, ids: list[int] | torch.Tensor, cache, kw: str):
     return model(input_ids=x, use_cache=True, **{kw: cache}).logits
 
 
+def _prefill(model, session, recipe, ids: list[int], cache, kw: str):
+    """Prefill ``ids`` into ``cache`` (in the KV policy's chunks when it has some), measuring time and peak
+    memory; a prefill pattern's recall is measured on the side (its time excluded). Returns
+    ``(last logits, prefill_s, peak_bytes, recall or None)``."""
+    kv = recipe.kv
+    chunk = kv.chunk if (kv is not None and kv.repeat) else None
+    recalls: list[float] = []
+    obs_s = [0.0]
+    pattern = recipe.prefill
+    if pattern is not None:  # the pattern's recall per layer, on sampled query rows; its time is excluded
+        def observe(layer_idx, q, k, v, key_valid):
+            t = time.perf_counter()
+            lay = pattern.for_layer(layer_idx).layout(q, k, key_valid)
+            recalls.append(float(attention_recall(lay, q, k, rows=RECALL_ROWS, key_valid=key_valid).mean()))
+            obs_s[0] += time.perf_counter() - t
+
+        session.observers.append(observe)
+    with PeakMemory(model.device) as pm:
+        t0 = time.perf_counter()
+        size = chunk or len(ids)
+        for s0 in range(0, len(ids), size):
+            logits = _forward(model, ids[s0 : s0 + size], cache, kw)[0, -1]
+        prefill_s = time.perf_counter() - t0 - obs_s[0]
+    session.observers.clear()
+    return logits, prefill_s, pm.peak_bytes, (sum(recalls) / len(recalls)) if recalls else None
+
+
+def _greedy(model, logits, cache, kw: str, max_new_tokens: int, eos: set[int]) -> tuple[list[int], float]:
+    """Greedy decoding from ``logits``; the last token is not fed. Returns ``(tokens, seconds)``."""
+    gen: list[int] = []
+    t1 = time.perf_counter()
+    for step in range(max_new_tokens):
+        tok = int(logits.argmax())
+        gen.append(tok)
+        if tok in eos or step == max_new_tokens - 1:
+            break
+        logits = _forward(model, [tok], cache, kw)[0, -1]
+    return gen, time.perf_counter() - t1
+
+
+def _teacher(model, cache, kw: str, head: torch.Tensor | None, rest: list[int], answer: list[int],
+             one_by_one: bool) -> torch.Tensor:
+    """Teacher-forced next-token logits over ``answer``: the logits after ``rest`` (or ``head`` when ``rest`` is
+    empty), then after each answer token but the last. With a decode selector the answer tokens go one at a
+    time, so the selector is what produces those logits."""
+    parts = [head[None] if not rest else _forward(model, rest, cache, kw)[0, -1:]]
+    feed = answer[:-1]
+    if feed and one_by_one:
+        parts += [_forward(model, [t], cache, kw)[0] for t in feed]
+    elif feed:
+        parts.append(_forward(model, feed, cache, kw)[0])
+    return torch.cat(parts)
+
+
 def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, ref: dict | None) -> dict:
     """One (method, sample): returns the measured fields (and ``answer_ids``/``ref_logits`` for dense)."""
+    if sample.turns:
+        return run_turns(model, tokenizer, recipe, sample, max_new_tokens, ref)
     from transformers import DynamicCache
 
     from ..hf import cache_kwarg_name
@@ -127,63 +183,25 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
     recipe = api.parse(recipe)
     kv = recipe.kv
     query_aware = bool(kv is not None and kv.query_aware)
-    chunk = kv.chunk if (kv is not None and kv.repeat) else None
     with torch.no_grad(), api.apply(model, recipe) as session:
         cache = DynamicCache()
         # question-agnostic: prefill (and compress) the context alone; query-aware: context + question
-        first = ctx + rest if query_aware else ctx
-        recalls: list[float] = []
-        obs_s = [0.0]
-        pattern = recipe.prefill
-        if pattern is not None:  # the pattern's recall per layer, on sampled query rows; its time is excluded
-            def observe(layer_idx, q, k, v, key_valid):
-                t = time.perf_counter()
-                lay = pattern.for_layer(layer_idx).layout(q, k, key_valid)
-                recalls.append(float(attention_recall(lay, q, k, rows=RECALL_ROWS, key_valid=key_valid).mean()))
-                obs_s[0] += time.perf_counter() - t
-
-            session.observers.append(observe)
-        with PeakMemory(model.device) as pm:
-            t0 = time.perf_counter()
-            size = chunk or len(first)
-            for s0 in range(0, len(first), size):
-                logits = _forward(model, first[s0 : s0 + size], cache, kw)[0, -1]
-            prefill_s = time.perf_counter() - t0 - obs_s[0]
-        session.observers.clear()
+        logits, prefill_s, peak, recall = _prefill(model, session, recipe, ctx + rest if query_aware else ctx,
+                                                   cache, kw)
         session.compress_enabled = False  # the question and the answer are never compressed
         kv_bytes = cache_nbytes(cache)
         # the fidelity pass continues from a copy of this cache (selector state included): no crop, exact
         snapshot = copy.deepcopy(cache)
-        # free greedy decoding of the answer
         if not query_aware:
             logits = _forward(model, rest, cache, kw)[0, -1]
-        gen: list[int] = []
         tf_first = logits.clone()
-        t1 = time.perf_counter()
-        for step in range(max_new_tokens):
-            tok = int(logits.argmax())
-            gen.append(tok)
-            if tok in eos or step == max_new_tokens - 1:
-                break
-            logits = _forward(model, [tok], cache, kw)[0, -1]
-        decode_s = time.perf_counter() - t1
+        gen, decode_s = _greedy(model, logits, cache, kw, max_new_tokens, eos)
         kv_bytes_end = cache_nbytes(cache)
         del cache
-        # teacher-forced along the dense answer, for fidelity (dense's logits are the reference); with a decode
-        # selector the answer tokens go one at a time, so the selector is what produces those logits
+        # teacher-forced along the dense answer, for fidelity (dense's logits are the reference)
         answer_ids = ref["answer_ids"] if ref is not None else gen
-        one_by_one = recipe.decode is not None
-        if query_aware:  # the question is inside the compressed cache: continue from the first answer token
-            head, feed = tf_first[None], answer_ids[:-1]
-        else:
-            head = _forward(model, rest, snapshot, kw)[0, -1:]
-            feed = answer_ids[:-1]
-        parts = [head]
-        if feed and one_by_one:
-            parts += [_forward(model, [t], snapshot, kw)[0] for t in feed]
-        elif feed:
-            parts.append(_forward(model, feed, snapshot, kw)[0])
-        tf = torch.cat(parts)
+        tf = _teacher(model, snapshot, kw, tf_first, [] if query_aware else rest, answer_ids,
+                      recipe.decode is not None)
         del snapshot
         method_s = session.method_s
         dstats = dict(session.decode_stats)
@@ -195,7 +213,7 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
         "n_tokens": len(ctx) + len(rest),
         "kv_cache_bytes": kv_bytes,
         "kv_cache_bytes_end": kv_bytes_end,
-        "peak_bytes": pm.peak_bytes,
+        "peak_bytes": peak,
         "prefill_s": prefill_s,
         "decode_s": decode_s,
         "decode_tok_s": (steps / decode_s) if steps and decode_s > 0 else None,
@@ -205,8 +223,101 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
         "answer_ids": gen,
         "ref_logits": tf,
         "protocol": "query_aware" if query_aware else "question_agnostic",
-        "recall": (sum(recalls) / len(recalls)) if recalls else None,
+        "recall": recall,
         # decode selectors: fraction of the cached tokens the selected layers attended, over all decode steps
+        "decode_density": (dstats["selected"] / dstats["possible"]) if dstats.get("possible") else None,
+    }
+
+
+def followup_ids(tokenizer, sample: Sample, history: list[tuple[str, str]], question: str, prefix: str
+                 ) -> list[int]:
+    """Token ids that continue a conversation after the previous answer: the end of the assistant turn and the
+    next user turn (``question``) up to the answer ``prefix``. ``history``: ``(question, answer text)`` of the
+    turns so far (the first question carries the context)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer("\n\n" + question + "\n" + prefix, add_special_tokens=False)["input_ids"]
+    msgs = []
+    for i, (q, a) in enumerate(history):
+        msgs.append({"role": "user", "content": (sample.context + "\n\n" + q) if i == 0 else q})
+        msgs.append({"role": "assistant", "content": a})
+    before = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) + msgs[-1]["content"]
+    after = tokenizer.apply_chat_template(msgs + [{"role": "user", "content": question}], tokenize=False,
+                                          add_generation_prompt=True)
+    if not after.startswith(before):
+        raise ValueError("shared context: the chat template does not render earlier turns verbatim; cannot continue "
+                         "the conversation in the cache")
+    return tokenizer(after[len(before) :] + prefix, add_special_tokens=False)["input_ids"]
+
+
+def run_turns(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, ref: dict | None) -> dict:
+    """A shared-context sample: the context is prefilled and compressed once, then every query runs either as
+    the next turn of one conversation (``multi_turn``) or on a fresh copy of the compressed context
+    (``multi_request``). Fidelity is teacher-forced along dense's answers (and, multi-turn, dense's history)."""
+    from transformers import DynamicCache
+
+    from ..hf import cache_kwarg_name
+
+    kw = cache_kwarg_name(model)
+    recipe = api.parse(recipe)
+    if recipe.kv is not None and recipe.kv.query_aware:
+        raise ValueError(f"{recipe}: a query-aware KV policy compresses after one question; a shared context is "
+                         "compressed once for every query (use the question-agnostic policy)")
+    queries = sample.queries()
+    ctx, rest0 = encode(tokenizer, sample)
+    eos = set(tokenizer.all_special_ids) if tokenizer is not None else set()
+    one_by_one = recipe.decode is not None
+    multi_turn = sample.mode == "multi_turn"
+    with torch.no_grad(), api.apply(model, recipe) as session:
+        cache = DynamicCache()
+        _, prefill_s, peak, recall = _prefill(model, session, recipe, ctx, cache, kw)
+        session.compress_enabled = False
+        kv_bytes = cache_nbytes(cache)
+        snapshot = copy.deepcopy(cache)
+
+        def run(work, base, answers_given: list[list[int]] | None):
+            """Every turn from ``work`` (fresh copies of ``base`` for later requests), free (greedy) or
+            teacher-forced along ``answers_given``; returns per turn ``(generated ids, logits or None)`` and the
+            decode seconds and steps."""
+            history, out, dec_s, steps = [], [], 0.0, 0
+            for i, (q, prefix, _) in enumerate(queries):
+                if i and not multi_turn:
+                    work = copy.deepcopy(base)
+                if i == 0 or not multi_turn:
+                    rest = encode(tokenizer, Sample("", sample.context, q, prefix, []))[1] if i else rest0
+                else:
+                    rest = followup_ids(tokenizer, sample, history, q, prefix)
+                if answers_given is None:
+                    logits = _forward(model, rest, work, kw)[0, -1]
+                    gen, sec = _greedy(model, logits, work, kw, max_new_tokens, eos)
+                    dec_s, steps = dec_s + sec, steps + max(len(gen) - 1, 0)
+                    out.append((gen, None))
+                else:
+                    gen = answers_given[i]
+                    out.append((gen, _teacher(model, work, kw, None, rest, gen, one_by_one)))
+                if multi_turn and i + 1 < len(queries):
+                    if gen and gen[-1] not in eos:  # complete the history in the cache with the last token
+                        _forward(model, [gen[-1]], work, kw)
+                    history.append((q, prefix + tokenizer.decode(gen, skip_special_tokens=True)))
+            return out, dec_s, steps
+
+        free, decode_s, steps = run(cache, snapshot, None)
+        kv_bytes_end = cache_nbytes(cache)
+        del cache
+        gens = [g for g, _ in free]
+        answers = ref["turn_answer_ids"] if ref is not None else gens
+        forced, _, _ = run(copy.deepcopy(snapshot), snapshot, answers)
+        del snapshot
+        method_s = session.method_s
+        dstats = dict(session.decode_stats)
+    preds = [tokenizer.decode(g, skip_special_tokens=True) for g in gens]
+    tf = torch.cat([lg for _, lg in forced])
+    kl, top1 = (0.0, 1.0) if ref is None else fidelity(ref["ref_logits"], tf)
+    return {
+        "prediction": preds[0], "turn_predictions": preds, "n_tokens": len(ctx) + len(rest0),
+        "kv_cache_bytes": kv_bytes, "kv_cache_bytes_end": kv_bytes_end, "peak_bytes": peak, "prefill_s": prefill_s,
+        "decode_s": decode_s, "decode_tok_s": (steps / decode_s) if steps and decode_s > 0 else None,
+        "method_s": method_s, "kl": kl, "top1_agree": top1, "answer_ids": gens[0], "turn_answer_ids": gens,
+        "ref_logits": tf, "protocol": f"shared_context:{sample.mode}", "recall": recall,
         "decode_density": (dstats["selected"] / dstats["possible"]) if dstats.get("possible") else None,
     }
 
@@ -265,7 +376,12 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                 for m in todo:
                     bar.set_postfix_str(f"{tname} {length} #{i} {m}")
                     res = ref if m == "dense" else run_one(model, tokenizer, m, sample, task.max_new_tokens, ref)
-                    score = task.score(res["prediction"], sample)
+                    if sample.turns:  # one score per query; the record's score is their mean
+                        turn_scores = [task.score(pred, replace(sample, answers=ans, turns=[]))
+                                       for pred, (_, _, ans) in zip(res["turn_predictions"], sample.queries())]
+                        score = sum(turn_scores) / len(turn_scores)
+                    else:
+                        turn_scores, score = None, task.score(res["prediction"], sample)
                     rec = {
                         "task": tname, "method": m, "length": length, "sample": i,
                         "correct": task.correct(score), "score": score,
@@ -277,6 +393,7 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                         "prediction": res["prediction"], "answer": sample.answers[0],
                         "protocol": res["protocol"], "recall": res["recall"],
                         "decode_density": res["decode_density"],
+                        **({"turn_scores": turn_scores, "mode": sample.mode} if turn_scores is not None else {}),
                     }
                     records.append(rec)
                     if sink is not None:

@@ -5,6 +5,7 @@ from .custom import Custom
 from .niah import Niah
 from .passkey import Passkey
 from .ruler import CommonWords, KVRetrieval, MultiQuery, MultiValue, VariableTracking
+from .shared_context import SharedContext
 
-__all__ = ["CommonWords", "Custom", "KVRetrieval", "MultiQuery", "MultiValue", "Niah", "Passkey", "Sample", "Task",
-           "VariableTracking"]
+__all__ = ["CommonWords", "Custom", "KVRetrieval", "MultiQuery", "MultiValue", "Niah", "Passkey", "Sample", "SharedContext",
+           "Task", "VariableTracking"]

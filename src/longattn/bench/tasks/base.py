@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Sample", "Task"]
+__all__ = ["MODES", "Sample", "Task"]
 
 
 @dataclass
 class Sample:
-    """One sample: ``context`` is compressed question-agnostically; ``question`` and ``answer_prefix`` follow."""
+    """One sample: ``context`` is compressed question-agnostically; ``question`` and ``answer_prefix`` follow.
+
+    ``turns``: follow-up queries over the same context (``{"question", "answer_prefix", "answers"}`` each), run
+    as a multi-turn conversation (``mode="multi_turn"``: each follow-up sees the previous questions and answers)
+    or as independent requests (``mode="multi_request"``: each on a fresh copy of the compressed context)."""
 
     id: str
     context: str
@@ -17,6 +21,16 @@ class Sample:
     answer_prefix: str
     answers: list[str]
     meta: dict = field(default_factory=dict)
+    turns: list[dict] = field(default_factory=list)
+    mode: str = "multi_turn"
+
+    def queries(self) -> list[tuple[str, str, list[str]]]:
+        """``(question, answer_prefix, answers)`` of the first query and every follow-up."""
+        return [(self.question, self.answer_prefix, self.answers)] + [
+            (t["question"], t.get("answer_prefix", ""), list(t["answers"])) for t in self.turns]
+
+
+MODES = ("multi_turn", "multi_request")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """``custom``: the user's own samples from a JSONL file, one per line.
 
-``{"context": str, "question": str, "answers": [str, ...], "answer_prefix": str (optional), "id": str (optional)}``
+``{"context": str, "question": str, "answers": [str, ...], "answer_prefix": str (optional), "id": str (optional)}``,
+optionally ``"turns": [{"question", "answers", "answer_prefix"?}, ...]`` (follow-up queries over the same context,
+shared-context style) and ``"mode": "multi_turn" | "multi_request"`` (default multi_turn).
 
 The context is compressed question-agnostically, as for every task; ``--lengths`` does not apply (records carry
 ``length: 0`` and the real size in ``n_tokens``). Scorers: ``contains`` (a gold answer occurs in the prediction,
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...registry import register
-from .base import Sample, Task
+from .base import MODES, Sample, Task
 
 __all__ = ["Custom", "load_jsonl", "SCORERS", "rouge_l"]
 
@@ -46,14 +48,32 @@ def load_jsonl(path: str) -> list[Sample]:
         prefix = d.get("answer_prefix", "")
         if not isinstance(prefix, str):
             raise ValueError(f"--data {path}:{i}: field 'answer_prefix' must be a string")
-        if "turns" in d:
-            raise ValueError(f"--data {path}:{i}: field 'turns' (shared-context follow-ups) is not supported yet")
-        unknown = set(d) - {"context", "question", "answers", "answer_prefix", "id"}
+        turns = d.get("turns", [])
+        if not isinstance(turns, list):
+            raise ValueError(f"--data {path}:{i}: field 'turns' must be a list of follow-up queries")
+        for j, t in enumerate(turns):
+            where = f"--data {path}:{i}: turns[{j}]"
+            if not isinstance(t, dict):
+                raise ValueError(f"{where} must be an object with question, answers, answer_prefix (optional)")
+            if not isinstance(t.get("question"), str) or not t["question"].strip():
+                raise ValueError(f"{where}: field 'question' must be a non-empty string")
+            ta = t.get("answers")
+            if not isinstance(ta, list) or not ta or not all(isinstance(a, str) and a.strip() for a in ta):
+                raise ValueError(f"{where}: field 'answers' must be a non-empty list of non-empty strings")
+            if not isinstance(t.get("answer_prefix", ""), str):
+                raise ValueError(f"{where}: field 'answer_prefix' must be a string")
+            extra = set(t) - {"question", "answers", "answer_prefix"}
+            if extra:
+                raise ValueError(f"{where}: unknown field(s) {sorted(extra)}; allowed: question, answers, answer_prefix")
+        mode = d.get("mode", "multi_turn")
+        if mode not in MODES:
+            raise ValueError(f"--data {path}:{i}: field 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
+        unknown = set(d) - {"context", "question", "answers", "answer_prefix", "id", "turns", "mode"}
         if unknown:
             raise ValueError(f"--data {path}:{i}: unknown field(s) {sorted(unknown)}; allowed: context, question, "
-                             "answers, answer_prefix, id")
+                             "answers, answer_prefix, id, turns, mode")
         out.append(Sample(id=str(d.get("id", i)), context=d["context"], question=d["question"],
-                          answer_prefix=prefix, answers=list(ans)))
+                          answer_prefix=prefix, answers=list(ans), turns=turns, mode=mode))
     if not out:
         raise ValueError(f"--data {path}: no sample in the file")
     return out
