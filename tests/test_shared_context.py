@@ -79,3 +79,34 @@ def test_custom_turns_run(smollm2, tmp_path):
     recs = run(BenchConfig(tasks=("custom",), data=str(path), methods=("dense",), progress=False), model=model,
                tokenizer=tok)
     assert len(recs) == 1 and len(recs[0]["turn_scores"]) == 2 and recs[0]["mode"] == "multi_turn"
+
+
+@pytest.mark.model
+def test_perplexity_task_records_nll_and_fidelity(smollm2, tmp_path):
+    from longattn.bench.report import bench_table
+
+    model, tok = smollm2
+    cfg = BenchConfig(tasks=("perplexity:eval_tokens=32",), lengths=(256,), samples=1,
+                      methods=("dense", "streaming_llm:ratio=0.5", "quest:budget=32:page_size=16:dense_layers="),
+                      out_dir=str(tmp_path), progress=False)
+    recs = run(cfg, model=model, tokenizer=tok)
+    by = {r["method"]: r for r in recs}
+    assert by["dense"]["kl"] == 0.0 and 1.0 < by["dense"]["ppl"] < 1000
+    assert by["dense"]["ppl"] == pytest.approx(2.718281828 ** by["dense"]["nll"], rel=1e-5)
+    assert by["dense"]["score"] is None and by["dense"]["correct"] is None
+    # dense perplexity equals a plain forward over the whole text
+    import torch
+
+    ids = tok(parse_method("perplexity:eval_tokens=32", "task").make(tok, 256, 0, 0).context,
+              add_special_tokens=False)["input_ids"][:256]
+    ids = torch.tensor([[tok.bos_token_id] + ids[:-1]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, -33:-1]
+    nll = float(torch.nn.functional.cross_entropy(logits, ids[0, -32:]))
+    assert by["dense"]["nll"] == pytest.approx(nll, abs=1e-4)
+    assert by["streaming_llm:ratio=0.5"]["kl"] > 0 and by["quest:budget=32:page_size=16:dense_layers="]["kl"] > 0
+    assert "perplexity (teacher-forced" in bench_table(recs)
+    from longattn.bench.report import render_dir
+
+    assert "perplexity" in render_dir(recs, tmp_path)
+    assert (tmp_path / "report.html").exists()

@@ -53,6 +53,7 @@ def _figs(records: list[dict]):
         by_task[r["task"]].append(r)
     for task, recs in by_task.items():
         lengths = sorted({r["length"] for r in recs})
+        key, key_label = ("ppl", "perplexity") if any("ppl" in r for r in recs) else ("score", "accuracy")
         # accuracy vs compression ratio (dense at ratio 0 is drawn in every family as the reference point)
         dense = [r for r in recs if r["method"] == "dense"]
         for n in lengths:
@@ -61,26 +62,27 @@ def _figs(records: list[dict]):
                 if r["length"] != n:
                     continue
                 fam, ratio = family_and_ratio(r["method"])
-                acc[fam][ratio].append(r["score"])
+                acc[fam][ratio].append(r.get(key))
             fams = [f for f in acc if f != "dense" and len(acc[f]) > 1]
             if not fams:
                 continue
             fig, ax = plt.subplots(figsize=(9, 5))
-            d0 = _mean([r["score"] for r in dense if r["length"] == n])
+            d0 = _mean([r.get(key) for r in dense if r["length"] == n])
             for i, fam in enumerate(sorted(fams)):
                 pts = sorted(acc[fam].items())
                 if d0 is not None:
                     pts = [(0.0, [d0])] + pts
                 ax.plot([p[0] for p in pts], [_mean(p[1]) for p in pts], label=fam, **_style(i))
             ax.set_xlabel("compression ratio (fraction of the cache removed)")
-            ax.set_ylabel("accuracy")
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{task}, {n} tokens: accuracy vs compression (question-agnostic unless named)")
+            ax.set_ylabel(key_label)
+            if key == "score":
+                ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{task}, {n} tokens: {key_label} vs compression (question-agnostic unless named)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
             figs[f"{task}_{n}_accuracy_vs_ratio.png"] = fig
         if len(lengths) > 1:
-            for metric, label in (("score", "accuracy"), ("prefill_s", "prefill seconds"),
+            for metric, label in ((key, key_label), ("prefill_s", "prefill seconds"),
                                   ("decode_tok_s", "decode tokens/s"), ("kv_cache_bytes", "KV cache bytes")):
                 fig, ax = plt.subplots(figsize=(8, 5))
                 by_m = defaultdict(lambda: defaultdict(list))

@@ -37,7 +37,7 @@ def bench_table(records: list[dict]) -> str:
         peak = _mean([r.get("peak_bytes") for r in rs])
         pf, dpf = _mean([r["prefill_s"] for r in rs]), dense_prefill.get((t, n))
         rows.append([
-            t, str(n), m, f"{_mean([r['score'] for r in rs]):.2f}", str(len(rs)),
+            t, str(n), m, _fmt(_mean([r["score"] for r in rs]), ".2f"), str(len(rs)),
             _fmt(kvb / 2**20 if kvb is not None else None, ".1f"),
             _fmt(kvb / db if (db and kvb is not None) else None, ".2f"),
             _fmt(peak / 2**20 if peak is not None else None, ".0f"),
@@ -51,7 +51,28 @@ def bench_table(records: list[dict]) -> str:
         ])
     table = _render(head, rows)
     turns = turn_table(records)
-    return table + ("\n\naccuracy per turn (shared context)\n" + turns if turns else "")
+    ppl = ppl_table(records)
+    return (table + ("\n\naccuracy per turn (shared context)\n" + turns if turns else "")
+            + ("\n\nperplexity (teacher-forced, last eval_tokens)\n" + ppl if ppl else ""))
+
+
+def ppl_table(records: list[dict]) -> str:
+    """Perplexity records: mean NLL, perplexity and its ratio to dense's, per (task, length, method)."""
+    groups = defaultdict(list)
+    for r in records:
+        if r.get("nll") is not None:
+            groups[(r["task"], r["length"], r["method"])].append(r)
+    if not groups:
+        return ""
+    dense = {(t, n): _mean([r["ppl"] for r in rs]) for (t, n, m), rs in groups.items() if m == "dense"}
+    head = ["task", "length", "method", "n", "nll", "ppl", "ppl/dense", "KL", "top1"]
+    rows = []
+    for (t, n, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "dense", kv[0][2])):
+        ppl, d = _mean([r["ppl"] for r in rs]), dense.get((t, n))
+        rows.append([t, str(n), m, str(len(rs)), _fmt(_mean([r["nll"] for r in rs]), ".3f"), _fmt(ppl, ".2f"),
+                     _fmt(ppl / d if (ppl and d) else None, ".3f"), _fmt(_mean([r["kl"] for r in rs]), ".3f"),
+                     _fmt(_mean([r["top1_agree"] for r in rs]), ".2f")])
+    return _render(head, rows)
 
 
 def turn_table(records: list[dict]) -> str:

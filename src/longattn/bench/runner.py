@@ -173,6 +173,8 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
     """One (method, sample): returns the measured fields (and ``answer_ids``/``ref_logits`` for dense)."""
     if sample.turns:
         return run_turns(model, tokenizer, recipe, sample, max_new_tokens, ref)
+    if sample.meta.get("kind") == "perplexity":
+        return run_perplexity(model, tokenizer, recipe, sample, ref)
     from transformers import DynamicCache
 
     from ..hf import cache_kwarg_name
@@ -225,6 +227,43 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
         "protocol": "query_aware" if query_aware else "question_agnostic",
         "recall": recall,
         # decode selectors: fraction of the cached tokens the selected layers attended, over all decode steps
+        "decode_density": (dstats["selected"] / dstats["possible"]) if dstats.get("possible") else None,
+    }
+
+
+def run_perplexity(model, tokenizer, recipe: str, sample: Sample, ref: dict | None) -> dict:
+    """Prefill (and compress) the text but its last ``eval_tokens``, then score those teacher-forced."""
+    from transformers import DynamicCache
+
+    from ..hf import cache_kwarg_name
+
+    kw = cache_kwarg_name(model)
+    ids = tokenizer(sample.context, add_special_tokens=False)["input_ids"][: sample.meta["length"]]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids[:-1]
+    n_eval = sample.meta["eval_tokens"]
+    split = len(ids) - n_eval
+    recipe = api.parse(recipe)
+    with torch.no_grad(), api.apply(model, recipe) as session:
+        cache = DynamicCache()
+        logits, prefill_s, peak, recall = _prefill(model, session, recipe, ids[:split], cache, kw)
+        session.compress_enabled = False
+        kv_bytes = cache_nbytes(cache)
+        t0 = time.perf_counter()
+        tf = _teacher(model, cache, kw, logits, [], ids[split:], recipe.decode is not None)
+        eval_s = time.perf_counter() - t0
+        kv_bytes_end = cache_nbytes(cache)
+        method_s = session.method_s
+        dstats = dict(session.decode_stats)
+    target = torch.tensor(ids[split:], device=tf.device)
+    nll = float(torch.nn.functional.cross_entropy(tf.float(), target))
+    kl, top1 = (0.0, 1.0) if ref is None else fidelity(ref["ref_logits"], tf)
+    return {
+        "prediction": "", "n_tokens": len(ids), "kv_cache_bytes": kv_bytes, "kv_cache_bytes_end": kv_bytes_end,
+        "peak_bytes": peak, "prefill_s": prefill_s, "decode_s": eval_s,
+        "decode_tok_s": n_eval / eval_s if recipe.decode is not None and eval_s > 0 else None,
+        "method_s": method_s, "kl": kl, "top1_agree": top1, "answer_ids": [], "ref_logits": tf,
+        "protocol": "perplexity", "recall": recall, "nll": nll, "ppl": float(torch.exp(torch.tensor(nll))),
         "decode_density": (dstats["selected"] / dstats["possible"]) if dstats.get("possible") else None,
     }
 
@@ -382,6 +421,7 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                         score = sum(turn_scores) / len(turn_scores)
                     else:
                         turn_scores, score = None, task.score(res["prediction"], sample)
+                    extra = {"nll": res["nll"], "ppl": res["ppl"]} if "nll" in res else {}
                     rec = {
                         "task": tname, "method": m, "length": length, "sample": i,
                         "correct": task.correct(score), "score": score,
@@ -390,10 +430,11 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                         "model": cfg.model, "seed": cfg.seed,
                         "decode_s": res["decode_s"], "n_tokens": res["n_tokens"],
                         "kv_cache_bytes_end": res["kv_cache_bytes_end"],
-                        "prediction": res["prediction"], "answer": sample.answers[0],
+                        "prediction": res["prediction"], "answer": sample.answers[0] if sample.answers else None,
                         "protocol": res["protocol"], "recall": res["recall"],
                         "decode_density": res["decode_density"],
                         **({"turn_scores": turn_scores, "mode": sample.mode} if turn_scores is not None else {}),
+                        **extra,
                     }
                     records.append(rec)
                     if sink is not None:

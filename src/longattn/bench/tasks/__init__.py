@@ -4,8 +4,9 @@ from .base import Sample, Task
 from .custom import Custom
 from .niah import Niah
 from .passkey import Passkey
+from .perplexity import Perplexity
 from .ruler import CommonWords, KVRetrieval, MultiQuery, MultiValue, VariableTracking
 from .shared_context import SharedContext
 
-__all__ = ["CommonWords", "Custom", "KVRetrieval", "MultiQuery", "MultiValue", "Niah", "Passkey", "Sample", "SharedContext",
+__all__ = ["CommonWords", "Custom", "KVRetrieval", "MultiQuery", "MultiValue", "Niah", "Passkey", "Perplexity", "Sample", "SharedContext",
            "Task", "VariableTracking"]
