@@ -587,3 +587,25 @@ def test_decode_ops_bench_bad_arguments_exit_2(argv, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("longattn: error:")
+
+
+def test_cab_grid_times_where_it_applies_and_says_why_not():
+    from longattn.bench.cab import CabConfig, cab_table, efficiency_lengths, run_cab
+
+    recs = run_cab(CabConfig(patterns=("sink_window:backend=gather", "neighborhood:backend=gather:kernel_size=64"),
+                             lengths=(256, 512), heads=2, kv_heads=1, dim=16, repeats=1, progress=False),
+                   log=lambda s: None)
+    by = {(r["pattern"].split(":")[0], r["kind"], r["N"]): r for r in recs}
+    assert len(recs) == 2 * 4 * 2
+    assert by[("sink_window", "causal_self", 256)]["applies"] and by[("sink_window", "causal_cross", 512)]["applies"]
+    assert not by[("sink_window", "noncausal_self", 256)]["applies"]
+    assert "causal-only" in by[("sink_window", "noncausal_self", 256)]["note"]
+    assert by[("neighborhood", "noncausal_self", 256)]["applies"]  # its causal=False form
+    for r in recs:
+        assert r["dense_ms"] > 0 and (r["ms"] is None) == (not r["applies"])
+    eff = efficiency_lengths(recs)
+    assert set(eff) == {(r["pattern"], r["kind"]) for r in recs if r["applies"]}
+    assert "efficient from" in cab_table(recs)
+    fake = [{**r, "speedup": s} for r, s in zip([by[("sink_window", "causal_self", 256)],
+                                                 by[("sink_window", "causal_self", 512)]], (0.5, 1.5))]
+    assert efficiency_lengths(fake) == {(fake[0]["pattern"], "causal_self"): 512}

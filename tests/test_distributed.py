@@ -224,6 +224,7 @@ def test_ops_bench_linear_and_decode_together_is_refused(capsys):
 
     assert cli.main(["ops-bench", "--linear", "--decode"]) == 2
     assert "choose one" in capsys.readouterr().err
+    assert cli.main(["ops-bench", "--cab", "--linear"]) == 2
 
 
 @pytest.mark.parametrize("method", ["dist_decode", "lasp2", "ulysses"])

@@ -226,10 +226,10 @@ def _cmd_ops_bench(a) -> int:
     from .layout import check_block_size
     from .ops.block_sparse import BACKENDS
 
+    if sum(map(bool, (a.cab, a.decode, a.linear))) > 1:
+        raise ValueError("--cab, --decode and --linear: choose one")
     if a.cab:
-        raise ValueError("--cab: not implemented yet (the CAB efficiency grid)")
-    if a.decode and a.linear:
-        raise ValueError("--decode and --linear: choose one")
+        return _cab_bench(a)
     if a.decode:
         return _decode_bench(a)
     if a.linear:
@@ -260,6 +260,20 @@ def _write_json(path, recs) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(recs, indent=1))
+
+
+def _cab_bench(a) -> int:
+    from .bench.cab import CabConfig, cab_table, run_cab
+
+    if a.selectors or a.budget is not None or a.block_size is not None:
+        raise ValueError("--cab takes --patterns, --lengths, --heads, --kv-heads, --dim, --repeats")
+    heads = _or(a.heads, 8)
+    cfg = CabConfig(patterns=tuple(a.patterns or ()), lengths=tuple(a.lengths or CabConfig.lengths), heads=heads,
+                    kv_heads=_or(a.kv_heads, 2 if a.heads is None else heads), dim=_or(a.dim, 64), repeats=a.repeats)
+    recs = run_cab(cfg)
+    print(cab_table(recs))
+    _write_json(a.json_path, recs)
+    return 0
 
 
 def _linear_bench(a) -> int:
