@@ -2,11 +2,13 @@
 
 from .base import Sample, Task
 from .custom import Custom
+from .many_shot_icl import ManyShotICL
 from .niah import Niah
 from .passkey import Passkey
 from .perplexity import Perplexity
+from .repo_qa import RepoQA
 from .ruler import CommonWords, KVRetrieval, MultiQuery, MultiValue, VariableTracking
 from .shared_context import SharedContext
 
-__all__ = ["CommonWords", "Custom", "KVRetrieval", "MultiQuery", "MultiValue", "Niah", "Passkey", "Perplexity", "Sample", "SharedContext",
+__all__ = ["CommonWords", "Custom", "KVRetrieval", "ManyShotICL", "MultiQuery", "MultiValue", "Niah", "Passkey", "Perplexity", "RepoQA", "Sample", "SharedContext",
            "Task", "VariableTracking"]
