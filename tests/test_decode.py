@@ -609,3 +609,14 @@ def test_cab_grid_times_where_it_applies_and_says_why_not():
     fake = [{**r, "speedup": s} for r, s in zip([by[("sink_window", "causal_self", 256)],
                                                  by[("sink_window", "causal_self", 512)]], (0.5, 1.5))]
     assert efficiency_lengths(fake) == {(fake[0]["pattern"], "causal_self"): 512}
+
+
+def test_decode_plot_writes_a_png(tmp_path):
+    from longattn.bench.decode_ops import DecodeBenchConfig, run_decode_ops
+    from longattn.bench.plots import decode_plot
+
+    recs = run_decode_ops(DecodeBenchConfig(lengths=(512, 1024), heads=2, kv_heads=1, dim=16, budget=128, repeats=1,
+                                            progress=False, selectors=("quest", "landmark:block_size=32")),
+                          log=lambda s: None)
+    decode_plot(recs, tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 1000

@@ -183,11 +183,10 @@ def _cmd_bench(a) -> int:
     from .bench.report import bench_table
     from .bench.runner import DEFAULT_METHODS, BenchConfig, run
 
-    if a.peer:
-        raise ValueError("--peer kvpress: the side-by-side run with kvpress is not implemented yet")
     cfg = BenchConfig(model=a.model, tasks=tuple(a.task), lengths=tuple(a.lengths), samples=a.samples,
                       methods=tuple(a.methods) if a.methods is not None else DEFAULT_METHODS, seed=a.seed,
-                      json_path=a.json_path, out_dir=a.out, resume=a.resume, data=a.data, scorer=a.scorer)
+                      json_path=a.json_path, out_dir=a.out, resume=a.resume, data=a.data, scorer=a.scorer,
+                      peer=a.peer)
     if a.config:
         conf = _load_config(a.config)
         allowed = {"model", "tasks", "lengths", "samples", "methods", "seed", "data", "scorer"}

@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["family_and_ratio", "write_plots", "write_html"]
+__all__ = ["decode_plot", "family_and_ratio", "write_plots", "write_html"]
 
 
 def family_and_ratio(method: str) -> tuple[str, float]:
@@ -135,3 +136,33 @@ def write_html(records: list[dict], table: str, out_dir: str | Path, plots: list
     p = Path(out_dir) / "report.html"
     p.write_text(buf.getvalue())
     return p
+
+
+def decode_plot(records: list[dict], path) -> None:
+    """``ops-bench --decode`` records -> one PNG: per input shape, the speed-up of one decode step over dense
+    decode attention (the faster of SDPA and eager, same run) against the cache length, one line per selector."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({(r["heads"], r["kv_heads"], r["dim"], r.get("qk", "")) for r in records})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rs = [r for r in records if (r["heads"], r["kv_heads"], r["dim"], r.get("qk", "")) == shape]
+        for i, name in enumerate(dict.fromkeys(r["pattern"] for r in rs)):
+            pts = sorted((r["N"], min(r["dense_ms"], r.get("eager_ms") or r["dense_ms"]) / r["ms"])
+                         for r in rs if r["pattern"] == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=re.sub(r":\S*", "", name), **_style(i))
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("cache length (tokens)")
+        ax.set_ylabel("speed-up vs dense decode (best of SDPA, eager)")
+        ax.set_title(f"{shape[0]} q heads / {shape[1]} kv heads x {shape[2]} ({shape[3]})", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -50,6 +50,7 @@ class BenchConfig:
     progress: bool = True
     data: str | None = None  # --task custom: the JSONL file
     scorer: str = "contains"  # --task custom: contains | exact | rouge
+    peer: str | None = None  # "kvpress": kvpress rows beside the methods that have an equivalent press
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -67,6 +68,15 @@ class BenchConfig:
             raise ValueError("--methods: give at least one recipe (e.g. dense,snapkv:ratio=0.5)")
         for m in self.methods:
             api.parse(m)
+        if self.peer is not None:
+            from .peer_kvpress import PRESSES, peer_method, require_kvpress
+
+            if self.peer != "kvpress":
+                raise ValueError(f"--peer must be kvpress, got {self.peer!r}")
+            require_kvpress()
+            if not any(peer_method(m) for m in self.methods):
+                raise ValueError("--peer kvpress: none of --methods is a KV policy with a kvpress equivalent "
+                                 f"({', '.join(PRESSES)}, with ratio > 0)")
 
 
 def encode(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
@@ -391,6 +401,12 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
     with torch.no_grad():  # warm-up, so the first record does not pay for first-touch allocations
         model(input_ids=torch.ones(1, 64, dtype=torch.long, device=model.device))
     methods = list(dict.fromkeys(cfg.methods))
+    peers: set[str] = set()
+    if cfg.peer == "kvpress":
+        from .peer_kvpress import peer_method, run_press
+
+        peers = {peer_method(m) for m in methods} - {None}
+        methods += sorted(peers)
     plan = [(tname, task, length, min(cfg.samples, task.count() or cfg.samples))
             for tname, task in tasks for length in (cfg.lengths if task.uses_length else (0,))]
     total = sum(n for *_, n in plan) * len(methods)
@@ -414,7 +430,13 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                 ref = run_one(model, tokenizer, "dense", sample, task.max_new_tokens, None)
                 for m in todo:
                     bar.set_postfix_str(f"{tname} {length} #{i} {m}")
-                    res = ref if m == "dense" else run_one(model, tokenizer, m, sample, task.max_new_tokens, ref)
+                    if m in peers:
+                        if sample.turns or sample.meta.get("kind") == "perplexity":
+                            bar.update(1)  # peer rows are for single-question tasks
+                            continue
+                        res = run_press(model, tokenizer, m, *encode(tokenizer, sample), task.max_new_tokens, ref)
+                    else:
+                        res = ref if m == "dense" else run_one(model, tokenizer, m, sample, task.max_new_tokens, ref)
                     if sample.turns:  # one score per query; the record's score is their mean
                         turn_scores = [task.score(pred, replace(sample, answers=ans, turns=[]))
                                        for pred, (_, _, ans) in zip(res["turn_predictions"], sample.queries())]
@@ -435,6 +457,7 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                         "decode_density": res["decode_density"],
                         **({"turn_scores": turn_scores, "mode": sample.mode} if turn_scores is not None else {}),
                         **extra,
+                        **({"peer": "kvpress"} if m in peers else {}),
                     }
                     records.append(rec)
                     if sink is not None:

@@ -1,0 +1,130 @@
+"""``longattn bench --peer kvpress``: the same samples through kvpress's presses, in the same run, beside ours.
+
+kvpress (NVIDIA, https://github.com/NVIDIA/kvpress) is optional and must be importable in this environment
+(kvpress 0.5 pins transformers < 5.3; longattn also runs there). For every bench method whose KV policy has a
+kvpress equivalent, the peer row ``kvpress:<Press>:ratio=R`` runs the same sample the way kvpress's pipeline
+does: the context is prefilled inside ``with press(model)`` (compressed there), then the question and answer
+prefix are fed with explicit positions (kvpress's cache reports the compressed length) and the answer is
+decoded greedily; fidelity is teacher-forced along dense's answer from a copy of the compressed cache, as for
+our rows. Time inside the press (``press.compress``) is the row's ``method_s``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+__all__ = ["PRESSES", "peer_method", "make_press", "run_press", "require_kvpress"]
+
+# our KV policy name -> kvpress press class
+PRESSES = {"snapkv": "SnapKVPress", "streaming_llm": "StreamingLLMPress", "knorm": "KnormPress",
+           "tova": "TOVAPress", "pyramidkv": "PyramidKVPress", "h2o": "ObservedAttentionPress",
+           "random": "RandomPress"}
+
+
+def require_kvpress():
+    try:
+        import kvpress
+    except ImportError:
+        raise ValueError("--peer kvpress: kvpress is not installed in this environment (pip install kvpress; "
+                         "kvpress 0.5 pins transformers<5.3, so use an environment with both)") from None
+    return kvpress
+
+
+def peer_method(method: str) -> str | None:
+    """The peer row's name for one of our methods (``snapkv:ratio=0.5`` -> ``kvpress:SnapKVPress:ratio=0.5``), or
+    None when the recipe is not a plain KV policy with a kvpress equivalent."""
+    from ..api import parse
+
+    r = parse(method)
+    if r.kv is None or r.prefill is not None or r.decode is not None or r.kv.name not in PRESSES or r.kv.is_noop:
+        return None
+    return f"kvpress:{PRESSES[r.kv.name]}:ratio={r.kv.ratio}"
+
+
+def make_press(peer: str):
+    kvpress = require_kvpress()
+    _, cls, ratio = peer.split(":")
+    ratio = float(ratio.split("=")[1])
+    kw = {"compression_ratio": ratio}
+    if cls == "RandomPress":
+        kw["seed"] = 0
+    return getattr(kvpress, cls)(**kw)
+
+
+def _forward(model, ids, cache, start: int):
+    from ..hf import cache_kwarg_name
+
+    pos = torch.arange(start, start + len(ids)).unsqueeze(0)
+    return model(torch.tensor([ids]), position_ids=pos, use_cache=True, **{cache_kwarg_name(model): cache}).logits[0]
+
+
+def run_press(model, tokenizer, peer: str, ctx: list[int], rest: list[int], max_new_tokens: int, ref: dict) -> dict:
+    """One sample through kvpress (see the module docstring); fields as ``runner.run_one``."""
+    from transformers import DynamicCache
+
+    from ..cache import cache_nbytes
+    from ..hf import cache_kwarg_name
+    from .metrics import PeakMemory, fidelity
+
+    kvpress = require_kvpress()
+    press = make_press(peer)
+    eager = isinstance(press, kvpress.ObservedAttentionPress)
+    prev = model.config._attn_implementation
+    spent = [0.0]
+    orig = press.compress
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = orig(*args, **kwargs)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    press.compress = timed
+    eos = set(tokenizer.all_special_ids)
+    cache = DynamicCache()
+    if eager:
+        model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad(), press(model), PeakMemory(model.device) as pm:
+            t0 = time.perf_counter()
+            model(torch.tensor([ctx]), use_cache=True, output_attentions=eager, **{cache_kwarg_name(model): cache})
+            prefill_s = time.perf_counter() - t0
+    finally:
+        if eager:
+            model.set_attn_implementation(prev)
+    kv_bytes = cache_nbytes(cache)
+    snapshot = copy.deepcopy(cache)
+    with torch.no_grad():
+        # one token at a time where layers hold different lengths (a multi-token mask is sized by layer 0)
+        if isinstance(press, kvpress.PyramidKVPress):
+            for j, t in enumerate(rest):
+                logits = _forward(model, [t], cache, len(ctx) + j)[-1]
+        else:
+            logits = _forward(model, rest, cache, len(ctx))[-1]
+        gen, nxt = [], len(ctx) + len(rest)
+        t1 = time.perf_counter()
+        for step in range(max_new_tokens):
+            tok = int(logits.argmax())
+            gen.append(tok)
+            if tok in eos or step == max_new_tokens - 1:
+                break
+            logits = _forward(model, [tok], cache, nxt)[-1]
+            nxt += 1
+        decode_s = time.perf_counter() - t1
+        kv_end = cache_nbytes(cache)
+        feed = rest + ref["answer_ids"][:-1]
+        if isinstance(press, kvpress.PyramidKVPress):
+            tf = torch.stack([_forward(model, [t], snapshot, len(ctx) + j)[-1] for j, t in enumerate(feed)])
+        else:
+            tf = _forward(model, feed, snapshot, len(ctx))
+        tf = tf[len(rest) - 1 :]
+    kl, top1 = fidelity(ref["ref_logits"], tf)
+    steps = max(len(gen) - 1, 0)
+    return {"prediction": tokenizer.decode(gen, skip_special_tokens=True), "n_tokens": len(ctx) + len(rest),
+            "kv_cache_bytes": kv_bytes, "kv_cache_bytes_end": kv_end, "peak_bytes": pm.peak_bytes,
+            "prefill_s": prefill_s, "decode_s": decode_s,
+            "decode_tok_s": (steps / decode_s) if steps and decode_s > 0 else None, "method_s": spent[0],
+            "kl": kl, "top1_agree": top1, "protocol": "question_agnostic", "recall": None, "decode_density": None}
