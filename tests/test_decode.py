@@ -620,3 +620,14 @@ def test_decode_plot_writes_a_png(tmp_path):
                           log=lambda s: None)
     decode_plot(recs, tmp_path / "d.png")
     assert (tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_cache_bytes_count_the_selector_state():
+    from longattn.cache import cache_nbytes
+
+    m = tiny_model("llama", num_hidden_layers=4)
+    ids, _ = ids_batch(1, 150, pad=(0,))
+    with torch.no_grad(), longattn.apply(m, "quest:budget=32:page_size=16:dense_layers=") as s:
+        m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    meta = sum(layer.decode_nbytes() for layer in s.cache.layers)
+    assert meta > 0 and cache_nbytes(s.cache) >= sum(layer.nbytes() for layer in s.cache.layers) + meta

@@ -423,11 +423,12 @@ class LongattnLayer(DynamicLayer):
 
 
 def cache_nbytes(cache) -> int:
-    """Bytes held by the key/value tensors of a transformers cache (any layer type)."""
+    """Bytes held by the key/value tensors of a transformers cache (any layer type), with a decode selector's
+    state (page metadata, representatives, centroids) where there is one."""
     total = 0
     for layer in getattr(cache, "layers", []):
         if isinstance(layer, LongattnLayer):
-            total += layer.nbytes()
+            total += layer.nbytes() + layer.decode_nbytes()
         else:
             for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if isinstance(t, torch.Tensor):
