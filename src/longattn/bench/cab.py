@@ -11,14 +11,14 @@ dense (``None`` when it never is in the sweep).
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from dataclasses import dataclass, fields, replace
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+
+from .ops import time_ms
 
 __all__ = ["CabConfig", "run_cab", "KINDS", "efficiency_lengths", "cab_table"]
 
@@ -49,14 +49,6 @@ class CabConfig:
             raise ValueError(f"--kv-heads must divide --heads and --repeats be >= 1, got {self.kv_heads}, {self.repeats}")
 
 
-def _time(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def _dense(q, k, v, causal: bool):
@@ -109,7 +101,7 @@ def run_cab(cfg: CabConfig, log=None) -> list[dict]:
                 q = q[:, :, n - n // cfg.cross_ratio :].contiguous()
             causal = kind.startswith("causal")
             if (n, kind) not in dense_ms:
-                dense_ms[(n, kind)] = _time(partial(_dense, q, k, v, causal), cfg.repeats)
+                dense_ms[(n, kind)] = time_ms(partial(_dense, q, k, v, causal), cfg.repeats)
             base = {"op": "cab", "pattern": spec, "kind": kind, "N": n, "nq": q.shape[2], "heads": cfg.heads,
                     "kv_heads": cfg.kv_heads, "dim": cfg.dim, "dense_ms": dense_ms[(n, kind)]}
             pat, why = _variant(pattern_of(spec, None), kind)
@@ -117,7 +109,7 @@ def run_cab(cfg: CabConfig, log=None) -> list[dict]:
                 recs.append({**base, "ms": None, "speedup": None, "applies": False, "note": why})
                 continue
             try:
-                ms = _time(partial(pat.attend, q, k, v, causal=causal), cfg.repeats)
+                ms = time_ms(partial(pat.attend, q, k, v, causal=causal), cfg.repeats)
             except (ValueError, NotImplementedError) as e:
                 recs.append({**base, "ms": None, "speedup": None, "applies": False,
                              "note": f"n/a: {str(e).splitlines()[0][:120]}"})

@@ -21,7 +21,6 @@ rows time the split-K op over the whole cache (density 1).
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+
+from .ops import time_ms
 
 __all__ = ["DecodeBenchConfig", "run_decode_ops", "DEFAULT_SELECTORS"]
 
@@ -98,18 +99,6 @@ def _split_k_of(spec: str) -> int:
     return splits
 
 
-def _time(fn, repeats: int, before=None) -> float:
-    if before:
-        before()
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        if before:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def _inputs(cfg: DecodeBenchConfig, n: int, cache: dict, log):
@@ -172,15 +161,15 @@ def run_decode_ops(cfg: DecodeBenchConfig, log=None) -> list[dict]:
                 scale = 1.0 / math.sqrt(d)
                 gqa = hq != hk
                 if dtn not in dense_ms:
-                    dense_ms[dtn] = _time(partial(F.scaled_dot_product_attention, q, k, v, enable_gqa=gqa),
+                    dense_ms[dtn] = time_ms(partial(F.scaled_dot_product_attention, q, k, v, enable_gqa=gqa),
                                           cfg.repeats)
-                    eager_ms[dtn] = _time(partial(split_k_attention, q, k, v, splits=1, scale=scale), cfg.repeats)
+                    eager_ms[dtn] = time_ms(partial(split_k_attention, q, k, v, splits=1, scale=scale), cfg.repeats)
                 base = {"op": "decode", "N": n, "dtype": dtn, "heads": hq, "kv_heads": hk, "dim": d,
                         "backend": "gather", "qk": source, "budget": cfg.budget, "dense_ms": dense_ms[dtn],
                         "eager_ms": eager_ms[dtn]}
                 sel = cfg._sel[spec]
                 if isinstance(sel, int):  # split-K over the whole cache
-                    ms = _time(partial(split_k_attention, q, k, v, splits=sel, scale=scale), cfg.repeats)
+                    ms = time_ms(partial(split_k_attention, q, k, v, splits=sel, scale=scale), cfg.repeats)
                     recs.append({**base, "op": "split_k", "pattern": spec, "backend": "torch", "density": 1.0,
                                  "recall": 1.0, "setup_ms": 0.0, "est_ms": 0.0, "kernel_ms": ms, "ms": ms,
                                  "speedup": dense_ms[dtn] / ms, "speedup_eager": eager_ms[dtn] / ms})
@@ -206,7 +195,7 @@ def run_decode_ops(cfg: DecodeBenchConfig, log=None) -> list[dict]:
                 for label, li in rows:
                     step = Step(q, k, v, None, layer, li, num_layers, scale, shared)
                     if label.endswith("(select layer)"):
-                        ms = _time(partial(sel.attend, step), cfg.repeats)
+                        ms = time_ms(partial(sel.attend, step), cfg.repeats)
                         idx = shared["tidal"][0].expand(1, hk, -1)
                         recs.append({**base, "pattern": label, "density": 1.0, "recall": 1.0, "setup_ms": setup_ms,
                                      "est_ms": 0.0, "kernel_ms": ms, "ms": ms, "speedup": dense_ms[dtn] / ms,
@@ -214,10 +203,10 @@ def run_decode_ops(cfg: DecodeBenchConfig, log=None) -> list[dict]:
                         continue
                     if sel.name == "tidal_decode":
                         sel.attend(Step(q, k, v, None, layer, rows[0][1], num_layers, scale, shared))
-                    est = _time(partial(sel.select, step), cfg.repeats, before=clear)
+                    est = time_ms(partial(sel.select, step), cfg.repeats, before=clear)
                     clear()
                     idx, valid = sel.select(step)
-                    kern = _time(partial(gather_attention, q, k, v, idx, valid=valid, scale=scale, splits=sel.splits),
+                    kern = time_ms(partial(gather_attention, q, k, v, idx, valid=valid, scale=scale, splits=sel.splits),
                                  cfg.repeats)
                     used = idx.numel() if valid is None else int(valid.sum())
                     recs.append({**base, "pattern": label, "density": used / (idx.shape[0] * idx.shape[1] * n),

@@ -7,9 +7,7 @@ The naive form materialises the N x N matrix (skipped above ``naive_max``), soft
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -17,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.linear import lightning_attention, linear_attention_naive
+from .ops import time_ms
 
 __all__ = ["LinearBenchConfig", "run_linear_ops"]
 
@@ -41,14 +40,6 @@ class LinearBenchConfig:
             raise ValueError(f"--heads, --dim and --repeats must be >= 1, got {self.heads}, {self.dim}, {self.repeats}")
 
 
-def _time(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def run_linear_ops(cfg: LinearBenchConfig) -> list[dict]:
@@ -66,7 +57,7 @@ def run_linear_ops(cfg: LinearBenchConfig) -> list[dict]:
                 runs["naive"] = partial(linear_attention_naive, q, k, v, decay=cfg.decay)
             if n <= cfg.softmax_max:
                 runs["softmax_sdpa"] = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
-            times = {name: _time(fn, cfg.repeats) for name, fn in runs.items()}
+            times = {name: time_ms(fn, cfg.repeats) for name, fn in runs.items()}
             for name in ("lightning", "naive", "softmax_sdpa"):
                 ms = times.get(name)
                 recs.append({"op": "linear", "pattern": name, "N": n, "heads": cfg.heads, "dim": cfg.dim,

@@ -98,10 +98,16 @@ def pattern_of(spec: str, block_size: int | None):
     return p
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation)
+def time_ms(fn, repeats: int, before=None) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` calls after one warm-up call (and compilation);
+    ``before()`` runs untimed before each call."""
+    if before:
+        before()
+    fn()
     ts = []
     for _ in range(repeats):
+        if before:
+            before()
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
@@ -172,7 +178,7 @@ def run_ops(cfg: OpsBenchConfig, log=None) -> list[dict]:
                 dt = DTYPES[dtn]
                 q, k, v = (t.to(dt) for t in (q32, k32, v32))
                 if dtn not in dense_ms:  # the dense reference, same inputs, same run
-                    dense_ms[dtn] = _time(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True,
+                    dense_ms[dtn] = time_ms(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True,
                                                   enable_gqa=q.shape[1] != k.shape[1]), cfg.repeats)
                 pat = cfg._patterns[spec]
                 if pat == "random":
@@ -200,7 +206,7 @@ def run_ops(cfg: OpsBenchConfig, log=None) -> list[dict]:
                         stats.clear()
                         bpat.attend(q, k, v, stats=stats)
 
-                    ms = _time(call, cfg.repeats)
+                    ms = time_ms(call, cfg.repeats)
                     est_ms = stats.get("est_s", 0.0) * 1e3
                     recs.append({
                         "op": "block_sparse", "pattern": spec, "N": n, "dtype": dtn, "heads": q.shape[1],

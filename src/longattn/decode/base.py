@@ -17,8 +17,8 @@ import torch
 
 from ..prefill.base import check_int
 
-__all__ = ["DecodeSelector", "Step", "parse_layers", "minmax_scores", "pages_to_tokens", "top_with_forced",
-           "page_has_valid", "check_int"]
+__all__ = ["DecodeSelector", "Step", "parse_layers", "minmax_scores", "page_bounds", "pages_to_tokens",
+           "top_with_forced", "page_has_valid", "check_int"]
 
 
 def parse_layers(spec: str, name: str = "dense_layers") -> tuple[int, ...]:
@@ -133,6 +133,17 @@ def minmax_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> to
     qf = q.float()
     return torch.matmul(qf.clamp_min(0), kmax.float().transpose(-1, -2)) + torch.matmul(
         qf.clamp_max(0), kmin.float().transpose(-1, -2))
+
+
+def page_bounds(step: Step, page_size: int) -> torch.Tensor:
+    """Quest's page score ``[b, hk, pages]`` for pages of ``page_size`` tokens: the max over the group's query
+    heads of ``minmax_scores``; -inf for pages holding only padding."""
+    meta = step.layer.page_meta(page_size)
+    s = minmax_scores(step.grouped_q(), meta.kmin, meta.kmax).amax(2)
+    ok = page_has_valid(step.key_valid, page_size, step.n)
+    if ok is not None:
+        s = s.masked_fill(~ok[:, None, :], float("-inf"))
+    return s
 
 
 def page_has_valid(key_valid: torch.Tensor | None, page_size: int, n: int) -> torch.Tensor | None:

@@ -23,15 +23,7 @@ import torch
 from ..kv.profile import load_profile
 from ..prefill.base import check_float, first_real
 from ..registry import register
-from .base import (
-    DecodeSelector,
-    Step,
-    check_int,
-    minmax_scores,
-    page_has_valid,
-    pages_to_tokens,
-    top_with_forced,
-)
+from .base import DecodeSelector, Step, check_int, page_bounds, pages_to_tokens, top_with_forced
 
 __all__ = ["LServePages"]
 
@@ -82,11 +74,7 @@ class LServePages(DecodeSelector):
 
     def page_scores(self, step: Step) -> torch.Tensor:
         """``[b, hk, physical pages]``."""
-        meta = step.layer.page_meta(self.logical_page)
-        s = minmax_scores(step.grouped_q(), meta.kmin, meta.kmax).amax(2)  # [b, hk, logical pages]
-        ok = page_has_valid(step.key_valid, self.logical_page, step.n)
-        if ok is not None:
-            s = s.masked_fill(~ok[:, None, :], float("-inf"))
+        s = page_bounds(step, self.logical_page)  # [b, hk, logical pages]
         r = self.page_size // self.logical_page
         pad = -s.shape[-1] % r
         s = torch.nn.functional.pad(s, (0, pad), value=float("-inf"))

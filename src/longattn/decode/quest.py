@@ -18,15 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register
-from .base import (
-    DecodeSelector,
-    Step,
-    check_int,
-    minmax_scores,
-    page_has_valid,
-    pages_to_tokens,
-    top_with_forced,
-)
+from .base import DecodeSelector, Step, check_int, page_bounds, pages_to_tokens, top_with_forced
 
 __all__ = ["Quest"]
 
@@ -48,12 +40,7 @@ class Quest(DecodeSelector):
 
     def page_scores(self, step: Step) -> torch.Tensor:
         """``[b, hk, pages]``: max over the group's query heads of the page upper bound; -inf for padding pages."""
-        meta = step.layer.page_meta(self.page_size)
-        s = minmax_scores(step.grouped_q(), meta.kmin, meta.kmax).amax(2)
-        ok = page_has_valid(step.key_valid, self.page_size, step.n)
-        if ok is not None:
-            s = s.masked_fill(~ok[:, None, :], float("-inf"))
-        return s
+        return page_bounds(step, self.page_size)
 
     def select(self, step: Step):
         s = self.page_scores(step)
