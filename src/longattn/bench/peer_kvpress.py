@@ -68,6 +68,7 @@ def run_press(model, tokenizer, peer: str, ctx: list[int], rest: list[int], max_
     from ..cache import cache_nbytes
     from ..hf import cache_kwarg_name
     from .metrics import PeakMemory, fidelity
+    from .runner import greedy
 
     kvpress = require_kvpress()
     press = make_press(peer)
@@ -104,16 +105,13 @@ def run_press(model, tokenizer, peer: str, ctx: list[int], rest: list[int], max_
                 logits = _forward(model, [t], cache, len(ctx) + j)[-1]
         else:
             logits = _forward(model, rest, cache, len(ctx))[-1]
-        gen, nxt = [], len(ctx) + len(rest)
-        t1 = time.perf_counter()
-        for step in range(max_new_tokens):
-            tok = int(logits.argmax())
-            gen.append(tok)
-            if tok in eos or step == max_new_tokens - 1:
-                break
-            logits = _forward(model, [tok], cache, nxt)[-1]
-            nxt += 1
-        decode_s = time.perf_counter() - t1
+        pos = [len(ctx) + len(rest)]
+
+        def feed(tok):
+            pos[0] += 1
+            return _forward(model, [tok], cache, pos[0] - 1)[-1]
+
+        gen, decode_s = greedy(logits, feed, max_new_tokens, eos)
         kv_end = cache_nbytes(cache)
         feed = rest + ref["answer_ids"][:-1]
         if isinstance(press, kvpress.PyramidKVPress):

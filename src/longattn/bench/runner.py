@@ -152,8 +152,9 @@ def _prefill(model, session, recipe, ids: list[int], cache, kw: str):
     return logits, prefill_s, pm.peak_bytes, (sum(recalls) / len(recalls)) if recalls else None
 
 
-def _greedy(model, logits, cache, kw: str, max_new_tokens: int, eos: set[int]) -> tuple[list[int], float]:
-    """Greedy decoding from ``logits``; the last token is not fed. Returns ``(tokens, seconds)``."""
+def greedy(logits, feed, max_new_tokens: int, eos: set[int]) -> tuple[list[int], float]:
+    """Greedy decoding from ``logits``; ``feed(token)`` runs one step and returns the next logits (the last
+    token is not fed). Returns ``(tokens, seconds)``."""
     gen: list[int] = []
     t1 = time.perf_counter()
     for step in range(max_new_tokens):
@@ -161,8 +162,12 @@ def _greedy(model, logits, cache, kw: str, max_new_tokens: int, eos: set[int]) -
         gen.append(tok)
         if tok in eos or step == max_new_tokens - 1:
             break
-        logits = _forward(model, [tok], cache, kw)[0, -1]
+        logits = feed(tok)
     return gen, time.perf_counter() - t1
+
+
+def _greedy(model, logits, cache, kw: str, max_new_tokens: int, eos: set[int]) -> tuple[list[int], float]:
+    return greedy(logits, lambda tok: _forward(model, [tok], cache, kw)[0, -1], max_new_tokens, eos)
 
 
 def _teacher(model, cache, kw: str, head: torch.Tensor | None, rest: list[int], answer: list[int],

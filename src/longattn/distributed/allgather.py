@@ -12,13 +12,11 @@ Volume per rank: ``2 * n_local * kv_heads * dim`` elements sent, ``(P - 1)`` tim
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .blocks import KERNELS, LAYOUTS, attend_ranges, backward_ranges, rank_ranges
-from .comm import all_gather_var, compute_timer, exchange_lengths, reduce_scatter_var, world
-from .ring import check_local
+from .blocks import attend_ranges, backward_ranges
+from .comm import all_gather_var, compute_timer, reduce_scatter_var, world
+from .ring import prepare
 
 __all__ = ["allgather_kv"]
 
@@ -54,14 +52,6 @@ def allgather_kv(q, k, v, *, group=None, causal: bool = True, layout: str = "con
                  return_lse: bool = False):
     """Sequence-parallel attention by one all-gather of K/V (see the module docstring); arguments as
     ``ring_attention``."""
-    check_local(q, k, v, "allgather_kv")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    if lengths is None:
-        lengths = exchange_lengths(q.shape[2], "allgather_kv", group, q.device)
-    ranges = rank_ranges(list(lengths), layout)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, lse = _AllGatherKV.apply(q, k, v, group, list(lengths), ranges, causal, scale, kernel)
+    lengths, ranges, scale = prepare(q, k, v, "allgather_kv", group, layout, kernel, lengths, scale)
+    out, lse = _AllGatherKV.apply(q, k, v, group, lengths, ranges, causal, scale, kernel)
     return (out, lse) if return_lse else out

@@ -24,7 +24,7 @@ from ..ops.merge import merge_attention
 from .blocks import KERNELS, LAYOUTS, attend_ranges, backward_ranges, rank_ranges
 from .comm import compute_timer, exchange_lengths, ring_exchange, wait_all, world
 
-__all__ = ["ring_attention", "check_local"]
+__all__ = ["ring_attention", "check_local", "prepare"]
 
 
 def check_local(q, k, v, method: str) -> None:
@@ -36,6 +36,20 @@ def check_local(q, k, v, method: str) -> None:
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{method}: query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+
+
+def prepare(q, k, v, method: str, group, layout: str, kernel: str, lengths, scale):
+    """Validate a sequence-parallel call; returns ``(lengths, ranges per rank, scale)`` (lengths exchanged
+    with one small all-gather when not given)."""
+    check_local(q, k, v, method)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if lengths is None:
+        lengths = exchange_lengths(q.shape[2], method, group, q.device)
+    lengths = list(lengths)
+    return lengths, rank_ranges(lengths, layout), 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
 
 class _Ring(torch.autograd.Function):
@@ -101,14 +115,6 @@ def ring_attention(q, k, v, *, group=None, causal: bool = True, layout: str = "c
     [b, hk, n_local, d]``: this rank's shard in ``layout``; ``lengths``: every rank's ``n_local`` (exchanged
     when None; local lengths may differ in the contiguous layout). Returns this rank's output (and its
     log-sum-exp with ``return_lse``)."""
-    check_local(q, k, v, "ring_attention")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    if lengths is None:
-        lengths = exchange_lengths(q.shape[2], "ring_attention", group, q.device)
-    ranges = rank_ranges(list(lengths), layout)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    lengths, ranges, scale = prepare(q, k, v, "ring_attention", group, layout, kernel, lengths, scale)
     out, lse = _Ring.apply(q, k, v, group, ranges, causal, scale, kernel)
     return (out, lse) if return_lse else out

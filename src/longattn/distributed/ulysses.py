@@ -18,13 +18,11 @@ Collectives per call: forward 2 all-to-alls (+1 lengths all-gather unless given)
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .blocks import KERNELS, LAYOUTS, attend_ranges, backward_ranges, rank_ranges
-from .comm import all_to_all, compute_timer, exchange_lengths, world
-from .ring import check_local
+from .blocks import attend_ranges, backward_ranges
+from .comm import all_to_all, compute_timer, world
+from .ring import prepare
 
 __all__ = ["ulysses", "BACKENDS"]
 
@@ -104,26 +102,18 @@ def ulysses(q, k, v, *, group=None, causal: bool = True, layout: str = "contiguo
             kernel: str = "eager", lengths: list[int] | None = None, backend: str = "torch"):
     """Sequence-parallel attention by head all-to-all (see the module docstring); arguments as
     ``ring_attention``."""
-    check_local(q, k, v, "ulysses")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     _, p = world(group)
     hq, hk = q.shape[1], k.shape[1]
     if hq % p:
         raise ValueError(f"ulysses: query heads ({hq}) must be divisible by the number of ranks ({p})")
+    lengths, ranges, scale = prepare(q, k, v, "ulysses", group, layout, kernel, lengths, scale)
     if hk % p:  # kv heads cannot be split: repeat them to the query heads (autograd sums the copies back)
         k, v = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
-    if lengths is None:
-        lengths = exchange_lengths(q.shape[2], "ulysses", group, q.device)
-    ranges = rank_ranges(list(lengths), layout)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if backend == "deepspeed":
         return _deepspeed(q, k, v, group, ranges, causal, scale, kernel)
-    return _Ulysses.apply(q, k, v, group, list(lengths), ranges, causal, scale, kernel)
+    return _Ulysses.apply(q, k, v, group, lengths, ranges, causal, scale, kernel)
 
 
 def _deepspeed(q, k, v, group, ranges, causal, scale, kernel):
