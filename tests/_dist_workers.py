@@ -140,3 +140,39 @@ def die_or_hang(rank, world, mode):
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}", "elapsed": time.monotonic() - t0}
     return {"error": None, "elapsed": time.monotonic() - t0}
+
+
+def check_sparse(rank, world):
+    """Ring and all-gather-KV computing a global block layout sparsely equal the reference under its mask."""
+    from longattn.bench.ops import random_layout
+
+    n, bs = 128, 16
+    q, k, v, w = _full(5, n=n)
+    lay = random_layout(n, 4, bs, 0.4, 3)  # per query head
+    mask = lay.to_dense_mask(causal=True)
+    ref = _ref_masked(q, k, v, w, mask)
+    res = {}
+    lens = [32, 96] if world == 2 else [16, 48, 32, 32]
+    for method, fn in (("ring", ring_attention), ("allgather", allgather_kv)):
+        for layout in ("contiguous", "zigzag"):
+            ll = lens if layout == "contiguous" else None
+            ql, kl, vl = (shard(t, layout, world, rank, lengths=ll).clone().requires_grad_(True) for t in (q, k, v))
+            all_lens = lens if layout == "contiguous" else [shard(q, layout, world, r).shape[2] for r in range(world)]
+            out, lse = fn(ql, kl, vl, layout=layout, lengths=all_lens, blocks=lay, return_lse=True)
+            (out * shard(w, layout, world, rank, lengths=ll)).sum().backward()
+            r_out, r_lse, r_dq, r_dk, r_dv = (shard(t, layout, world, rank, lengths=ll) for t in ref)
+            res[f"{method}/{layout}"] = {"out": _err(out, r_out), "lse": _err(lse, r_lse), "dq": _err(ql.grad, r_dq),
+                                         "dk": _err(kl.grad, r_dk), "dv": _err(vl.grad, r_dv)}
+    try:
+        ring_attention(*(shard(t, "contiguous", world, rank, lengths=lens) for t in (q, k, v)),
+                       lengths=[n - 3, 3] + [0] * (world - 2), blocks=lay)
+    except ValueError as e:
+        res["misaligned"] = str(e)
+    return res
+
+
+def _ref_masked(q, k, v, w, mask):
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out, lse = reference.attention(q, k, v, causal=True, mask=mask)
+    (out * w).sum().backward()
+    return out.detach(), lse.float(), q.grad, k.grad, v.grad

@@ -234,3 +234,12 @@ def test_dist_bench_other_methods(method):
     recs = run_dist_bench(DistBenchConfig(method=method, nproc=2, seq=64, heads=4, kv_heads=2, dim=8, repeats=1),
                           log=lambda s: None)
     assert len(recs) == 2 and recs[0]["max_err"] < 1e-4 and recs[0]["bytes_sent"] > 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sparse_block_layout_runs_sequence_parallel(world):
+    for rank, res in enumerate(_ok(spawn(W.check_sparse, world, timeout_s=60))):
+        assert "block_size 16 must divide" in res.pop("misaligned")
+        for case, m in res.items():
+            for key, err in m.items():
+                assert err < TOL, f"P={world} rank {rank} {case}: {key} off by {err:.2e}"

@@ -23,35 +23,36 @@ __all__ = ["allgather_kv"]
 
 class _AllGatherKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, lengths, ranges, causal, scale, kernel):
+    def forward(ctx, q, k, v, group, lengths, ranges, causal, scale, kernel, sparse):
         r, _ = world(group)
         parts = all_gather_var(torch.stack([k, v]), lengths, 3, "allgather_kv", group)
         kv = torch.cat(parts, 3)  # [2, b, hk, N, d] in rank order
         kranges = [rg for rr in ranges for rg in rr]
         with compute_timer():
-            out, lse = attend_ranges(q, kv[0], kv[1], ranges[r], kranges, causal=causal, scale=scale, kernel=kernel)
+            out, lse = attend_ranges(q, kv[0], kv[1], ranges[r], kranges, causal=causal, scale=scale, kernel=kernel,
+                                     sparse=sparse)
         ctx.save_for_backward(q, kv, out, lse)
-        ctx.cfg = (group, lengths, ranges, kranges, causal, scale)
+        ctx.cfg = (group, lengths, ranges, kranges, causal, scale, sparse)
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, kv, out, lse = ctx.saved_tensors
-        group, lengths, ranges, kranges, causal, scale = ctx.cfg
+        group, lengths, ranges, kranges, causal, scale, sparse = ctx.cfg
         r, _ = world(group)
         with compute_timer():
             dq, dk, dv = backward_ranges(q, kv[0], kv[1], out, lse, dout, ranges[r], kranges, causal=causal,
-                                         scale=scale)
+                                         scale=scale, sparse=sparse)
         dkv = reduce_scatter_var(torch.stack([dk, dv]), lengths, 3, "allgather_kv", group)
-        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None, None, None, None, None, None
 
 
 def allgather_kv(q, k, v, *, group=None, causal: bool = True, layout: str = "contiguous",
                  scale: float | None = None, kernel: str = "eager", lengths: list[int] | None = None,
-                 return_lse: bool = False):
+                 return_lse: bool = False, blocks=None):
     """Sequence-parallel attention by one all-gather of K/V (see the module docstring); arguments as
     ``ring_attention``."""
-    lengths, ranges, scale = prepare(q, k, v, "allgather_kv", group, layout, kernel, lengths, scale)
-    out, lse = _AllGatherKV.apply(q, k, v, group, lengths, ranges, causal, scale, kernel)
+    lengths, ranges, scale, sparse = prepare(q, k, v, "allgather_kv", group, layout, kernel, lengths, scale, blocks)
+    out, lse = _AllGatherKV.apply(q, k, v, group, lengths, ranges, causal, scale, kernel, sparse)
     return (out, lse) if return_lse else out

@@ -8,7 +8,9 @@ range: the causal triangle), or partial (anything else: an explicit mask). The f
 partial output and its log-sum-exp (merged later by ``ops.merge``); the backward recomputes the probabilities
 from the final log-sum-exp (FlashAttention's backward). ``kernel="eager"`` is float32 matmul-softmax-matmul
 (``ops.core.masked_attention``); ``kernel="flash"`` uses PyTorch's CPU flash-attention op (which returns the
-log-sum-exp) for full and diagonal blocks and eager otherwise.
+log-sum-exp) for full and diagonal blocks and eager otherwise; with a global ``BlockLayout`` (``SparseBlocks``)
+each pair computes only that layout's blocks through ``block_sparse_attention`` (gather backend, which returns
+the log-sum-exp; FlexAttention on CPU does not), so any prefill pattern's layout runs sequence-parallel.
 
 Layout of tensors: ``[batch, heads, local_len, dim]``; GQA (fewer kv heads) is kept unrepeated.
 """
@@ -20,7 +22,7 @@ import torch
 from ..ops.core import masked_attention
 from ..ops.merge import merge_attention
 
-__all__ = ["LAYOUTS", "KERNELS", "rank_ranges", "shard", "unshard", "split_lengths", "positions", "pair_kind",
+__all__ = ["LAYOUTS", "KERNELS", "SparseBlocks", "rank_ranges", "shard", "unshard", "split_lengths", "positions", "pair_kind",
            "attend_ranges", "backward_ranges", "pair_work"]
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -149,10 +151,56 @@ def _flash(q5, k5, v5, causal: bool, scale: float):
     return out.float().view(b, hk, g, n, d), lse.float().view(b, hk, g, n)
 
 
-def attend_ranges(q, k, v, qranges, kranges, *, causal: bool, scale: float, kernel: str = "eager"):
+class SparseBlocks:
+    """A global ``BlockLayout`` (the whole sequence, no token rule) cut into the (query range, key range)
+    pairs a rank computes: the ``sparse`` block kernel (``block_sparse_attention``, gather backend, with lse)."""
+
+    def __init__(self, layout, n: int) -> None:
+        from ..layout import BlockLayout
+
+        if not isinstance(layout, BlockLayout):
+            raise ValueError(f"layout must be a BlockLayout over the whole sequence, got {type(layout).__name__}")
+        if layout.q_len != n or layout.kv_len != n:
+            raise ValueError(f"layout is for {layout.q_len} x {layout.kv_len} tokens; the sequence has {n}")
+        if layout.rule is not None:
+            raise ValueError("layout: a token rule is not supported by the sequence-parallel sparse kernel")
+        self.bs = layout.block_size
+        self.mask = layout.to_block_mask()  # [b or 1, h or 1, nqb, nkb]
+
+    def check_ranges(self, ranges, n: int) -> None:
+        for rr in ranges:
+            for s, e in rr:
+                if s % self.bs or (e % self.bs and e != n):
+                    raise ValueError(f"layout: block_size {self.bs} must divide every rank's range boundaries; "
+                                     f"got range [{s}, {e})")
+
+    def sub(self, qr, kr, nq_total: int):
+        from ..layout import BlockLayout
+
+        bs = self.bs
+        m = self.mask[..., qr[0] // bs : -(-qr[1] // bs), kr[0] // bs : -(-kr[1] // bs)]
+        return BlockLayout.from_block_mask(m, block_size=bs, q_len=qr[1] - qr[0], kv_len=kr[1] - kr[0])
+
+
+def _pair(qs, ks, vs, qr, kr, kind, scale, kernel, sparse):
+    """One (query range, key range) pair: ``(out, lse)`` on ``q5 [b, hk, g, n, d]`` / ``k5 [b, hk, 1, m, d]``."""
+    if sparse is not None:
+        from ..ops.block_sparse import block_sparse_attention
+
+        b, hk, g, n, d = qs.shape
+        o, lz = block_sparse_attention(qs.reshape(b, hk * g, n, d), ks[:, :, 0], vs[:, :, 0], sparse.sub(qr, kr, n),
+                                       causal=kind == "diag", scale=scale, backend="gather", return_lse=True)
+        return o.float().view(b, hk, g, n, d), lz.float().view(b, hk, g, n)
+    if kernel == "flash" and kind in ("full", "diag") and qs.dtype != torch.float64:
+        return _flash(qs, ks, vs, kind == "diag", scale)
+    return masked_attention(qs, ks, vs, _mask(qr, kr, kind, qs.device), scale)
+
+
+def attend_ranges(q, k, v, qranges, kranges, *, causal: bool, scale: float, kernel: str = "eager",
+                  sparse: SparseBlocks | None = None):
     """Attention of the local queries (``q [b, hq, nq, d]`` holding ``qranges``) over keys ``k, v [b, hk, nk, d]``
-    holding ``kranges``. Returns ``(out [b, hq, nq, d] float32, lse [b, hq, nq] float32)``; rows that see no key
-    get 0 and ``-inf``."""
+    holding ``kranges``; with ``sparse`` only the blocks of its global layout. Returns ``(out [b, hq, nq, d]
+    float32, lse [b, hq, nq] float32)``; rows that see no key get 0 and ``-inf``."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     b, hq, nq, d = q.shape
@@ -174,10 +222,7 @@ def attend_ranges(q, k, v, qranges, kranges, *, causal: bool, scale: float, kern
                 continue
             nks = kr[1] - kr[0]
             ks, vs = k5[:, :, :, ko : ko + nks], v5[:, :, :, ko : ko + nks]
-            if kernel == "flash" and kind in ("full", "diag") and ct == torch.float32:
-                o, lz = _flash(qs, ks, vs, kind == "diag", scale)
-            else:
-                o, lz = masked_attention(qs, ks, vs, _mask(qr, kr, kind, q.device), scale)
+            o, lz = _pair(qs, ks, vs, qr, kr, kind, scale, kernel, sparse)
             outs.append(o)
             lses.append(lz)
         if outs:
@@ -187,7 +232,8 @@ def attend_ranges(q, k, v, qranges, kranges, *, causal: bool, scale: float, kern
     return out.view(b, hq, nq, d), lse.view(b, hq, nq)
 
 
-def backward_ranges(q, k, v, out, lse, dout, qranges, kranges, *, causal: bool, scale: float):
+def backward_ranges(q, k, v, out, lse, dout, qranges, kranges, *, causal: bool, scale: float,
+                    sparse: SparseBlocks | None = None):
     """Gradients of the attention through this (query ranges, key ranges) part, given the *final* output and
     log-sum-exp of the queries (FlashAttention's recomputation). Returns ``(dq, dk, dv)`` in float32 (or
     float64)."""
@@ -218,6 +264,10 @@ def backward_ranges(q, k, v, out, lse, dout, qranges, kranges, *, causal: bool, 
             s = torch.matmul(qs, ks.transpose(-1, -2)) * scale
             p = torch.exp(s - safe.unsqueeze(-1))
             m = _mask(qr, kr, kind, q.device)
+            if sparse is not None:  # the layout's pairs (causal inside the diagonal pair), per head
+                sm = sparse.sub(qr, kr, nqs).to_dense_mask(causal=kind == "diag")  # [b or 1, h or 1, nq, nk]
+                sm = sm.view(sm.shape[0], -1, 1, nqs, nks) if sm.shape[1] == 1 else sm.view(sm.shape[0], hk, g, nqs, nks)
+                m = sm if m is None else (m & sm)
             if m is not None:
                 p = p.masked_fill(~m, 0.0)
             p = p.masked_fill(torch.isinf(ls).unsqueeze(-1), 0.0)

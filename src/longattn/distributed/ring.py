@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..ops.merge import merge_attention
-from .blocks import KERNELS, LAYOUTS, attend_ranges, backward_ranges, rank_ranges
+from .blocks import KERNELS, LAYOUTS, SparseBlocks, attend_ranges, backward_ranges, rank_ranges
 from .comm import compute_timer, exchange_lengths, ring_exchange, wait_all, world
 
 __all__ = ["ring_attention", "check_local", "prepare"]
@@ -38,9 +38,9 @@ def check_local(q, k, v, method: str) -> None:
         raise ValueError(f"{method}: query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
 
 
-def prepare(q, k, v, method: str, group, layout: str, kernel: str, lengths, scale):
-    """Validate a sequence-parallel call; returns ``(lengths, ranges per rank, scale)`` (lengths exchanged
-    with one small all-gather when not given)."""
+def prepare(q, k, v, method: str, group, layout: str, kernel: str, lengths, scale, blocks=None):
+    """Validate a sequence-parallel call; returns ``(lengths, ranges per rank, scale, sparse)`` (lengths
+    exchanged with one small all-gather when not given; ``sparse``: the ``SparseBlocks`` of ``blocks``)."""
     check_local(q, k, v, method)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -49,12 +49,17 @@ def prepare(q, k, v, method: str, group, layout: str, kernel: str, lengths, scal
     if lengths is None:
         lengths = exchange_lengths(q.shape[2], method, group, q.device)
     lengths = list(lengths)
-    return lengths, rank_ranges(lengths, layout), 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    ranges = rank_ranges(lengths, layout)
+    sparse = None
+    if blocks is not None:
+        sparse = SparseBlocks(blocks, sum(lengths))
+        sparse.check_ranges(ranges, sum(lengths))
+    return lengths, ranges, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, sparse
 
 
 class _Ring(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, ranges, causal, scale, kernel):
+    def forward(ctx, q, k, v, group, ranges, causal, scale, kernel, sparse):
         r, p = world(group)
         b, hk, _, d = k.shape
         cur, src = torch.stack([k, v]), r
@@ -67,20 +72,20 @@ class _Ring(torch.autograd.Function):
                 reqs, buf = ring_exchange(cur, (2, b, hk, n_next, d), "ring_attention", group)
             with compute_timer():
                 o, lz = attend_ranges(q, cur[0], cur[1], ranges[r], ranges[src], causal=causal, scale=scale,
-                                      kernel=kernel)
+                                      kernel=kernel, sparse=sparse)
                 out, lse = (o, lz) if out is None else merge_attention([out, o], [lse, lz])
             if reqs is not None:
                 wait_all(reqs, "ring_attention", group)
                 cur, src = buf, nsrc
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cfg = (group, ranges, causal, scale)
+        ctx.cfg = (group, ranges, causal, scale, sparse)
         ctx.mark_non_differentiable(lse)
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, ranges, causal, scale = ctx.cfg
+        group, ranges, causal, scale, sparse = ctx.cfg
         r, p = world(group)
         b, hk, _, d = k.shape
         ct = out.dtype
@@ -91,7 +96,7 @@ class _Ring(torch.autograd.Function):
         for step in range(p):
             with compute_timer():
                 dq_, dk_, dv_ = backward_ranges(q, cur[0], cur[1], out, lse, dout, ranges[r], ranges[src],
-                                                causal=causal, scale=scale)
+                                                causal=causal, scale=scale, sparse=sparse)
                 dq += dq_
                 dacc[0] += dk_
                 dacc[1] += dv_
@@ -105,16 +110,17 @@ class _Ring(torch.autograd.Function):
             reqs, buf = ring_exchange(dacc, (2, b, hk, k.shape[2], d), "ring_attention", group)
             wait_all(reqs, "ring_attention", group)
             dacc = buf
-        return dq.to(q.dtype), dacc[0].to(k.dtype), dacc[1].to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), dacc[0].to(k.dtype), dacc[1].to(v.dtype), None, None, None, None, None, None
 
 
 def ring_attention(q, k, v, *, group=None, causal: bool = True, layout: str = "contiguous",
                    scale: float | None = None, kernel: str = "eager", lengths: list[int] | None = None,
-                   return_lse: bool = False):
+                   return_lse: bool = False, blocks=None):
     """Sequence-parallel attention by ring (see the module docstring). ``q [b, hq, n_local, d]``, ``k, v
     [b, hk, n_local, d]``: this rank's shard in ``layout``; ``lengths``: every rank's ``n_local`` (exchanged
-    when None; local lengths may differ in the contiguous layout). Returns this rank's output (and its
-    log-sum-exp with ``return_lse``)."""
-    lengths, ranges, scale = prepare(q, k, v, "ring_attention", group, layout, kernel, lengths, scale)
-    out, lse = _Ring.apply(q, k, v, group, ranges, causal, scale, kernel)
+    when None; local lengths may differ in the contiguous layout); ``blocks``: a ``BlockLayout`` over the whole
+    sequence (any prefill pattern's) to compute sparsely, its block size dividing every rank's range
+    boundaries. Returns this rank's output (and its log-sum-exp with ``return_lse``)."""
+    lengths, ranges, scale, sparse = prepare(q, k, v, "ring_attention", group, layout, kernel, lengths, scale, blocks)
+    out, lse = _Ring.apply(q, k, v, group, ranges, causal, scale, kernel, sparse)
     return (out, lse) if return_lse else out

@@ -108,7 +108,7 @@ def ulysses(q, k, v, *, group=None, causal: bool = True, layout: str = "contiguo
     hq, hk = q.shape[1], k.shape[1]
     if hq % p:
         raise ValueError(f"ulysses: query heads ({hq}) must be divisible by the number of ranks ({p})")
-    lengths, ranges, scale = prepare(q, k, v, "ulysses", group, layout, kernel, lengths, scale)
+    lengths, ranges, scale, _ = prepare(q, k, v, "ulysses", group, layout, kernel, lengths, scale)
     if hk % p:  # kv heads cannot be split: repeat them to the query heads (autograd sums the copies back)
         k, v = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
     if backend == "deepspeed":
