@@ -6,7 +6,8 @@ KV Cache Selection" (Wu et al., 2024, https://arxiv.org/abs/2411.02886). Each qu
 token by ``q . k``; the scores are softmax-normalised per head (so no single head dominates) and summed over the
 heads — the *soft vote* — and the ``budget`` best tokens are attended by all heads of the layer (one gather).
 The Selection Cache: when the new query is similar to the query of the last selection (mean cosine over heads
-``>= threshold``), the previous selection is reused, plus the tokens appended since; it is recomputed otherwise.
+``>= threshold``) and at most ``local`` tokens were appended since, the previous selection is reused plus those
+tokens (so a reused step attends at most ``budget + local`` tokens); it is recomputed otherwise.
 The first ``sink`` real tokens and the last ``local`` tokens are always selected (as the paper's init/local
 tokens).
 
