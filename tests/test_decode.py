@@ -631,3 +631,26 @@ def test_cache_bytes_count_the_selector_state():
         m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     meta = sum(layer.decode_nbytes() for layer in s.cache.layers)
     assert meta > 0 and cache_nbytes(s.cache) >= sum(layer.nbytes() for layer in s.cache.layers) + meta
+
+
+def test_infllm_offload_frees_the_layer_and_attends_the_same_tokens():
+    """Offloaded memory blocks leave the cache layer (a store + an LRU hold them) and decoding is unchanged."""
+    m = tiny_model("llama", num_hidden_layers=4)
+    ids, _ = ids_batch(1, 300, pad=(0,))
+    spec = "infllm:budget=84:sink=4:local=32:block_size=16"
+    ref, s0 = _generate(m, ids, None, spec, steps=12)
+    got, s1 = _generate(m, ids, None, spec + ":offload=true:lru_blocks=2", steps=12)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.scores, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    layer = s1.cache.layers[1]
+    st = layer.decode_state["infllm"]
+    assert layer.get_seq_length() == 300 + 11 and layer.physical_len < 100  # sinks + local window only
+    assert st["counts"]["offloaded"] >= 15 and st["counts"]["misses"] > len(st["lru"]) == 2  # LRU evicted and reloaded
+    assert sum(x.numel() for kv in st["store"].values() for x in kv) == 2 * st["counts"]["offloaded"] * 2 * 16 * 16
+    assert s0.cache.layers[1].physical_len == 311
+    with pytest.raises(ValueError, match="infllm offload: needs rows without padding"):
+        ids2, am2 = ids_batch(2, 150, pad=(0, 20))
+        _generate(m, ids2, am2, spec + ":offload=true")
+    with pytest.raises(ValueError, match="store must be a torch device"):
+        api.parse(spec + ":store=nowhere")

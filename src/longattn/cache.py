@@ -282,7 +282,13 @@ class LongattnLayer(DynamicLayer):
             elif isinstance(val, torch.Tensor):
                 total += val.numel() * val.element_size()
             elif isinstance(val, dict):
-                total += sum(t.numel() * t.element_size() for t in val.values() if isinstance(t, torch.Tensor))
+                for t in val.values():
+                    for x in t if isinstance(t, (tuple, list)) else (t,):
+                        if isinstance(x, torch.Tensor):
+                            total += x.numel() * x.element_size()
+                    if isinstance(t, dict):  # e.g. InfLLM's store and LRU of (k, v) blocks
+                        total += sum(x.numel() * x.element_size() for kv in t.values() if isinstance(kv, tuple)
+                                     for x in kv if isinstance(x, torch.Tensor))
         return total
 
     def physical_key_valid(self, key_valid: torch.Tensor | None) -> torch.Tensor | None:
@@ -364,6 +370,23 @@ class LongattnLayer(DynamicLayer):
         if self.kept_positions is None:
             return tail
         return torch.cat([self.kept_positions.to(dev), tail], -1)
+
+    def keep_tokens(self, keep: torch.Tensor) -> None:
+        """Keep only the physical tokens at ``keep [m]`` (ascending, the same for every row and kv head) and free
+        the others: the layer becomes (stays) a uniform compressed cache with the kept tokens' logical positions.
+        Used by a decode selector that moves tokens elsewhere (InfLLM's offload); its own state is kept, page
+        metadata (which indexes physical tokens) is dropped."""
+        if self.prefix is not None:
+            raise ValueError("keep_tokens: not supported on per-head ragged layers")
+        keep = keep.to(self.keys.device).long()
+        pos = self.physical_positions()[..., keep]
+        logical = self.get_seq_length()
+        self.keys, self.values = self.keys[:, :, keep].contiguous(), self.values[:, :, keep].contiguous()
+        self.kept_positions = pos.to(torch.int32).contiguous()
+        self.prefix_logical_len = logical
+        self.scores = None
+        for key in [k for k in self.decode_state if isinstance(k, tuple) and k[0] == "pages"]:
+            del self.decode_state[key]
 
     def evict(self, budget: int, protect: int) -> None:
         """Keep ``budget`` tokens per (batch, kv head): the ``protect`` most recent ones and the best

@@ -10,10 +10,15 @@ over the query heads of the kv head's group; the ``(budget - sink - local) // bl
 are attended together with the first ``sink`` real tokens and the last ``local`` tokens (extended back to a
 block boundary, so sinks, memory blocks and the local window never overlap).
 
+``offload=true``: once a memory block is complete it is moved out of the cache layer to a store on ``store``
+(CPU memory; the layer frees it, so on an accelerator only sinks, the local window and the LRU stay there), and
+the selected blocks are loaded back through an LRU of ``lru_blocks`` blocks on the cache's device; attention is
+then the dense attention over the layer (sinks + local window) merged by log-sum-exp with the attention over the
+loaded blocks, the same token set as without offload. Offload needs rows without padding, and after it started
+a multi-token forward (which could not see the store) is refused.
+
 Departures: the score horizon is ``block_size`` queries, not the whole local window; the decode queries also
-score the keys before them, so blocks formed while generating get representatives the same way. Offloading
-memory blocks to CPU memory with an LRU of loaded blocks (the paper's GPU setting) is not implemented: the
-cache stays on one device.
+score the keys before them, so blocks formed while generating get representatives the same way.
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ class InfLLM(DecodeSelector):
     local: int = 256
     block_size: int = 128
     reps: int = 4
+    offload: bool = False
+    lru_blocks: int = 64
+    store: str = "cpu"
 
     needs_full_cache: ClassVar[bool] = True
 
@@ -78,6 +86,11 @@ class InfLLM(DecodeSelector):
         check_int(self.reps, "reps")
         if self.reps > self.block_size:
             raise ValueError(f"reps ({self.reps}) must be <= block_size ({self.block_size})")
+        check_int(self.lru_blocks, "lru_blocks")
+        try:
+            torch.device(self.store)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"store must be a torch device like 'cpu', got {self.store!r}") from None
         if self.budget < self.sink + self.local + self.block_size:
             raise ValueError(f"budget ({self.budget}) must be >= sink + local + block_size "
                              f"({self.sink + self.local + self.block_size}): room for one memory block")
@@ -90,6 +103,9 @@ class InfLLM(DecodeSelector):
         if self.is_dense(layer_idx):
             return
         st = layer.decode_state.setdefault("infllm", {"rep": None, "rep_k": None, "blocks": 0})
+        if st.get("store"):
+            raise ValueError("infllm offload: a multi-token forward after blocks were offloaded cannot see them; "
+                             "feed tokens one at a time, or use offload=false")
         st["rep"] = representative_scores(st["rep"], q, k, key_valid, self.block_size)
 
     def _representatives(self, st: dict, k: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -139,3 +155,97 @@ class InfLLM(DecodeSelector):
             idx = torch.cat([idx, tok], -1)
             valid = torch.cat([valid, ok.repeat_interleave(bs, -1)], -1)
         return idx, valid
+
+    # ---- offload ------------------------------------------------------------------------------------------
+    def attend(self, step: Step, stats: dict | None = None) -> torch.Tensor:
+        if not self.offload:
+            return super().attend(step, stats)
+        return self._attend_offloaded(step, stats)
+
+    def _attend_offloaded(self, step: Step, stats: dict | None) -> torch.Tensor:
+        import time
+        from collections import OrderedDict
+
+        from ..ops.core import masked_attention
+        from ..ops.merge import merge_attention
+
+        t0 = time.perf_counter()
+        if step.key_valid is not None:
+            raise ValueError("infllm offload: needs rows without padding (one prompt, or prompts of one length)")
+        layer = step.layer
+        b, hk, p_len, d = step.k.shape
+        bs, dev = self.block_size, step.k.device
+        n = layer.get_seq_length()  # logical tokens (the new one included)
+        st = step.state.setdefault("infllm", {"rep": None, "rep_k": None, "blocks": 0})
+        store, lru = st.setdefault("store", {}), st.setdefault("lru", OrderedDict())
+        counts = st.setdefault("counts", {"hits": 0, "misses": 0, "offloaded": 0})
+        # the new query scores the keys before it: the last block_size + 1 tokens, all in the layer
+        h = min(bs + 1, p_len)
+        buf = st["rep"] if st["rep"] is not None else torch.zeros(b, hk, n, device=dev)
+        if buf.shape[-1] < n:
+            buf = torch.nn.functional.pad(buf, (0, n - buf.shape[-1]))
+        buf[:, :, n - h : n] += representative_scores(None, step.q, step.k[:, :, -h:], None, bs)
+        st["rep"] = buf
+        mstart = -(-self.sink // bs) * bs
+        lstart = max(mstart, ((n - self.local) // bs) * bs)
+        n_blocks = lstart // bs
+        pos = layer.physical_positions()[0, 0].long() if layer.compressed else torch.arange(p_len, device=dev)
+        if n_blocks > st["blocks"]:  # representatives of the newly complete blocks, from the layer's keys
+            reps = []
+            for j in range(st["blocks"], n_blocks):
+                ps = int(torch.searchsorted(pos, j * bs))
+                top = buf[:, :, j * bs : (j + 1) * bs].topk(self.reps, -1).indices + ps
+                reps.append(step.k.gather(2, top.unsqueeze(-1).expand(-1, -1, -1, d)))
+            new = torch.stack(reps, 2)  # [b, hk, new blocks, r, d]
+            st["rep_k"] = new if st["rep_k"] is None else torch.cat([st["rep_k"], new], 2)
+            st["blocks"] = n_blocks
+        move = [j for j in range(mstart // bs, n_blocks) if j not in store]
+        if move:  # out of the layer, into the store
+            drop = torch.zeros(p_len, dtype=torch.bool, device=dev)
+            for j in move:
+                ps = int(torch.searchsorted(pos, j * bs))
+                store[j] = (step.k[:, :, ps : ps + bs].to(self.store, copy=True),
+                            step.v[:, :, ps : ps + bs].to(self.store, copy=True))
+                drop[ps : ps + bs] = True
+            layer.keep_tokens(torch.nonzero(~drop).flatten())
+            counts["offloaded"] += len(move)
+        qg = step.grouped_q()  # [b, hk, g, d]
+        outs, lses = [], []
+        o, lz = masked_attention(qg, layer.keys, layer.values, None, step.scale)  # sinks + local window
+        outs.append(o)
+        lses.append(lz)
+        selected = layer.keys.shape[2] * b * hk
+        if store:
+            rel = torch.einsum("bhgd,bhjrd->bhj", qg, st["rep_k"][:, :, :n_blocks].float())
+            usable = torch.tensor([j in store for j in range(n_blocks)], device=dev)
+            rel = rel.masked_fill(~usable, float("-inf"))
+            blocks = top_with_forced(rel, min(self.topk, int(usable.sum())))  # [b, hk, kb]
+            uniq = sorted(set(blocks.flatten().tolist()))
+            for j in uniq:  # through the LRU of loaded blocks
+                if j in lru:
+                    lru.move_to_end(j)
+                    counts["hits"] += 1
+                else:
+                    lru[j] = tuple(x.to(dev) for x in store[j])
+                    counts["misses"] += 1
+                    if len(lru) > self.lru_blocks:
+                        lru.popitem(last=False)
+            slot = {j: i for i, j in enumerate(uniq)}
+            kk = torch.stack([lru[j][0] if j in lru else store[j][0].to(dev) for j in uniq], 2)  # [b, hk, U, bs, d]
+            vv = torch.stack([lru[j][1] if j in lru else store[j][1].to(dev) for j in uniq], 2)
+            where = blocks.clone().apply_(lambda j: slot[j]) if blocks.device.type == "cpu" else \
+                torch.tensor([[[slot[j] for j in row] for row in rows] for rows in blocks.tolist()], device=dev)
+            g_idx = where[..., None, None].expand(-1, -1, -1, bs, d)
+            km = kk.gather(2, g_idx).flatten(2, 3)
+            vm = vv.gather(2, g_idx).flatten(2, 3)
+            o, lz = masked_attention(qg, km, vm, None, step.scale)
+            outs.append(o)
+            lses.append(lz)
+            selected += blocks.numel() * bs
+        out, _ = merge_attention(outs, lses)
+        if stats is not None:
+            stats["select_s"] = stats.get("select_s", 0.0) + time.perf_counter() - t0
+            stats["selected"] = stats.get("selected", 0) + selected
+            stats["possible"] = stats.get("possible", 0) + b * hk * n
+        b_, hq, _, _ = step.q.shape
+        return out.reshape(b_, hq, 1, d).to(step.q.dtype)
