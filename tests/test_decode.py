@@ -560,6 +560,9 @@ def test_decode_ops_bench_records_every_selector_and_split_k():
     cfg = DecodeBenchConfig(lengths=(1024,), heads=4, kv_heads=2, dim=16, budget=512, repeats=1, progress=False,
                             selectors=DEFAULT_SELECTORS + ("quest:budget=4096:dense_layers=",))
     recs = run_decode_ops(cfg, log=lambda s: None)
+    contract = ("op", "pattern", "N", "dtype", "heads", "dim", "density", "recall", "backend", "est_ms", "kernel_ms",
+                "ms", "dense_ms", "speedup")
+    assert all(set(contract) <= set(r) for r in recs)
     names = {r["pattern"].split(" ")[0].split(":")[0] for r in recs}
     assert names == set(registry.names("decode")) | {"split_k"}
     for r in recs:
@@ -601,8 +604,11 @@ def test_cab_grid_times_where_it_applies_and_says_why_not():
     assert not by[("sink_window", "noncausal_self", 256)]["applies"]
     assert "causal-only" in by[("sink_window", "noncausal_self", 256)]["note"]
     assert by[("neighborhood", "noncausal_self", 256)]["applies"]  # its causal=False form
+    contract = ("op", "pattern", "N", "dtype", "heads", "dim", "density", "recall", "backend", "est_ms", "kernel_ms",
+                "ms", "dense_ms", "speedup")
     for r in recs:
         assert r["dense_ms"] > 0 and (r["ms"] is None) == (not r["applies"])
+        assert set(contract) <= set(r)
     eff = efficiency_lengths(recs)
     assert set(eff) == {(r["pattern"], r["kind"]) for r in recs if r["applies"]}
     assert "efficient from" in cab_table(recs)

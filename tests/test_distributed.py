@@ -217,6 +217,9 @@ def test_linear_ops_bench_records_and_skips():
     assert by[("naive", 256)]["ms"] is None and by[("naive", 64)]["ms"] > 0
     assert by[("lightning", 256)]["us_per_token"] == pytest.approx(by[("lightning", 256)]["ms"] * 1e3 / 256)
     assert "skipped" in linear_table(recs)
+    contract = ("op", "pattern", "N", "dtype", "heads", "dim", "density", "recall", "backend", "est_ms", "kernel_ms",
+                "ms", "dense_ms", "speedup")
+    assert all(set(contract) <= set(r) for r in recs)
 
 
 def test_ops_bench_linear_and_decode_together_is_refused(capsys):

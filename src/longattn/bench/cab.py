@@ -102,8 +102,9 @@ def run_cab(cfg: CabConfig, log=None) -> list[dict]:
             causal = kind.startswith("causal")
             if (n, kind) not in dense_ms:
                 dense_ms[(n, kind)] = time_ms(partial(_dense, q, k, v, causal), cfg.repeats)
-            base = {"op": "cab", "pattern": spec, "kind": kind, "N": n, "nq": q.shape[2], "heads": cfg.heads,
-                    "kv_heads": cfg.kv_heads, "dim": cfg.dim, "dense_ms": dense_ms[(n, kind)]}
+            base = {"op": "cab", "pattern": spec, "kind": kind, "N": n, "nq": q.shape[2], "dtype": "float32",
+                    "heads": cfg.heads, "kv_heads": cfg.kv_heads, "dim": cfg.dim, "density": None, "recall": None,
+                    "backend": None, "est_ms": None, "kernel_ms": None, "dense_ms": dense_ms[(n, kind)]}
             pat, why = _variant(pattern_of(spec, None), kind)
             if pat is None:
                 recs.append({**base, "ms": None, "speedup": None, "applies": False, "note": why})
@@ -114,7 +115,8 @@ def run_cab(cfg: CabConfig, log=None) -> list[dict]:
                 recs.append({**base, "ms": None, "speedup": None, "applies": False,
                              "note": f"n/a: {str(e).splitlines()[0][:120]}"})
                 continue
-            recs.append({**base, "ms": ms, "speedup": dense_ms[(n, kind)] / ms, "applies": True, "note": ""})
+            recs.append({**base, "backend": pat.backend, "ms": ms, "speedup": dense_ms[(n, kind)] / ms, "applies": True,
+                         "note": ""})
     return recs
 
 

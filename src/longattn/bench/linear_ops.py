@@ -60,8 +60,10 @@ def run_linear_ops(cfg: LinearBenchConfig) -> list[dict]:
             times = {name: time_ms(fn, cfg.repeats) for name, fn in runs.items()}
             for name in ("lightning", "naive", "softmax_sdpa"):
                 ms = times.get(name)
-                recs.append({"op": "linear", "pattern": name, "N": n, "heads": cfg.heads, "dim": cfg.dim,
-                             "block_size": cfg.block_size, "ms": ms, "us_per_token": None if ms is None else ms * 1e3 / n,
+                recs.append({"op": "linear", "pattern": name, "N": n, "dtype": "float32", "heads": cfg.heads,
+                             "dim": cfg.dim, "density": None, "recall": None, "backend": "torch", "est_ms": 0.0,
+                             "kernel_ms": ms, "block_size": cfg.block_size, "ms": ms,
+                             "us_per_token": None if ms is None else ms * 1e3 / n,
                              "dense_ms": times.get("softmax_sdpa"),
                              "speedup": (times["softmax_sdpa"] / ms) if ms and "softmax_sdpa" in times else None})
     return recs
