@@ -246,7 +246,7 @@ def main(argv=None) -> int:
         return tiny_overlap(policies, ratios, a.json)
     model, tok = models.load("smollm2-135m")
     model.config.name_or_path = "smollm2-135m"
-    from longattn.kv.profile import load_profile
+    from longattn.profiles import load_profile
 
     profile = [list(r) for r in load_profile("smollm2-135m").scores]
     eos = set(tok.all_special_ids)

@@ -222,7 +222,7 @@ def _cmd_report(a) -> int:
 def _cmd_ops_bench(a) -> int:
     from .bench.ops import DEFAULT_PATTERNS, OpsBenchConfig, run_ops
     from .bench.report import ops_table
-    from .layout import check_block_size
+    from .checks import check_block_size
     from .ops.block_sparse import BACKENDS
 
     if sum(map(bool, (a.cab, a.decode, a.linear))) > 1:

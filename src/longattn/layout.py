@@ -14,15 +14,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["BlockLayout", "TokenRule", "check_block_size"]
+from .checks import check_block_size
 
-
-def check_block_size(block_size: int, name: str = "block_size") -> int:
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 16:
-        raise ValueError(f"{name} must be a power of two >= 16, got {block_size!r}")
-    if block_size & (block_size - 1):
-        raise ValueError(f"{name} must be a power of two >= 16 (16, 32, 64, 128, ...), got {block_size}")
-    return block_size
+__all__ = ["BlockLayout", "TokenRule"]
 
 
 def _cdiv(a: int, b: int) -> int:

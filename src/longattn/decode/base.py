@@ -15,28 +15,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..prefill.base import check_int
+from ..checks import check_int, parse_layers
 
-__all__ = ["DecodeSelector", "Step", "parse_layers", "minmax_scores", "page_bounds", "pages_to_tokens",
-           "top_with_forced", "page_has_valid", "check_int"]
-
-
-def parse_layers(spec: str, name: str = "dense_layers") -> tuple[int, ...]:
-    """``"0,1"`` -> ``(0, 1)``; empty string -> ``()``."""
-    if not isinstance(spec, str):
-        raise ValueError(f"{name} must be a comma-separated string of layer indices like '0,1', got {spec!r}")
-    out = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        try:
-            val = int(part)
-        except ValueError:
-            raise ValueError(f"{name}: {part!r} is not a layer index (comma-separated ints like '0,1')") from None
-        if val < 0:
-            raise ValueError(f"{name}: layer indices must be >= 0, got {val}")
-        out.append(val)
-    return tuple(sorted(set(out)))
+__all__ = ["DecodeSelector", "Step", "minmax_scores", "page_bounds", "pages_to_tokens", "top_with_forced",
+           "page_has_valid"]
 
 
 @dataclass

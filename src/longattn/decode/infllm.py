@@ -28,9 +28,10 @@ from typing import ClassVar
 
 import torch
 
-from ..prefill.base import first_real
+from ..checks import check_int
+from ..padding import first_real
 from ..registry import register
-from .base import DecodeSelector, Step, check_int, top_with_forced
+from .base import DecodeSelector, Step, top_with_forced
 
 __all__ = ["InfLLM", "representative_scores"]
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..prefill.base import first_real
+from ..checks import check_int
+from ..padding import first_real
 from ..registry import register
-from .base import DecodeSelector, Step, check_int, page_has_valid, pages_to_tokens, top_with_forced
+from .base import DecodeSelector, Step, page_has_valid, pages_to_tokens, top_with_forced
 
 __all__ = ["Landmark"]
 

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kv.profile import load_profile
-from ..prefill.base import check_float, first_real
+from ..checks import check_float, check_int
+from ..padding import first_real
+from ..profiles import load_profile
 from ..registry import register
-from .base import DecodeSelector, Step, check_int, page_bounds, pages_to_tokens, top_with_forced
+from .base import DecodeSelector, Step, page_bounds, pages_to_tokens, top_with_forced
 
 __all__ = ["LServePages"]
 

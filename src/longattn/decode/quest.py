@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..registry import register
-from .base import DecodeSelector, Step, check_int, page_bounds, pages_to_tokens, top_with_forced
+from .base import DecodeSelector, Step, page_bounds, pages_to_tokens, top_with_forced
 
 __all__ = ["Quest"]
 

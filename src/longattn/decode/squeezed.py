@@ -20,9 +20,9 @@ from typing import ClassVar
 
 import torch
 
-from ..prefill.base import check_float
+from ..checks import check_float, check_int
 from ..registry import register
-from .base import DecodeSelector, Step, check_int, top_with_forced
+from .base import DecodeSelector, Step, top_with_forced
 
 __all__ = ["Squeezed", "kmeans"]
 

@@ -19,8 +19,9 @@ from typing import ClassVar
 
 import torch
 
+from ..checks import parse_layers
 from ..registry import register
-from .base import DecodeSelector, Step, parse_layers, top_with_forced
+from .base import DecodeSelector, Step, top_with_forced
 
 __all__ = ["TidalDecode"]
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..prefill.base import check_float, sink_tokens
+from ..checks import check_float, check_int
+from ..padding import sink_tokens
 from ..registry import register
-from .base import DecodeSelector, Step, check_int, top_with_forced
+from .base import DecodeSelector, Step, top_with_forced
 
 __all__ = ["TokenSelect"]
 

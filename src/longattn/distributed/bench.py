@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..checks import check_int
+
 __all__ = ["DistBenchConfig", "run_dist_bench", "METHODS"]
 
 METHODS = ("ring", "zigzag", "allgather", "ulysses", "dist_decode", "lasp2")
@@ -42,9 +44,7 @@ class DistBenchConfig:
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("nproc", "seq", "heads", "kv_heads", "dim", "repeats", "threads"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {val!r}")
+            check_int(getattr(self, name), f"--{name.replace('_', '-')}")
         from .blocks import KERNELS
 
         if self.kernel not in KERNELS:

@@ -16,6 +16,8 @@ import time
 import traceback
 from pathlib import Path
 
+from ..checks import check_int
+
 __all__ = ["spawn", "free_port"]
 
 
@@ -54,8 +56,7 @@ def spawn(fn, nproc: int, args: tuple = (), *, timeout_s: float = 60.0, threads:
     running ``timeout_s + startup_s`` after the start, is reported as not ok."""
     import multiprocessing as mp
 
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"nproc must be an int >= 1, got {nproc!r}")
+    check_int(nproc, "nproc")
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="longattn-dist-") as tmp:

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KVPolicy", "ScorerPolicy", "Wrapper", "check_ratio", "inner_policy", "attention_to_keys",
+from ..checks import check_ratio
+
+__all__ = ["KVPolicy", "ScorerPolicy", "Wrapper", "inner_policy", "attention_to_keys",
            "valid_lengths", "mask_padding"]
 
 
@@ -25,12 +27,6 @@ def mask_padding(scores: torch.Tensor, key_valid: torch.Tensor | None) -> torch.
     if key_valid is None:
         return scores
     return scores.masked_fill(~key_valid.to(torch.bool)[:, None, :], float("-inf"))
-
-
-def check_ratio(ratio) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 <= float(ratio) < 1.0):
-        raise ValueError(f"ratio (fraction of the cache removed) must be in [0, 1), got {ratio!r}")
-    return float(ratio)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
+from ..profiles import load_profile
 from ..registry import register
 from .base import KVPolicy, mask_padding, valid_lengths
-from .profile import load_profile
 
 __all__ = ["DuoAttention"]
 
@@ -34,9 +35,7 @@ class DuoAttention(KVPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("sink", "recent"):
-            val = getattr(self, name)
-            if not isinstance(val, int) or val < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {val!r}")
+            check_int(getattr(self, name), name, 0)
         object.__setattr__(self, "_profile", load_profile(self.profile))
 
     def prepare(self, model) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..registry import register
 from .base import KVPolicy, attention_to_keys
 
@@ -34,11 +35,8 @@ class H2O(KVPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.n_recent, int) or self.n_recent < 0:
-            raise ValueError(f"n_recent must be an int >= 0, got {self.n_recent!r}")
-        if not isinstance(self.decode_budget, int) or self.decode_budget < 0:
-            raise ValueError(f"decode_budget must be an int >= 0 (0: no eviction while generating), "
-                             f"got {self.decode_budget!r}")
+        check_int(self.n_recent, "n_recent", 0)
+        check_int(self.decode_budget, "decode_budget", 0, hint="0: no eviction while generating")
         if self.decode_budget and self.decode_budget <= max(self.n_recent, 1):
             raise ValueError(f"decode_budget must exceed n_recent ({self.n_recent}), got {self.decode_budget}")
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..profiles import load_profile
 from ..registry import register
 from .base import Wrapper, mask_padding, valid_lengths
-from .profile import load_profile
 
 __all__ = ["MoABudgets", "distribute"]
 
@@ -65,7 +65,7 @@ class MoABudgets(Wrapper):
     def __post_init__(self) -> None:
         super().__post_init__()
         key = "scores"
-        from .profile import BUILTIN
+        from ..profiles import BUILTIN
 
         if self.profile not in BUILTIN:
             import json

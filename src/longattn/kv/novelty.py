@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..registry import register
 from .base import KVPolicy
 
@@ -38,9 +39,7 @@ class Novelty(KVPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name, lo in (("ref", 8), ("k", 1), ("n_sink", 0), ("recent", 0)):
-            val = getattr(self, name)
-            if not isinstance(val, int) or val < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+            check_int(getattr(self, name), name, lo)
         if self.k > self.ref:
             raise ValueError(f"k must be <= ref, got k={self.k}, ref={self.ref}")
 

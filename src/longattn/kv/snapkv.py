@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_int, check_odd
 from ..registry import register
 from .base import KVPolicy
 
@@ -37,10 +38,8 @@ class SnapKV(KVPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
-        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be an odd int >= 1, got {self.kernel!r}")
+        check_int(self.window, "window")
+        check_odd(self.kernel, "kernel")
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         b, hq, nq, d = q.shape

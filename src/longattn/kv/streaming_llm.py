@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..registry import register
 from .base import KVPolicy
 
@@ -32,8 +33,7 @@ class StreamingLLM(KVPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise ValueError(f"n_sink must be an int >= 0, got {self.n_sink!r}")
+        check_int(self.n_sink, "n_sink", 0)
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         b, hk, n, _ = k.shape

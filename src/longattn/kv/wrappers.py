@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..registry import register
 from .base import KVPolicy, Wrapper, inner_policy, valid_lengths
 
@@ -41,8 +42,7 @@ class Chunked(Wrapper):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.chunk, int) or self.chunk < 16:
-            raise ValueError(f"chunk must be an int >= 16 tokens, got {self.chunk!r}")
+        check_int(self.chunk, "chunk", 16, hint="tokens")
 
 
 @register("compose", "kv", paper="kvpress ComposedPress", summary="apply two policies one after the other")

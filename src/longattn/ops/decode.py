@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from ..checks import check_int
 from .core import masked_attention
 from .merge import merge_attention
 
@@ -49,8 +50,7 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor, kvh: torch.Tensor) -> torch
 def split_bounds(n: int, splits: int) -> list[tuple[int, int]]:
     """``splits`` contiguous ranges covering ``[0, n)``: equal sizes ``ceil(n / splits)``, the last one ragged
     (fewer ranges when ``n < splits``)."""
-    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"splits must be an int >= 1, got {splits!r}")
+    check_int(splits, "splits")
     size = max(1, math.ceil(n / splits))
     return [(s, min(s + size, n)) for s in range(0, n, size)] or [(0, 0)]
 

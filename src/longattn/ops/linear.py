@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_int
+
 __all__ = ["lightning_attention", "linear_attention_naive", "linear_attention_recurrent", "linear_decode_step",
            "decay_tensor", "chunk_state"]
 
@@ -135,8 +137,7 @@ def lightning_attention(q, k, v, *, decay=None, causal: bool = True, block_size:
 
     ``state``: a ``[b, h, d_k, d_v]`` state of the tokens before ``q`` (a previous chunk, another rank's prefix);
     ``return_state``: also return the final state (for ``linear_decode_step`` or the next chunk)."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    check_int(block_size, "block_size")
     k, v = _expand_kv(q, k, v)
     ct = _ct(q)
     b, h, n, dk = q.shape

@@ -14,23 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..layout import BlockLayout, TokenRule, check_block_size
+from ..checks import check_block_size
+from ..layout import BlockLayout, TokenRule
+from ..padding import first_real, sink_tokens
 
-__all__ = ["PrefillPattern", "Geometry", "check_int", "check_float"]
-
-
-def check_int(value, name: str, lo: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    return value
-
-
-def check_float(value, name: str, lo: float, hi: float, lo_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
-    if not ((value > lo if lo_open else value >= lo) and value <= hi):
-        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
-    return float(value)
+__all__ = ["PrefillPattern", "Geometry"]
 
 
 @dataclass(frozen=True)
@@ -125,20 +113,6 @@ class Geometry:
         lo, hi = first // self.bs, (first + sink - 1) // self.bs
         m = (self.kb[None, :] >= lo[:, None]) & (self.kb[None, :] <= hi[:, None])
         return m[:, None, None, :]
-
-
-def first_real(key_valid: torch.Tensor | None, batch: int, device=None) -> torch.Tensor:
-    """Index of each row's first real (unpadded) key, ``[b]`` long."""
-    if key_valid is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    return key_valid.to(torch.int8).argmax(-1).long()
-
-
-def sink_tokens(sink: int, key_valid: torch.Tensor | None, batch: int, n: int, device=None) -> torch.Tensor:
-    """bool ``[b, n]``: the first ``sink`` real tokens of each row."""
-    first = first_real(key_valid, batch, device)
-    kp = torch.arange(n, device=device)
-    return (kp[None, :] >= first[:, None]) & (kp[None, :] < first[:, None] + sink)
 
 
 def pool_blocks(x: torch.Tensor, bs: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

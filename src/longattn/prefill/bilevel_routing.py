@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..layout import BlockLayout, TokenRule
 from ..registry import register
-from .base import Geometry, PrefillPattern, check_int, expand_heads, topk_mask
+from .base import Geometry, PrefillPattern, expand_heads, topk_mask
 from .neighborhood import parse_image
 
 __all__ = ["BilevelRouting"]

@@ -19,18 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_float, check_int
 from ..layout import BlockLayout
 from ..registry import register
-from .base import (
-    Geometry,
-    PrefillPattern,
-    block_scores,
-    check_float,
-    check_int,
-    finish_blocks,
-    threshold_mask,
-    topk_mask,
-)
+from .base import Geometry, PrefillPattern, block_scores, finish_blocks, threshold_mask, topk_mask
 
 __all__ = ["BlockTopK"]
 

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_int
 from ..layout import BlockLayout, TokenRule
 from ..registry import register
-from .base import Geometry, PrefillPattern, check_int
+from .base import Geometry, PrefillPattern
 
 __all__ = ["CoreContext"]
 

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..layout import BlockLayout
+from ..padding import first_real
 from ..registry import register
-from .base import Geometry, PrefillPattern, check_int, finish_blocks, first_real, pool_blocks
+from .base import Geometry, PrefillPattern, finish_blocks, pool_blocks
 
 __all__ = ["Hierarchical"]
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_int
 from ..layout import BlockLayout
 from ..registry import register
-from .base import Geometry, PrefillPattern, check_int, expand_heads, finish_blocks, topk_mask
+from .base import Geometry, PrefillPattern, expand_heads, finish_blocks, topk_mask
 
 __all__ = ["LinearEstimate"]
 

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..layout import BlockLayout
+from ..padding import first_real
 from ..registry import register
-from .base import Geometry, PrefillPattern, check_int, first_real, group_layout
+from .base import Geometry, PrefillPattern, group_layout
 
 __all__ = ["LongRangeGrouping"]
 

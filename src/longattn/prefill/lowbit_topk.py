@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_float, check_int
 from ..layout import BlockLayout
 from ..registry import register
-from .base import Geometry, PrefillPattern, check_float, check_int, finish_blocks
+from .base import Geometry, PrefillPattern, finish_blocks
 
 __all__ = ["LowBitTopK", "quantize_blocks"]
 

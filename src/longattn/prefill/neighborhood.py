@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..layout import BlockLayout, TokenRule
 from ..registry import register
-from .base import Geometry, PrefillPattern, blocks_from_rule, check_int
+from .base import Geometry, PrefillPattern, blocks_from_rule
 
 __all__ = ["Neighborhood", "parse_image"]
 

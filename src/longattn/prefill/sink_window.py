@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..layout import BlockLayout
 from ..registry import register
 from .base import PrefillPattern
@@ -39,10 +40,8 @@ class SinkWindow(PrefillPattern):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.sink, int) or self.sink < 0:
-            raise ValueError(f"sink must be an int >= 0, got {self.sink!r}")
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
+        check_int(self.sink, "sink", 0)
+        check_int(self.window, "window")
 
     def layout(self, q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None = None) -> BlockLayout:
         first = None

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..layout import BlockLayout
 from ..registry import register
-from .base import Geometry, PrefillPattern, check_int
+from .base import Geometry, PrefillPattern
 
 __all__ = ["StridedWindow"]
 

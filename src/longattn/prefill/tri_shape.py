@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int
 from ..layout import BlockLayout
 from ..registry import register
-from .base import Geometry, check_int
+from .base import Geometry
 from .sink_window import SinkWindow
 
 __all__ = ["TriShape"]

@@ -29,9 +29,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_int
 from ..layout import BlockLayout, TokenRule
+from ..padding import first_real, sink_tokens
 from ..registry import register
-from .base import Geometry, PrefillPattern, check_int, first_real, sink_tokens, topk_mask
+from .base import Geometry, PrefillPattern, topk_mask
 
 __all__ = ["VerticalSlash"]
 

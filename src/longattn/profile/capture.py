@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_int
+
 __all__ = ["calibration_ids", "capture_qkv"]
 
 
@@ -21,8 +23,7 @@ def calibration_ids(tokenizer, length: int, seed: int = 0, index: int = 0) -> li
     from ..bench.runner import encode
     from ..bench.tasks.niah import Niah
 
-    if not isinstance(length, int) or length < 64:
-        raise ValueError(f"length must be an int >= 64, got {length!r}")
+    check_int(length, "length", 64)
     extra = 0
     while True:  # the sample lands a little short of its target; ask for more and keep the last tokens
         s = Niah(haystack="stdlib").make(tokenizer, length + extra, index, seed)

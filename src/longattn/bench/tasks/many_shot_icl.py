@@ -15,6 +15,7 @@ import random
 import re
 from dataclasses import dataclass
 
+from ...checks import check_int
 from ...registry import register
 from .base import Sample, Task
 from .passkey import _ntok
@@ -45,9 +46,7 @@ class ManyShotICL(Task):
 
     def __post_init__(self) -> None:
         for name, lo, hi in (("labels", 2, 100), ("markers", 1, 10)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
+            check_int(getattr(self, name), name, lo, hi)
 
     def make(self, tokenizer, length: int, index: int, seed: int) -> Sample:
         rng = random.Random(f"icl:{self.labels}:{self.markers}:{seed}:{length}:{index}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ...checks import check_choice, check_int
 from ...registry import register
 from .base import Sample, Task
 from .passkey import FILLER
@@ -54,10 +55,8 @@ class Niah(Task):
     reserve: int = 60
 
     def __post_init__(self) -> None:
-        if self.haystack not in ("stdlib", "filler"):
-            raise ValueError(f"haystack must be one of stdlib, filler; got {self.haystack!r}")
-        if not isinstance(self.keys, int) or not 1 <= self.keys <= len(CITIES):
-            raise ValueError(f"keys must be an int in [1, {len(CITIES)}], got {self.keys!r}")
+        check_choice(self.haystack, "haystack", ("stdlib", "filler"))
+        check_int(self.keys, "keys", 1, len(CITIES))
 
     def _hay(self, tokenizer, n_tokens: int, rng: random.Random) -> list[str]:
         """Haystack as a list of chunks (sentences or source lines) of about ``n_tokens`` tokens."""

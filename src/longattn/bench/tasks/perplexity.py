@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ...checks import check_int
 from ...registry import register
 from .base import Sample, Task
 from .niah import Niah
@@ -31,8 +32,7 @@ class Perplexity(Task):
     max_new_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.eval_tokens, bool) or not isinstance(self.eval_tokens, int) or self.eval_tokens < 1:
-            raise ValueError(f"eval_tokens must be an int >= 1, got {self.eval_tokens!r}")
+        check_int(self.eval_tokens, "eval_tokens")
         Niah(haystack=self.haystack)
 
     def make(self, tokenizer, length: int, index: int, seed: int) -> Sample:

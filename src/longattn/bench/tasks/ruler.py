@@ -14,6 +14,7 @@ import random
 import uuid
 from dataclasses import dataclass
 
+from ...checks import check_int
 from ...registry import register
 from .base import Sample, Task
 from .niah import CITIES, Niah
@@ -41,11 +42,6 @@ class _AllOf(Task):
         return sum(a in prediction for a in sample.answers) / len(sample.answers)
 
 
-def _check_int(v, name: str, lo: int, hi: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
-
-
 @register("multivalue", "task", paper="RULER MV-NIAH https://arxiv.org/abs/2404.06654",
           summary="one key with several magic numbers in the haystack; answer all of them")
 @dataclass(frozen=True)
@@ -56,7 +52,7 @@ class MultiValue(_AllOf):
     reserve: int = 80
 
     def __post_init__(self) -> None:
-        _check_int(self.values, "values", 2, 16)
+        check_int(self.values, "values", 2, 16)
         Niah(haystack=self.haystack)  # validates the haystack name
 
     def make(self, tokenizer, length: int, index: int, seed: int) -> Sample:
@@ -83,7 +79,7 @@ class MultiQuery(_AllOf):
     reserve: int = 90
 
     def __post_init__(self) -> None:
-        _check_int(self.queries, "queries", 2, len(CITIES))
+        check_int(self.queries, "queries", 2, len(CITIES))
         Niah(haystack=self.haystack)
 
     def make(self, tokenizer, length: int, index: int, seed: int) -> Sample:
@@ -112,7 +108,7 @@ class VariableTracking(_AllOf):
     reserve: int = 80
 
     def __post_init__(self) -> None:
-        _check_int(self.hops, "hops", 1, 12)
+        check_int(self.hops, "hops", 1, 12)
 
     def make(self, tokenizer, length: int, index: int, seed: int) -> Sample:
         rng = random.Random(f"vt:{self.hops}:{seed}:{length}:{index}")
@@ -143,8 +139,8 @@ class CommonWords(_AllOf):
     reserve: int = 80
 
     def __post_init__(self) -> None:
-        _check_int(self.common, "common", 1, 20)
-        _check_int(self.repeats, "repeats", 2, 1000)
+        check_int(self.common, "common", 1, 20)
+        check_int(self.repeats, "repeats", 2, 1000)
 
     def make(self, tokenizer, length: int, index: int, seed: int) -> Sample:
         rng = random.Random(f"cwe:{self.common}:{self.repeats}:{seed}:{length}:{index}")

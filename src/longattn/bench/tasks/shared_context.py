@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ...checks import check_choice, check_int
 from ...registry import register
 from .base import MODES, Sample, Task
 from .niah import CITIES, Niah
@@ -35,10 +36,8 @@ class SharedContext(Task):
     reserve: int = 120
 
     def __post_init__(self) -> None:
-        if isinstance(self.queries, bool) or not isinstance(self.queries, int) or not 2 <= self.queries <= len(CITIES):
-            raise ValueError(f"queries must be an int in [2, {len(CITIES)}], got {self.queries!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_int(self.queries, "queries", 2, len(CITIES))
+        check_choice(self.mode, "mode", MODES)
         Niah(haystack=self.haystack)  # validates the haystack name
 
     def make(self, tokenizer, length: int, index: int, seed: int) -> Sample:
