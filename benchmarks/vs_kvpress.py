@@ -161,7 +161,7 @@ def run_ours(model, spec, ctx, rest, max_new, eos):
         t0 = time.perf_counter()
         model(input_ids=torch.tensor([ctx]), use_cache=True, **{kw: cache})
         t = time.perf_counter() - t0
-        s.compress_enabled = False
+        s.set_compression(False)
         nbytes = cache_nbytes(cache)
         kept = None
         layers = cache.layers

@@ -7,9 +7,9 @@ import longattn
 from _helpers import ids_batch as _ids
 from longattn import api, registry
 from longattn.cache import LongattnLayer, RaggedKV, cache_nbytes
-from longattn.hf import attend_compressed
 from longattn.kv import SnapKV, StreamingLLM
 from longattn.models import TINY_ARCHS, tiny_model
+from longattn.ops.ragged import attend_compressed
 from longattn.reference import attention
 
 ARCHS = list(TINY_ARCHS)
@@ -148,11 +148,11 @@ def test_snapkv_halves_the_cache_and_generates_with_padding(arch):
 
     with torch.no_grad(), longattn.apply(m, "dense") as s:
         full = DynamicCache()
-        m(ids, attention_mask=am, use_cache=True, **{s._cache_kw: full})
+        m(ids, attention_mask=am, use_cache=True, **{s.cache_kwarg: full})
     dense_bytes = cache_nbytes(full)
     with torch.no_grad(), longattn.apply(m, "snapkv:ratio=0.5:window=8") as s:
         cache = DynamicCache()
-        m(ids, attention_mask=am, use_cache=True, **{s._cache_kw: cache})
+        m(ids, attention_mask=am, use_cache=True, **{s.cache_kwarg: cache})
         kv_bytes = cache_nbytes(cache)
         assert s.compressions == m.config.num_hidden_layers
         # GQA kept unrepeated: kv heads in the cache

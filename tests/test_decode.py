@@ -240,9 +240,9 @@ def test_lserve_reuses_selection_and_adds_new_pages():
     for key in first:
         assert second[key] == first[key] | set(range(150, 200))
     third = sel.select(step2)
-    assert step.state["lserve"]["age"] == 2
+    assert step.state["lserve"].age == 2
     sel.select(step2)  # the fourth call re-selects
-    assert step.state["lserve"]["age"] == 0
+    assert step.state["lserve"].age == 0
     assert third[0].shape[-1] >= 64
 
 
@@ -327,11 +327,11 @@ def test_token_select_selection_cache_hits_on_similar_queries():
     similar = Step(step.q + 0.01 * q, k, v, None, step.layer, 1, 4, step.scale)
     got = _sets(*sel.select(similar))
     st = step.state["token_select"]
-    assert st["hits"] == 1 and st["misses"] == 1
+    assert st.hits == 1 and st.misses == 1
     assert all(got[key] == first[key] | {150} for key in first)
     other = Step(-step.q, k, v, None, step.layer, 1, 4, step.scale)  # cosine -1: re-selected
     sel.select(other)
-    assert st is not step.state["token_select"] and step.state["token_select"]["misses"] == 2
+    assert st is not step.state["token_select"] and step.state["token_select"].misses == 2
 
 
 def test_tidal_decode_reuses_the_selection_layer_positions():
@@ -369,7 +369,7 @@ def test_infllm_representatives_and_blocks_equal_slow_reference():
                            for i in range(m_ + 1, min(n, m_ + 17)) if step.key_valid[bi, i]) / 2
                 assert abs(float(rep[bi, h, m_]) - want) < 1e-4
     got = _sets(*sel.select(step))
-    rep = step.state["infllm"]["rep"]  # now also scored by the decode query
+    rep = step.state["infllm"].rep  # now also scored by the decode query
     for (bi, h), toks in got.items():
         f = _first_real(step.key_valid, bi)
         mstart = math.ceil((f + 4) / 16) * 16
@@ -412,14 +412,14 @@ def test_squeezed_selects_best_clusters_then_appended_tokens(levels):
     for (bi, h), toks in got.items():
         assert set(range(120, 125)) <= toks
         ctx = toks - set(range(120, 125))
-        cs = [max(float(step.q[bi, 2 * h + j, 0] @ st["cent"][bi, h, c]) for j in range(2))
-              for c in range(st["cent"].shape[2])]
+        cs = [max(float(step.q[bi, 2 * h + j, 0] @ st.cent[bi, h, c]) for j in range(2))
+              for c in range(st.cent.shape[2])]
         if levels == 2:
-            cc = [max(float(step.q[bi, 2 * h + j, 0] @ st["coarse"][bi, h, c]) for j in range(2))
-                  for c in range(st["coarse"].shape[2])]
+            cc = [max(float(step.q[bi, 2 * h + j, 0] @ st.coarse[bi, h, c]) for j in range(2))
+                  for c in range(st.coarse.shape[2])]
             best = set(_top(cc, max(1, round(0.5 * len(cc)))))
-            cs = [s if int(st["parent"][bi, h, c]) in best else -math.inf for c, s in enumerate(cs)]
-        tok = [cs[int(st["assign"][bi, h, t])] if step.key_valid[bi, t] else -math.inf for t in range(120)]
+            cs = [s if int(st.parent[bi, h, c]) in best else -math.inf for c, s in enumerate(cs)]
+        tok = [cs[int(st.assign[bi, h, t])] if step.key_valid[bi, t] else -math.inf for t in range(120)]
         eligible = [t for t in range(120) if tok[t] > -math.inf]
         assert len(ctx) == min(40, len(eligible))
         worst_in = min(tok[t] for t in ctx)
@@ -652,8 +652,9 @@ def test_infllm_offload_frees_the_layer_and_attends_the_same_tokens():
     layer = s1.cache.layers[1]
     st = layer.decode_state["infllm"]
     assert layer.get_seq_length() == 300 + 11 and layer.physical_len < 100  # sinks + local window only
-    assert st["counts"]["offloaded"] >= 15 and st["counts"]["misses"] > len(st["lru"]) == 2  # LRU evicted and reloaded
-    assert sum(x.numel() for kv in st["store"].values() for x in kv) == 2 * st["counts"]["offloaded"] * 2 * 16 * 16
+    store = st.store
+    assert store.offloaded >= 15 and store.misses > len(store.lru) == 2  # LRU evicted and reloaded
+    assert sum(x.numel() for kv in store.blocks.values() for x in kv) == 2 * store.offloaded * 2 * 16 * 16
     assert s0.cache.layers[1].physical_len == 311
     with pytest.raises(ValueError, match="infllm offload: needs rows without padding"):
         ids2, am2 = ids_batch(2, 150, pad=(0, 20))

@@ -53,9 +53,9 @@ def test_generate_batch2_left_padding_gqa_frees_memory(name, arch, tiny_profile)
     ids, am = _ids(b=2, n=128, pad=(0, 21))
     with torch.no_grad(), longattn.apply(m, _spec(name, 0.5, tiny_profile)) as s:
         full = DynamicCache()
-        s.compress_enabled = False
-        m(ids, attention_mask=am, use_cache=True, **{s._cache_kw: full})
-        s.compress_enabled = True
+        s.set_compression(False)
+        m(ids, attention_mask=am, use_cache=True, **{s.cache_kwarg: full})
+        s.set_compression(True)
         out = m.generate(ids, attention_mask=am, max_new_tokens=5, do_sample=False)
         cache = s.cache
     assert out.shape == (2, 133)
@@ -77,8 +77,7 @@ def test_kept_tokens_are_the_top_scored(name, tiny_profile):
         if layer_idx == 1:
             captured["qkv"] = (q, k, v, kv)
 
-    with torch.no_grad(), longattn.apply(m, pol) as s:
-        s.observers.append(grab)
+    with torch.no_grad(), longattn.apply(m, pol) as s, s.observe(grab):
         m(ids, attention_mask=am, use_cache=True)
         layer = s.cache.layers[1]
     q, k, v, kv = captured["qkv"]
@@ -218,10 +217,10 @@ def test_real_memory_per_head_budgets_within_two_percent():
     with torch.no_grad():
         with longattn.apply(m, "dense") as s:
             full = DynamicCache()
-            m(ids, use_cache=True, **{s._cache_kw: full})
+            m(ids, use_cache=True, **{s.cache_kwarg: full})
         with longattn.apply(m, "adaptive_heads:ratio=0.75:inner=snapkv/window=8") as s:
             cache = DynamicCache()
-            m(ids, use_cache=True, **{s._cache_kw: cache})
+            m(ids, use_cache=True, **{s.cache_kwarg: cache})
     assert cache.layers[0].prefix is not None  # ragged
     assert cache_nbytes(cache) <= 0.25 * cache_nbytes(full) * 1.02
     assert cache_nbytes(cache) >= 0.25 * cache_nbytes(full)

@@ -38,7 +38,7 @@ class Recipe:
             if not isinstance(self.decode, DecodeSelector):
                 raise ValueError(f"decode must be a DecodeSelector or None, got {type(self.decode).__name__}")
             kv = self.kv
-            if kv is not None and getattr(kv, "decode_budget", 0):
+            if kv is not None and kv.acts_at_decode:
                 raise ValueError(f"decode: {self.decode.name} cannot be combined with {kv.name}'s decode-time "
                                  "eviction (decode_budget); both would decide what each step attends to")
             if kv is not None and not kv.is_noop and self.decode.needs_full_cache:
@@ -51,10 +51,6 @@ class Recipe:
             return self.spec
         parts = [_spec_of(m) for m in (self.prefill, self.kv, self.decode) if m is not None]
         return "+".join(parts) or "dense"
-
-    @classmethod
-    def parse(cls, spec: str) -> Recipe:
-        return parse(spec)
 
 
 def _spec_of(method) -> str:
@@ -141,21 +137,14 @@ def parse(spec: str | Recipe | None) -> Recipe:
     return Recipe(prefill=slots.get("prefill"), kv=slots.get("kv"), decode=slots.get("decode"), spec=spec.strip() or "dense")
 
 
-def check_model(model) -> None:
-    from .hf import SUPPORTED_MODEL_TYPES
-
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model: unsupported model type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-
-
 @contextlib.contextmanager
 def apply(model, recipe: str | Recipe | None = None):
     """Run ``model`` (forward / ``generate``) with ``recipe`` inside the block; restore it exactly on exit.
 
     Yields the session (``session.method_s``: seconds spent inside the methods; ``session.cache``: the last
     cache the model used)."""
-    from .hf import Session
+    from .hf import check_model
+    from .session import Session
 
     recipe = parse(recipe)
     check_model(model)

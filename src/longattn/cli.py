@@ -121,7 +121,7 @@ def _build() -> argparse.ArgumentParser:
 
 def _cmd_list(a) -> int:
     from . import registry
-    from .ops.block_sparse import BACKENDS
+    from .ops.dispatch import BACKENDS
 
     kinds = [a.kind] if a.kind else ["prefill", "kv", "decode", "task", "backend"]
     for kind in kinds:
@@ -223,7 +223,7 @@ def _cmd_ops_bench(a) -> int:
     from .bench.ops import DEFAULT_PATTERNS, OpsBenchConfig, run_ops
     from .bench.report import ops_table
     from .checks import check_block_size
-    from .ops.block_sparse import BACKENDS
+    from .ops.dispatch import BACKENDS
 
     if sum(map(bool, (a.cab, a.decode, a.linear))) > 1:
         raise ValueError("--cab, --decode and --linear: choose one")

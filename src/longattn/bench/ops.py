@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import BlockLayout
-from ..ops.block_sparse import can_run
+from ..ops.dispatch import can_run
 from ..prefill.base import PrefillPattern
 from ..recall import attention_recall, sample_rows
 

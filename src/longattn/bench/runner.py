@@ -10,6 +10,7 @@ decode selector), and its next-token distributions are compared with dense's.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
@@ -134,21 +135,20 @@ def _prefill(model, session, recipe, ids: list[int], cache, kw: str):
     recalls: list[float] = []
     obs_s = [0.0]
     pattern = recipe.prefill
-    if pattern is not None:  # the pattern's recall per layer, on sampled query rows; its time is excluded
-        def observe(layer_idx, q, k, v, key_valid):
-            t = time.perf_counter()
-            lay = pattern.for_layer(layer_idx).layout(q, k, key_valid)
-            recalls.append(float(attention_recall(lay, q, k, rows=RECALL_ROWS, key_valid=key_valid).mean()))
-            obs_s[0] += time.perf_counter() - t
 
-        session.observers.append(observe)
-    with PeakMemory(model.device) as pm:
+    def observe(layer_idx, q, k, v, key_valid):  # the pattern's recall per layer, on sampled query rows
+        t = time.perf_counter()
+        lay = pattern.for_layer(layer_idx).layout(q, k, key_valid)
+        recalls.append(float(attention_recall(lay, q, k, rows=RECALL_ROWS, key_valid=key_valid).mean()))
+        obs_s[0] += time.perf_counter() - t
+
+    watch = session.observe(observe) if pattern is not None else contextlib.nullcontext()
+    with watch, PeakMemory(model.device) as pm:
         t0 = time.perf_counter()
         size = chunk or len(ids)
         for s0 in range(0, len(ids), size):
             logits = _forward(model, ids[s0 : s0 + size], cache, kw)[0, -1]
-        prefill_s = time.perf_counter() - t0 - obs_s[0]
-    session.observers.clear()
+        prefill_s = time.perf_counter() - t0 - obs_s[0]  # the recall's time is excluded
     return logits, prefill_s, pm.peak_bytes, (sum(recalls) / len(recalls)) if recalls else None
 
 
@@ -205,7 +205,7 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
         # question-agnostic: prefill (and compress) the context alone; query-aware: context + question
         logits, prefill_s, peak, recall = _prefill(model, session, recipe, ctx + rest if query_aware else ctx,
                                                    cache, kw)
-        session.compress_enabled = False  # the question and the answer are never compressed
+        session.set_compression(False)  # the question and the answer are never compressed
         kv_bytes = cache_nbytes(cache)
         # the fidelity pass continues from a copy of this cache (selector state included): no crop, exact
         snapshot = copy.deepcopy(cache)
@@ -221,7 +221,7 @@ def run_one(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int, 
                       recipe.decode is not None)
         del snapshot
         method_s = session.method_s
-        dstats = dict(session.decode_stats)
+        dstats = session.decode_stats
     pred = tokenizer.decode(gen, skip_special_tokens=True)
     kl, top1 = (0.0, 1.0) if ref is None else fidelity(ref["ref_logits"], tf)
     steps = max(len(gen) - 1, 0)
@@ -262,14 +262,14 @@ def run_perplexity(model, tokenizer, recipe: str, sample: Sample, ref: dict | No
     with torch.no_grad(), api.apply(model, recipe) as session:
         cache = DynamicCache()
         logits, prefill_s, peak, recall = _prefill(model, session, recipe, ids[:split], cache, kw)
-        session.compress_enabled = False
+        session.set_compression(False)
         kv_bytes = cache_nbytes(cache)
         t0 = time.perf_counter()
         tf = _teacher(model, cache, kw, logits, [], ids[split:], recipe.decode is not None)
         eval_s = time.perf_counter() - t0
         kv_bytes_end = cache_nbytes(cache)
         method_s = session.method_s
-        dstats = dict(session.decode_stats)
+        dstats = session.decode_stats
     target = torch.tensor(ids[split:], device=tf.device)
     nll = float(torch.nn.functional.cross_entropy(tf.float(), target))
     kl, top1 = (0.0, 1.0) if ref is None else fidelity(ref["ref_logits"], tf)
@@ -324,7 +324,7 @@ def run_turns(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int
     with torch.no_grad(), api.apply(model, recipe) as session:
         cache = DynamicCache()
         _, prefill_s, peak, recall = _prefill(model, session, recipe, ctx, cache, kw)
-        session.compress_enabled = False
+        session.set_compression(False)
         kv_bytes = cache_nbytes(cache)
         snapshot = copy.deepcopy(cache)
 
@@ -362,7 +362,7 @@ def run_turns(model, tokenizer, recipe: str, sample: Sample, max_new_tokens: int
         forced, _, _ = run(copy.deepcopy(snapshot), snapshot, answers)
         del snapshot
         method_s = session.method_s
-        dstats = dict(session.decode_stats)
+        dstats = session.decode_stats
     preds = [tokenizer.decode(g, skip_special_tokens=True) for g in gens]
     tf = torch.cat([lg for _, lg in forced])
     kl, top1 = (0.0, 1.0) if ref is None else fidelity(ref["ref_logits"], tf)

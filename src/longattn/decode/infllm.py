@@ -28,12 +28,14 @@ from typing import ClassVar
 
 import torch
 
+from ..cache.offload import BlockStore
+from ..cache.state import DecodeState
 from ..checks import check_int
 from ..padding import first_real
 from ..registry import register
 from .base import DecodeSelector, Step, top_with_forced
 
-__all__ = ["InfLLM", "representative_scores"]
+__all__ = ["InfLLM", "InfLLMState", "representative_scores"]
 
 
 def representative_scores(buf: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
@@ -62,6 +64,17 @@ def representative_scores(buf: torch.Tensor | None, q: torch.Tensor, k: torch.Te
         buf[:, :, ka:qb] += torch.einsum("bhgck,bck->bhk", s, m.expand(b, -1, -1)) / g
     return buf
 
+
+
+@dataclass
+class InfLLMState(DecodeState):
+    """Per cache layer: representative scores of every token, the representative keys of the complete blocks,
+    and (``offload=true``) the store of offloaded blocks."""
+
+    rep: torch.Tensor | None = None  # [b, hk, n] representative score of each token
+    rep_k: torch.Tensor | None = None  # [b, hk, blocks, reps, d]
+    blocks: int = 0  # blocks whose representatives are final
+    store: BlockStore | None = None
 
 @register("infllm", "decode", paper="InfLLM (Xiao et al., NeurIPS 2024) https://arxiv.org/abs/2402.04617",
           summary="sinks + local window + memory blocks retrieved by representative keys")
@@ -103,30 +116,30 @@ class InfLLM(DecodeSelector):
     def on_prefill(self, layer, layer_idx, q, k, key_valid) -> None:
         if self.is_dense(layer_idx):
             return
-        st = layer.decode_state.setdefault("infllm", {"rep": None, "rep_k": None, "blocks": 0})
-        if st.get("store"):
+        st = layer.decode_state.setdefault("infllm", InfLLMState())
+        if st.store is not None and len(st.store):
             raise ValueError("infllm offload: a multi-token forward after blocks were offloaded cannot see them; "
                              "feed tokens one at a time, or use offload=false")
-        st["rep"] = representative_scores(st["rep"], q, k, key_valid, self.block_size)
+        st.rep = representative_scores(st.rep, q, k, key_valid, self.block_size)
 
-    def _representatives(self, st: dict, k: torch.Tensor, blocks: int) -> torch.Tensor:
+    def _representatives(self, st: InfLLMState, k: torch.Tensor, blocks: int) -> torch.Tensor:
         """``[b, hk, blocks, reps, d]`` representative keys of the first ``blocks`` blocks (new ones computed)."""
         bs = self.block_size
-        done = st["blocks"]
+        done = st.blocks
         if blocks > done:
             b, hk, _, d = k.shape
-            sc = st["rep"][:, :, done * bs : blocks * bs].reshape(b, hk, blocks - done, bs)
+            sc = st.rep[:, :, done * bs : blocks * bs].reshape(b, hk, blocks - done, bs)
             top = sc.topk(self.reps, dim=-1).indices + (torch.arange(done, blocks, device=k.device) * bs)[:, None]
             new = k.gather(2, top.reshape(b, hk, -1, 1).expand(-1, -1, -1, d)).reshape(b, hk, -1, self.reps, d)
-            st["rep_k"] = new if st["rep_k"] is None else torch.cat([st["rep_k"], new], 2)
-            st["blocks"] = blocks
-        return st["rep_k"][:, :, :blocks]
+            st.rep_k = new if st.rep_k is None else torch.cat([st.rep_k, new], 2)
+            st.blocks = blocks
+        return st.rep_k[:, :, :blocks]
 
     def select(self, step: Step):
         b, hk, n = step.k.shape[0], step.k.shape[1], step.n
         bs, dev = self.block_size, step.k.device
-        st = step.state.setdefault("infllm", {"rep": None, "rep_k": None, "blocks": 0})
-        st["rep"] = representative_scores(st["rep"], step.q, step.k, step.key_valid, bs)
+        st = step.state.setdefault("infllm", InfLLMState())
+        st.rep = representative_scores(st.rep, step.q, step.k, step.key_valid, bs)
         first = first_real(step.key_valid, b, dev)  # [b]
         mstart = -(-(first + self.sink) // bs) * bs  # memory starts at the first block boundary after the sinks
         lstart = max(0, ((n - self.local) // bs) * bs)  # the local window, back to a block boundary
@@ -165,7 +178,6 @@ class InfLLM(DecodeSelector):
 
     def _attend_offloaded(self, step: Step, stats: dict | None) -> torch.Tensor:
         import time
-        from collections import OrderedDict
 
         from ..ops.core import masked_attention
         from ..ops.merge import merge_attention
@@ -177,66 +189,54 @@ class InfLLM(DecodeSelector):
         b, hk, p_len, d = step.k.shape
         bs, dev = self.block_size, step.k.device
         n = layer.get_seq_length()  # logical tokens (the new one included)
-        st = step.state.setdefault("infllm", {"rep": None, "rep_k": None, "blocks": 0})
-        store, lru = st.setdefault("store", {}), st.setdefault("lru", OrderedDict())
-        counts = st.setdefault("counts", {"hits": 0, "misses": 0, "offloaded": 0})
+        st = step.state.setdefault("infllm", InfLLMState())
+        if st.store is None:
+            st.store = BlockStore(self.store, self.lru_blocks)
+        store = st.store
         # the new query scores the keys before it: the last block_size + 1 tokens, all in the layer
         h = min(bs + 1, p_len)
-        buf = st["rep"] if st["rep"] is not None else torch.zeros(b, hk, n, device=dev)
+        buf = st.rep if st.rep is not None else torch.zeros(b, hk, n, device=dev)
         if buf.shape[-1] < n:
             buf = torch.nn.functional.pad(buf, (0, n - buf.shape[-1]))
         buf[:, :, n - h : n] += representative_scores(None, step.q, step.k[:, :, -h:], None, bs)
-        st["rep"] = buf
+        st.rep = buf
         mstart = -(-self.sink // bs) * bs
         lstart = max(mstart, ((n - self.local) // bs) * bs)
         n_blocks = lstart // bs
         pos = layer.physical_positions()[0, 0].long() if layer.compressed else torch.arange(p_len, device=dev)
-        if n_blocks > st["blocks"]:  # representatives of the newly complete blocks, from the layer's keys
+        if n_blocks > st.blocks:  # representatives of the newly complete blocks, from the layer's keys
             reps = []
-            for j in range(st["blocks"], n_blocks):
+            for j in range(st.blocks, n_blocks):
                 ps = int(torch.searchsorted(pos, j * bs))
                 top = buf[:, :, j * bs : (j + 1) * bs].topk(self.reps, -1).indices + ps
                 reps.append(step.k.gather(2, top.unsqueeze(-1).expand(-1, -1, -1, d)))
             new = torch.stack(reps, 2)  # [b, hk, new blocks, r, d]
-            st["rep_k"] = new if st["rep_k"] is None else torch.cat([st["rep_k"], new], 2)
-            st["blocks"] = n_blocks
+            st.rep_k = new if st.rep_k is None else torch.cat([st.rep_k, new], 2)
+            st.blocks = n_blocks
         move = [j for j in range(mstart // bs, n_blocks) if j not in store]
         if move:  # out of the layer, into the store
             drop = torch.zeros(p_len, dtype=torch.bool, device=dev)
             for j in move:
                 ps = int(torch.searchsorted(pos, j * bs))
-                store[j] = (step.k[:, :, ps : ps + bs].to(self.store, copy=True),
-                            step.v[:, :, ps : ps + bs].to(self.store, copy=True))
+                store.put(j, step.k[:, :, ps : ps + bs], step.v[:, :, ps : ps + bs])
                 drop[ps : ps + bs] = True
             layer.keep_tokens(torch.nonzero(~drop).flatten())
-            counts["offloaded"] += len(move)
         qg = step.grouped_q()  # [b, hk, g, d]
         outs, lses = [], []
         o, lz = masked_attention(qg, layer.keys, layer.values, None, step.scale)  # sinks + local window
         outs.append(o)
         lses.append(lz)
         selected = layer.keys.shape[2] * b * hk
-        if store:
-            rel = torch.einsum("bhgd,bhjrd->bhj", qg, st["rep_k"][:, :, :n_blocks].float())
+        if len(store):
+            rel = torch.einsum("bhgd,bhjrd->bhj", qg, st.rep_k[:, :, :n_blocks].float())
             usable = torch.tensor([j in store for j in range(n_blocks)], device=dev)
             rel = rel.masked_fill(~usable, float("-inf"))
             blocks = top_with_forced(rel, min(self.topk, int(usable.sum())))  # [b, hk, kb]
             uniq = sorted(set(blocks.flatten().tolist()))
-            for j in uniq:  # through the LRU of loaded blocks
-                if j in lru:
-                    lru.move_to_end(j)
-                    counts["hits"] += 1
-                else:
-                    lru[j] = tuple(x.to(dev) for x in store[j])
-                    counts["misses"] += 1
-                    if len(lru) > self.lru_blocks:
-                        lru.popitem(last=False)
-            slot = {j: i for i, j in enumerate(uniq)}
-            kk = torch.stack([lru[j][0] if j in lru else store[j][0].to(dev) for j in uniq], 2)  # [b, hk, U, bs, d]
-            vv = torch.stack([lru[j][1] if j in lru else store[j][1].to(dev) for j in uniq], 2)
-            where = blocks.clone().apply_(lambda j: slot[j]) if blocks.device.type == "cpu" else \
-                torch.tensor([[[slot[j] for j in row] for row in rows] for rows in blocks.tolist()], device=dev)
-            g_idx = where[..., None, None].expand(-1, -1, -1, bs, d)
+            kk, vv = store.load(uniq, dev)  # [b, hk, U, bs, d], through the LRU of loaded blocks
+            slot = torch.full((n_blocks,), -1, dtype=torch.long, device=dev)
+            slot[torch.tensor(uniq, device=dev)] = torch.arange(len(uniq), device=dev)
+            g_idx = slot[blocks][..., None, None].expand(-1, -1, -1, bs, d)
             km = kk.gather(2, g_idx).flatten(2, 3)
             vm = vv.gather(2, g_idx).flatten(2, 3)
             o, lz = masked_attention(qg, km, vm, None, step.scale)

@@ -20,14 +20,24 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache.state import DecodeState
 from ..checks import check_float, check_int
 from ..padding import first_real
 from ..profiles import load_profile
 from ..registry import register
 from .base import DecodeSelector, Step, page_bounds, pages_to_tokens, top_with_forced
 
-__all__ = ["LServePages"]
+__all__ = ["LServePages", "LServeState"]
 
+
+
+@dataclass
+class LServeState(DecodeState):
+    """The last page selection, reused for ``reuse`` steps."""
+
+    pages: torch.Tensor  # [b, hk, pages] selected physical pages
+    n_pages: int  # pages of the cache when they were selected
+    age: int = 0  # steps it has been reused
 
 @register("lserve_pages", "decode", paper="LServe (Yang et al., MLSys 2025) https://arxiv.org/abs/2502.14866",
           summary="hierarchical (logical/physical) page selection, constant budget, reused; streaming heads")
@@ -84,17 +94,17 @@ class LServePages(DecodeSelector):
     def select(self, step: Step):
         n, ps = step.n, self.page_size
         st = step.state.get("lserve")
-        if st is not None and st["age"] < self.reuse - 1:
-            st["age"] += 1
-            last = st["pages"][..., -1:]
-            extra = torch.arange(int(st["n_pages"]), -(-n // ps), device=last.device).expand(*last.shape[:2], -1)
-            pages = torch.cat([st["pages"], extra], -1)
+        if st is not None and st.age < self.reuse - 1:
+            st.age += 1
+            last = st.pages[..., -1:]
+            extra = torch.arange(st.n_pages, -(-n // ps), device=last.device).expand(*last.shape[:2], -1)
+            pages = torch.cat([st.pages, extra], -1)
         else:
             s = self.page_scores(step)
             forced = torch.zeros_like(s, dtype=torch.bool)
             forced[..., -1] = True
             pages = top_with_forced(s, self.budget // ps, forced)
-            st = step.state["lserve"] = {"pages": pages, "n_pages": s.shape[-1], "age": 0}
+            st = step.state["lserve"] = LServeState(pages, s.shape[-1])
         idx, valid = pages_to_tokens(pages, ps, n)
         heads = self.streaming_heads(step.layer_idx)
         if heads:

@@ -20,11 +20,12 @@ from typing import ClassVar
 
 import torch
 
+from ..cache.state import DecodeState
 from ..checks import check_float, check_int
 from ..registry import register
 from .base import DecodeSelector, Step, top_with_forced
 
-__all__ = ["Squeezed", "kmeans"]
+__all__ = ["Squeezed", "SqueezedState", "kmeans"]
 
 
 def kmeans(x: torch.Tensor, clusters: int, iters: int, valid: torch.Tensor | None = None, chunk: int = 16384
@@ -57,6 +58,18 @@ def kmeans(x: torch.Tensor, clusters: int, iters: int, valid: torch.Tensor | Non
         assigns.append(assign)
     return torch.stack(cents), torch.stack(assigns)
 
+
+
+@dataclass
+class SqueezedState(DecodeState):
+    """The clustered context of one cache layer: centroids, each token's cluster and, with ``levels=2``, the
+    coarse centroids and each centroid's parent."""
+
+    cent: torch.Tensor  # [b, hk, clusters, d]
+    assign: torch.Tensor  # [b, hk, n] cluster of each context token
+    n: int  # context tokens clustered
+    coarse: torch.Tensor | None = None  # [b, hk, coarse clusters, d]
+    parent: torch.Tensor | None = None  # [b, hk, clusters]
 
 @register("squeezed", "decode", paper="Squeezed Attention (Hooper et al., ACL 2025) https://arxiv.org/abs/2411.09688",
           summary="k-means centroids of the fixed context's keys; exact attention on the best clusters' keys")
@@ -91,22 +104,22 @@ class Squeezed(DecodeSelector):
         c = max(1, -(-n // self.cluster_tokens))
         valid = None if key_valid is None else key_valid[:, None].expand(-1, hk, -1).reshape(b * hk, n)
         cent, assign = kmeans(k.reshape(b * hk, n, d), c, self.iters, valid)
-        st = {"cent": cent.view(b, hk, c, d), "assign": assign.view(b, hk, n), "n": n}
+        st = SqueezedState(cent.view(b, hk, c, d), assign.view(b, hk, n), n)
         if self.levels == 2:
             cc = max(1, -(-c // self.fanout))
             coarse, parent = kmeans(cent, cc, self.iters)
-            st["coarse"], st["parent"] = coarse.view(b, hk, cc, d), parent.view(b, hk, c)
+            st.coarse, st.parent = coarse.view(b, hk, cc, d), parent.view(b, hk, c)
         layer.decode_state["squeezed"] = st
 
-    def cluster_scores(self, step: Step, st: dict) -> torch.Tensor:
+    def cluster_scores(self, step: Step, st: SqueezedState) -> torch.Tensor:
         """``[b, hk, clusters]``: ``max_g q . c``; with ``levels=2`` -inf outside the best coarse clusters."""
         q = step.grouped_q()
-        s = torch.matmul(q, st["cent"].transpose(-1, -2)).amax(2)
+        s = torch.matmul(q, st.cent.transpose(-1, -2)).amax(2)
         if self.levels == 2:
-            sc = torch.matmul(q, st["coarse"].transpose(-1, -2)).amax(2)  # [b, hk, cc]
+            sc = torch.matmul(q, st.coarse.transpose(-1, -2)).amax(2)  # [b, hk, cc]
             keep = max(1, round(self.coarse_keep * sc.shape[-1]))
             best = torch.zeros_like(sc, dtype=torch.bool).scatter_(-1, sc.topk(keep, -1).indices, True)
-            s = s.masked_fill(~torch.gather(best, -1, st["parent"]), float("-inf"))
+            s = s.masked_fill(~torch.gather(best, -1, st.parent), float("-inf"))
         return s
 
     def select(self, step: Step):
@@ -115,8 +128,8 @@ class Squeezed(DecodeSelector):
             raise RuntimeError("squeezed: no clustered context in this cache layer (the prompt was not prefilled "
                                "inside longattn.apply)")
         b, hk, n = step.k.shape[0], step.k.shape[1], step.n
-        nc = st["n"]
-        tok_score = torch.gather(self.cluster_scores(step, st), -1, st["assign"])  # [b, hk, nc]
+        nc = st.n
+        tok_score = torch.gather(self.cluster_scores(step, st), -1, st.assign)  # [b, hk, nc]
         if step.key_valid is not None:
             tok_score = tok_score.masked_fill(~step.key_valid[:, None, :nc], float("-inf"))
         ctx = top_with_forced(tok_score, min(self.budget, nc))

@@ -21,14 +21,26 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache.state import DecodeState
 from ..checks import check_float, check_int
 from ..padding import sink_tokens
 from ..registry import register
 from .base import DecodeSelector, Step, top_with_forced
 
-__all__ = ["TokenSelect"]
+__all__ = ["TokenSelect", "TokenSelectState"]
 
 VOTES = ("layer", "group")
+
+
+@dataclass
+class TokenSelectState(DecodeState):
+    """The Selection Cache: the query and selection of the last selecting step, and hit/miss counts."""
+
+    q: torch.Tensor  # [b, hq, d] float32
+    idx: torch.Tensor  # [b, 1 or hk, m] the selection
+    n: int  # cache length at that step
+    hits: int = 0
+    misses: int = 0
 
 
 @register("token_select", "decode", paper="TokenSelect (Wu et al., 2024) https://arxiv.org/abs/2411.02886",
@@ -65,17 +77,15 @@ class TokenSelect(DecodeSelector):
         q = step.q[:, :, 0].float()  # [b, hq, d]
         st = step.state.get("token_select")
         if st is not None and self.threshold < 1.0:
-            cos = torch.nn.functional.cosine_similarity(q, st["q"], dim=-1).mean()
-            if float(cos) >= self.threshold and n - st["n"] <= self.local:
-                new = torch.arange(st["n"], n, device=q.device).expand(*st["idx"].shape[:2], -1)
-                st["hits"] += 1
-                idx = torch.cat([st["idx"], new], -1)
+            cos = torch.nn.functional.cosine_similarity(q, st.q, dim=-1).mean()
+            if float(cos) >= self.threshold and n - st.n <= self.local:
+                new = torch.arange(st.n, n, device=q.device).expand(*st.idx.shape[:2], -1)
+                st.hits += 1
+                idx = torch.cat([st.idx, new], -1)
                 return idx.expand(b, hk, -1) if idx.shape[1] == 1 else idx, None
         s = self.token_scores(step)
         kp = torch.arange(n, device=q.device)
         forced = sink_tokens(self.sink, step.key_valid, b, n, q.device)[:, None, :] | (kp >= n - self.local)
         idx = top_with_forced(s, min(self.budget, n), forced)
-        hits = st["hits"] if st is not None else 0
-        step.state["token_select"] = {"q": q, "idx": idx, "n": n, "hits": hits,
-                                      "misses": (st["misses"] if st else 0) + 1}
+        step.state["token_select"] = TokenSelectState(q, idx, n, st.hits if st else 0, (st.misses if st else 0) + 1)
         return (idx.expand(b, hk, -1) if idx.shape[1] == 1 else idx), None

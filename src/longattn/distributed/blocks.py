@@ -185,7 +185,7 @@ class SparseBlocks:
 def _pair(qs, ks, vs, qr, kr, kind, scale, kernel, sparse):
     """One (query range, key range) pair: ``(out, lse)`` on ``q5 [b, hk, g, n, d]`` / ``k5 [b, hk, 1, m, d]``."""
     if sparse is not None:
-        from ..ops.block_sparse import block_sparse_attention
+        from ..ops.dispatch import block_sparse_attention
 
         b, hk, g, n, d = qs.shape
         o, lz = block_sparse_attention(qs.reshape(b, hk * g, n, d), ks[:, :, 0], vs[:, :, 0], sparse.sub(qr, kr, n),

@@ -1,7 +1,7 @@
 """KV-cache policies applied at the end of prefill."""
 
 from .adaptive_heads import AdaptiveHeads
-from .base import KVPolicy, ScorerPolicy, Wrapper
+from .base import KVPolicy, Wrapper
 from .dense import Dense
 from .duo_attention import DuoAttention
 from .h2o import H2O
@@ -17,6 +17,6 @@ from .wrappers import Chunked, Compose, QueryAware
 
 __all__ = [
     "TOVA", "AdaptiveHeads", "Chunked", "Compose", "Dense", "DuoAttention", "H2O", "KNorm", "KVPolicy",
-    "MoABudgets", "Novelty", "PyramidKV", "QueryAware", "RandomPolicy", "ScorerPolicy", "SnapKV", "StreamingLLM",
+    "MoABudgets", "Novelty", "PyramidKV", "QueryAware", "RandomPolicy", "SnapKV", "StreamingLLM",
     "Wrapper",
 ]

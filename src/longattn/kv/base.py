@@ -12,7 +12,7 @@ import torch
 
 from ..checks import check_ratio
 
-__all__ = ["KVPolicy", "ScorerPolicy", "Wrapper", "inner_policy", "attention_to_keys",
+__all__ = ["KVPolicy", "Wrapper", "inner_policy", "attention_to_keys",
            "valid_lengths", "mask_padding"]
 
 
@@ -50,6 +50,22 @@ class KVPolicy:
     def prepare(self, model) -> None:
         """Called once by ``apply()`` with the model (profiles check their shapes here)."""
 
+    @property
+    def acts_at_decode(self) -> bool:
+        """The policy also decides what each decode step attends to (H2O's eviction while generating); such a
+        policy cannot be combined with a decode selector."""
+        return False
+
+    def compress_layer(self, layer, q, k, v, key_valid, module=None, layer_idx: int = 0, num_layers: int = 1) -> None:
+        """End of prefill (or of a chunk): keep this policy's tokens of the ``k, v`` the forward added to the
+        cache ``layer`` and free the rest (``LongattnLayer.compress``)."""
+        idx, lengths = self.keep(q, k, v, key_valid, module, layer_idx, num_layers)
+        layer.compress(idx, lengths)
+
+    def decode_attend(self, layer, q, key_valid, scale):  # pragma: no cover - only where acts_at_decode
+        """One decode step ``q [b, hq, 1, d]`` over ``layer`` when ``acts_at_decode``: ``[b, hq, 1, d]``."""
+        raise NotImplementedError
+
     def budgets(self, valid_len: torch.Tensor, kv_heads: int, layer_idx: int = 0, num_layers: int = 1):
         """Tokens kept per (batch row, kv head): ``int(valid_len * (1 - ratio))``, at least 1 (as kvpress)."""
         keep = torch.clamp((valid_len.double() * (1.0 - self.ratio)).floor().long(), min=1)
@@ -86,11 +102,6 @@ class KVPolicy:
         idx = torch.sort(key, dim=-1).values
         idx = torch.where(idx < n, idx, torch.zeros_like(idx))
         return idx, lengths
-
-
-@dataclass(frozen=True)
-class ScorerPolicy(KVPolicy):
-    """A policy defined by its ``score()`` alone."""
 
 
 def inner_policy(spec: str, ratio: float):

@@ -44,6 +44,43 @@ class H2O(KVPolicy):
     def is_noop(self) -> bool:
         return self.ratio == 0.0 and not self.decode_budget
 
+    @property
+    def acts_at_decode(self) -> bool:
+        return bool(self.decode_budget)
+
+    def compress_layer(self, layer, q, k, v, key_valid, module=None, layer_idx: int = 0, num_layers: int = 1) -> None:
+        """With ``decode_budget``: the kept tokens' scores seed the accumulator that decoding adds to."""
+        if not self.decode_budget:
+            return super().compress_layer(layer, q, k, v, key_valid, module, layer_idx, num_layers)
+        sc = self.score(q, k, v, key_valid, module).float()
+        idx, lengths = self.keep(q, k, v, key_valid, module, layer_idx, num_layers, scores=sc)
+        if self.ratio == 0.0:
+            idx = torch.arange(k.shape[2], device=idx.device).expand(*k.shape[:2], -1)
+            lengths = torch.full(k.shape[:2], k.shape[2], device=idx.device)
+        layer.compress(idx, lengths)
+        if layer.prefix is not None:
+            raise ValueError("h2o decode_budget: rows keep different numbers of tokens (padding); use batch 1 "
+                             "or equal lengths")
+        layer.scores = torch.gather(sc, -1, idx[..., : layer.physical_len])
+
+    def decode_attend(self, layer, q, key_valid, scale):
+        """One decode step that also adds each kept token's attention to its score, then evicts down to
+        ``decode_budget`` (the ``n_recent`` newest, at least 1, protected)."""
+        b, hq, _, d = q.shape
+        hk = layer.keys.shape[1]
+        kv_phys = layer.physical_key_valid(key_valid)
+        s = torch.matmul(q.reshape(b, hk, hq // hk, d).float(), layer.keys.float().transpose(-1, -2)) * scale
+        if kv_phys is not None:
+            s = s.masked_fill(~kv_phys[:, None, None, :], float("-inf"))
+        p = s.softmax(-1)  # [b, hk, g, physical]: the step's attention, kept for the scores
+        out = torch.matmul(p, layer.values.float())
+        if layer.scores is not None:
+            prev = layer.scores
+            pad = p.shape[-1] - prev.shape[-1]  # tokens appended since the last step start at 0
+            layer.scores = torch.nn.functional.pad(prev, (0, pad)) + p.mean(2)
+            layer.evict(self.decode_budget, max(self.n_recent, 1))
+        return out.reshape(b, hq, 1, d).to(q.dtype)
+
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         s = attention_to_keys(q, k, key_valid)
         if self.n_recent:

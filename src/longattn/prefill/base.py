@@ -30,7 +30,7 @@ class PrefillPattern:
 
     def __post_init__(self) -> None:
         check_block_size(self.block_size)
-        from ..ops.block_sparse import BACKENDS
+        from ..ops.dispatch import BACKENDS
 
         if self.backend not in ("auto",) + BACKENDS:
             raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {self.backend!r}")
@@ -65,7 +65,7 @@ class PrefillPattern:
         ``is_causal()``; ``stats["est_s"]`` accumulates the estimation (layout) seconds."""
         import time
 
-        from ..ops.block_sparse import block_sparse_attention
+        from ..ops.dispatch import block_sparse_attention
 
         if layout is None:
             t0 = time.perf_counter()

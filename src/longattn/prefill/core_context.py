@@ -91,7 +91,7 @@ class CoreContext(PrefillPattern):
         return ck, cv, vmask[:, 0, 0].any(-1)
 
     def attend(self, q, k, v, *, scale=None, key_valid=None, window=None, layout=None, causal=None, stats=None):
-        from ..ops.block_sparse import block_sparse_attention
+        from ..ops.dispatch import block_sparse_attention
 
         if window is not None:
             raise ValueError("core_context cannot run on sliding-window layers (window must be None)")

@@ -179,7 +179,7 @@ class MixedLayer(PrefillPattern):
             if p is None:
                 o = _dense(qs, ks, vs, scale, key_valid, window, causal)
             elif getattr(p, "head_dependent", False):  # its rule depends on the head's index among all heads
-                from ..ops.block_sparse import block_sparse_attention
+                from ..ops.dispatch import block_sparse_attention
 
                 lay = p.layout(q, k, key_valid).select_heads(idx)
                 o = block_sparse_attention(qs, ks, vs, lay, causal=causal, scale=scale, key_valid=key_valid,

@@ -124,7 +124,7 @@ class VerticalSlash(PrefillPattern):
 
     # ---- kernel ------------------------------------------------------------------------------------------
     def attend(self, q, k, v, *, scale=None, key_valid=None, window=None, layout=None, causal=None, stats=None):
-        from ..ops.block_sparse import block_sparse_attention
+        from ..ops.dispatch import block_sparse_attention
 
         if window is not None:
             raise ValueError("vertical_slash cannot run on sliding-window layers (window must be None)")

@@ -53,8 +53,7 @@ def capture_qkv(model, ids: list[int] | torch.Tensor, layers) -> dict[int, tuple
             raise _Stop
 
     ids_t = ids if isinstance(ids, torch.Tensor) else torch.tensor([ids])
-    with torch.no_grad(), api.apply(model, "dense") as session:
-        session.observers.append(observe)
+    with torch.no_grad(), api.apply(model, "dense") as session, session.observe(observe):
         try:
             model(input_ids=ids_t.to(model.device), use_cache=False)
         except _Stop:

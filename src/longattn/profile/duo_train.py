@@ -101,8 +101,7 @@ def _train(model, tokenizer, gates, opt, steps, length, keys, sink, recent, l1, 
                 target = base(input_ids=x, use_cache=False).last_hidden_state[0, len(ids) - 1 :]
             data[i] = (x, len(ids), target)
         x, n_prompt, target = data[i]
-        with api.apply(model, "dense") as session:
-            session.attention_override = mix
+        with api.apply(model, "dense") as session, session.override_attention(mix):
             h = base(input_ids=x, use_cache=False).last_hidden_state[0, n_prompt - 1 :]
         distill = (h - target).pow(2).mean() / target.pow(2).mean()
         loss = distill + l1 * gates.mean()

@@ -65,8 +65,7 @@ def retrieval_scores(model, tokenizer, samples: int = 8, length: int = 1024, see
             mass = p[:, :, src].sum(-1).mean(-1)  # [hq]
             acc[layer_idx] += mass.view(-1, g).mean(-1).double()
 
-        with torch.no_grad(), api.apply(model, "dense") as session:
-            session.observers.append(observe)
+        with torch.no_grad(), api.apply(model, "dense") as session, session.observe(observe):
             model(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
         count += 1
     if count == 0:

@@ -1,4 +1,4 @@
-"""The KV cache: a transformers cache layer that can hold a compressed, per-head ragged prefix.
+"""The transformers cache layer that a KV policy can compress, really freeing the dropped tokens.
 
 ``LongattnLayer`` behaves like transformers' ``DynamicLayer`` until a KV policy compresses it at the end of
 prefill. With the same budget for every row and kv head it becomes a smaller dense cache; with per-head
@@ -8,192 +8,22 @@ Both keep the original positions of the kept tokens (int32).
 
 ``get_seq_length()`` reports the *logical* length (tokens seen, compressed or not), so that transformers'
 positions, masks and ``generate`` bookkeeping stay those of the uncompressed sequence. ``nbytes()`` is what
-the layer really holds.
+the layer really holds (storages, deduplicated). The base class and the version shims come from ``hf.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from transformers.cache_utils import DynamicLayer
 
-__all__ = ["LongattnLayer", "PageMeta", "RaggedKV", "cache_nbytes"]
+from ..hf import BaseLayer, mask_query_length
+from .nbytes import storage_nbytes
+from .pages import PageMeta
+from .ragged import RaggedKV
 
-
-class PageMeta:
-    """Element-wise min, max and sum of the keys of every page of ``page_size`` consecutive physical tokens,
-    ``[b, kv_heads, pages, d]`` (min/max in the keys' dtype, sum in float32), kept up to date incrementally:
-    ``update(keys)`` recomputes only the last (partial) page and the pages appended since the previous call, in
-    preallocated buffers that grow by doubling (no copy of all pages per step). The last page may be partial;
-    ``counts()`` gives each page's token count."""
-
-    def __init__(self, page_size: int) -> None:
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
-        self.page_size = page_size
-        self.n = 0  # tokens covered
-        self._min = self._max = self._sum = None
-        self.recomputed_pages = 0  # pages (re)computed in total: the test of incrementality reads it
-
-    @property
-    def pages(self) -> int:
-        return -(-self.n // self.page_size)
-
-    @property
-    def kmin(self) -> torch.Tensor:
-        return self._min[:, :, : self.pages]
-
-    @property
-    def kmax(self) -> torch.Tensor:
-        return self._max[:, :, : self.pages]
-
-    @property
-    def ksum(self) -> torch.Tensor:
-        return self._sum[:, :, : self.pages]
-
-    def counts(self) -> torch.Tensor:
-        """``[pages]`` tokens in each page (``page_size`` except maybe the last)."""
-        dev = self._sum.device if self._sum is not None else None
-        c = torch.full((self.pages,), self.page_size, dtype=torch.float32, device=dev)
-        if self.pages and self.n % self.page_size:
-            c[-1] = self.n % self.page_size
-        return c
-
-    def kmean(self) -> torch.Tensor:
-        return self.ksum / self.counts().view(1, 1, -1, 1)
-
-    def update(self, keys: torch.Tensor) -> PageMeta:
-        """Cover ``keys [b, h, n, d]``, of which the first ``self.n`` tokens are unchanged since the last call."""
-        b, h, n, d = keys.shape
-        if n < self.n:
-            raise ValueError(f"PageMeta.update: the cache shrank from {self.n} to {n} tokens; rebuild the metadata")
-        if n == self.n and self._min is not None:
-            return self
-        p = self.page_size
-        first = self.n // p  # the first page that changed (the partial one, or the first new one)
-        pages = -(-n // p)
-        if self._min is None or self._min.shape[2] < pages:
-            cap = max(pages, 2 * (self._min.shape[2] if self._min is not None else 0), 16)
-            new = [torch.empty(b, h, cap, d, dtype=dt, device=keys.device)
-                   for dt in (keys.dtype, keys.dtype, torch.float32)]
-            if self._min is not None:
-                for dst, src in zip(new, (self._min, self._max, self._sum)):
-                    dst[:, :, :first] = src[:, :, :first]
-            self._min, self._max, self._sum = new
-        seg = keys[:, :, first * p : n]
-        m = seg.shape[2]
-        full = pages - first
-        pad = full * p - m
-        if pad:
-            big = torch.finfo(keys.dtype).max
-            seg_lo = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=big)
-            seg_hi = torch.nn.functional.pad(seg, (0, 0, 0, pad), value=-big)
-            seg_0 = torch.nn.functional.pad(seg.float(), (0, 0, 0, pad), value=0.0)
-        else:
-            seg_lo = seg_hi = seg
-            seg_0 = seg.float()
-        self._min[:, :, first:pages] = seg_lo.reshape(b, h, full, p, d).amin(3)
-        self._max[:, :, first:pages] = seg_hi.reshape(b, h, full, p, d).amax(3)
-        self._sum[:, :, first:pages] = seg_0.reshape(b, h, full, p, d).sum(3)
-        self.recomputed_pages += full
-        self.n = n
-        return self
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self._min, self._max, self._sum) if t is not None)
+__all__ = ["LongattnLayer"]
 
 
-@dataclass
-class RaggedKV:
-    """Per (batch, kv head) kept tokens, packed: row ``r = b * heads + h`` owns ``[offsets[r], offsets[r+1])``."""
-
-    keys: torch.Tensor  # [total, d]
-    values: torch.Tensor  # [total, d]
-    positions: torch.Tensor  # [total] int32, position in the uncompressed sequence
-    lengths: torch.Tensor  # [b, h] int64 (on CPU)
-    logical_len: int  # tokens of the uncompressed prefix
-
-    @property
-    def batch(self) -> int:
-        return self.lengths.shape[0]
-
-    @property
-    def heads(self) -> int:
-        return self.lengths.shape[1]
-
-    @property
-    def uniform(self) -> bool:
-        return bool((self.lengths == self.lengths.view(-1)[0]).all())
-
-    @property
-    def offsets(self) -> torch.Tensor:
-        return torch.nn.functional.pad(self.lengths.view(-1).cumsum(0), (1, 0))
-
-    def row(self, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views (no copy) of one (batch, head)'s kept keys, values, positions."""
-        off = self.offsets
-        r = b * self.heads + h
-        s, e = int(off[r]), int(off[r + 1])
-        return self.keys[s:e], self.values[s:e], self.positions[s:e]
-
-    def rows(self):
-        """``(b, h, keys, values, positions)`` views of every row, offsets computed once (the decode hot path)."""
-        off = self.offsets.tolist()
-        for r in range(len(off) - 1):
-            s, e = off[r], off[r + 1]
-            yield r // self.heads, r % self.heads, self.keys[s:e], self.values[s:e], self.positions[s:e]
-
-    def as_uniform(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[b, h, kept, d]`` views, valid only when every row keeps the same number of tokens."""
-        if not self.uniform:
-            raise ValueError("as_uniform: rows keep different numbers of tokens (per-head budgets)")
-        b, h = self.lengths.shape
-        n = int(self.lengths.view(-1)[0])
-        d = self.keys.shape[-1]
-        return self.keys.view(b, h, n, d), self.values.view(b, h, n, d), self.positions.view(b, h, n)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
-
-    @classmethod
-    def gather(cls, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor,
-               offset: int = 0) -> RaggedKV:
-        """Pack ``keys/values [b, h, n, d]`` at ``idx [b, h, m]`` (first ``lengths[b, h]`` entries valid);
-        positions are ``idx + offset``."""
-        b, h, n, d = keys.shape
-        lengths = lengths.to(torch.long)
-        slot = torch.arange(idx.shape[-1], device=idx.device)
-        take = (slot < lengths.to(idx.device).unsqueeze(-1)).view(-1)
-        flat = (torch.arange(b * h, device=idx.device).view(b, h, 1) * n + idx).view(-1)[take]
-        k = keys.reshape(b * h * n, d).index_select(0, flat)
-        v = values.reshape(b * h * n, d).index_select(0, flat)
-        pos = (idx.reshape(-1)[take] + offset).to(torch.int32)
-        return cls(k, v, pos, lengths.cpu(), n + offset)
-
-    @classmethod
-    def from_uniform(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> RaggedKV:
-        b, h, n, d = keys.shape
-        lengths = torch.full((b, h), n, dtype=torch.long)
-        logical = int(positions.max()) + 1 if positions.numel() else 0
-        return cls(keys.reshape(-1, d), values.reshape(-1, d), positions.reshape(-1), lengths, logical)
-
-    @classmethod
-    def concat(cls, a: RaggedKV, b: RaggedKV) -> RaggedKV:
-        """Row-wise concatenation (``a``'s tokens first) of two packed caches of the same (batch, heads)."""
-        if a.lengths.shape != b.lengths.shape:
-            raise ValueError(f"concat: row shapes differ {tuple(a.lengths.shape)} vs {tuple(b.lengths.shape)}")
-        oa, ob = a.offsets.tolist(), b.offsets.tolist()
-        ks, vs, ps = [], [], []
-        for r in range(len(oa) - 1):
-            for src, off in ((a, oa), (b, ob)):
-                ks.append(src.keys[off[r] : off[r + 1]])
-                vs.append(src.values[off[r] : off[r + 1]])
-                ps.append(src.positions[off[r] : off[r + 1]])
-        return cls(torch.cat(ks), torch.cat(vs), torch.cat(ps), a.lengths + b.lengths, max(a.logical_len, b.logical_len))
-
-
-class LongattnLayer(DynamicLayer):
+class LongattnLayer(BaseLayer):
     """A ``DynamicLayer`` that a KV policy can compress, really freeing the dropped tokens.
 
     States:
@@ -225,7 +55,7 @@ class LongattnLayer(DynamicLayer):
         return meta.update(self.keys)
 
     @classmethod
-    def adopt(cls, layer: DynamicLayer) -> LongattnLayer:
+    def adopt(cls, layer: BaseLayer) -> LongattnLayer:
         """Take over an uncompressed DynamicLayer's tensors (no copy)."""
         new = cls()
         if layer.is_initialized:
@@ -260,36 +90,20 @@ class LongattnLayer(DynamicLayer):
         return self.prefix_logical_len + self.tail_len if self.compressed else self.physical_len
 
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
-        # transformers < 5.3 passes the cache_position tensor, later versions the query length
-        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
-        return self.get_seq_length() + q, 0
+        return self.get_seq_length() + mask_query_length(query_length), 0
 
-    def nbytes(self) -> int:
-        """Bytes of the cached keys/values and their bookkeeping (not the decode selectors' metadata:
-        ``decode_nbytes()``)."""
-        n = self.prefix.nbytes() if self.prefix is not None else 0
-        for t in (self.keys, self.values, self.kept_positions, self.scores):
-            if t is not None:
-                n += t.numel() * t.element_size()
-        return n
+    def held_tensors(self) -> list:
+        """The key/value storage and its bookkeeping (not the decode selector's state: ``decode_state``)."""
+        return [self.prefix, self.keys, self.values, self.kept_positions, self.scores]
 
-    def decode_nbytes(self) -> int:
-        """Bytes held by the decode selector's state (page metadata, centroids, representative keys)."""
-        total = 0
-        for val in self.decode_state.values():
-            if hasattr(val, "nbytes") and callable(val.nbytes):
-                total += val.nbytes()
-            elif isinstance(val, torch.Tensor):
-                total += val.numel() * val.element_size()
-            elif isinstance(val, dict):
-                for t in val.values():
-                    for x in t if isinstance(t, (tuple, list)) else (t,):
-                        if isinstance(x, torch.Tensor):
-                            total += x.numel() * x.element_size()
-                    if isinstance(t, dict):  # e.g. InfLLM's store and LRU of (k, v) blocks
-                        total += sum(x.numel() * x.element_size() for kv in t.values() if isinstance(kv, tuple)
-                                     for x in kv if isinstance(x, torch.Tensor))
-        return total
+    def nbytes(self, seen: set | None = None) -> int:
+        """Bytes of the storages behind the cached keys/values and their bookkeeping (not the decode selectors'
+        state: ``decode_nbytes()``); a view that keeps a larger tensor alive counts that tensor's storage."""
+        return storage_nbytes(*self.held_tensors(), seen=seen)
+
+    def decode_nbytes(self, seen: set | None = None) -> int:
+        """Bytes held by the decode selector's state (page metadata, centroids, representatives, offload store)."""
+        return storage_nbytes(*self.decode_state.values(), seen=seen)
 
     def physical_key_valid(self, key_valid: torch.Tensor | None) -> torch.Tensor | None:
         """Map a logical ``[b, logical_len]`` key validity onto the uniform ``keys`` (kept prefix: all valid)."""
@@ -443,17 +257,3 @@ class LongattnLayer(DynamicLayer):
         self.prefix_logical_len = 0
         self.decode_state.clear()
         super().reset()
-
-
-def cache_nbytes(cache) -> int:
-    """Bytes held by the key/value tensors of a transformers cache (any layer type), with a decode selector's
-    state (page metadata, representatives, centroids) where there is one."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        if isinstance(layer, LongattnLayer):
-            total += layer.nbytes() + layer.decode_nbytes()
-        else:
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-    return total

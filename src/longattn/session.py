@@ -1,0 +1,241 @@
+"""The state of one ``apply()`` and the per-call routing of the attention function.
+
+Per call of the registered attention function (``hf._attention`` -> ``Session.attend``), in this order:
+1. decode (``q_len == 1``) with a decode selector: the selector picks the tokens, ``ops.decode`` attends;
+2. decode with a KV policy that acts while generating (``policy.acts_at_decode``, H2O's eviction): the
+   policy's own ``decode_attend`` hook;
+3. a compressed cache layer: attention over the kept prefix plus the tokens appended since (``ops.ragged``),
+   and, for a chunked policy, compression of the chunk just added;
+4. otherwise (prefill, or decode over an uncompressed cache): the recipe's prefill pattern for multi-token
+   calls, dense SDPA else; then, at the end of prefill, the KV policy compresses the layer
+   (``policy.compress_layer``) and the decode selector sees the prefill (``selector.on_prefill``).
+
+The session's public API (used by bench, profile and tests instead of its attributes): ``cache``,
+``cache_kwarg``, the read-only counters ``method_s`` / ``compressions`` / ``decode_stats``,
+``set_compression()`` / ``no_compression()``, ``observe()`` and ``override_attention()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+from . import hf
+from .ops.dense import dense_attention
+from .ops.ragged import attend_compressed
+
+__all__ = ["Session"]
+
+
+class Session:
+    """State of one ``apply()``: the recipe, the model's cache, timers and hooks."""
+
+    def __init__(self, model, recipe) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.num_layers = getattr(model.config, "num_hidden_layers", 1)
+        self.prev_impl = None  # the attention implementation to restore (set by hf.activate)
+        self._cache = None
+        self._method_s = 0.0  # time spent inside the methods (layouts, scoring, compression, selection)
+        self._compressions = 0
+        self._compress = True
+        self._observers: list = []
+        self._override = None
+        self._decode_stats: dict = {}
+        self._decode_shared: dict = {}  # per-step state shared across layers (TidalDecode's positions)
+        self._undo_chunk = None
+        self._hook = None
+        self._cache_kw = hf.cache_kwarg_name(model)
+
+    # ---- public, read-only -------------------------------------------------------------------------------
+    @property
+    def cache(self):
+        """The cache the model used last (the one the hook handed to its latest forward)."""
+        return self._cache
+
+    @property
+    def cache_kwarg(self) -> str:
+        """Name of the model's cache argument (``cache`` or ``past_key_values``, by transformers version)."""
+        return self._cache_kw
+
+    @property
+    def method_s(self) -> float:
+        """Seconds spent inside the methods: layouts, scoring, compression, decode-time selection."""
+        return self._method_s
+
+    @property
+    def compressions(self) -> int:
+        """Cache layers compressed so far (one per layer and prefill, or per chunk)."""
+        return self._compressions
+
+    @property
+    def decode_stats(self) -> dict:
+        """Decode selectors: ``select_s`` seconds selecting, ``selected`` tokens attended and ``possible`` tokens
+        cached, summed over layers and steps (a copy)."""
+        return dict(self._decode_stats)
+
+    @property
+    def compression_enabled(self) -> bool:
+        return self._compress
+
+    # ---- public, control -----------------------------------------------------------------------------------
+    def set_compression(self, enabled: bool) -> None:
+        """Turn the KV policy's compression on or off for the following forwards (the bench turns it off once the
+        context is in: the question and the answer are never compressed)."""
+        self._compress = bool(enabled)
+
+    @contextlib.contextmanager
+    def no_compression(self):
+        """Forwards inside the block are not compressed (e.g. to fill a reference cache)."""
+        prev, self._compress = self._compress, False
+        try:
+            yield self
+        finally:
+            self._compress = prev
+
+    @contextlib.contextmanager
+    def observe(self, fn):
+        """Call ``fn(layer_idx, query, key, value, key_valid)`` on every multi-token attention call inside the
+        block (profiling, recall); the observer's own time is not counted in ``method_s``."""
+        self._observers.append(fn)
+        try:
+            yield self
+        finally:
+            self._observers.remove(fn)
+
+    @contextlib.contextmanager
+    def override_attention(self, fn):
+        """Inside the block, ``fn(layer_idx, q, k, v, key_valid, scale) -> out`` replaces multi-token attention
+        (DuoAttention's gate training mixes full and streaming attention this way)."""
+        prev, self._override = self._override, fn
+        try:
+            yield self
+        finally:
+            self._override = prev
+
+    # ---- install / remove ------------------------------------------------------------------------------
+    def install(self) -> None:
+        cfg = self.model.config
+        kv, sel, pre = self.recipe.kv, self.recipe.decode, self.recipe.prefill
+        if kv is not None:
+            kv.prepare(self.model)
+        if sel is not None:
+            sel.prepare(self.model)
+        n_layers = getattr(pre, "num_layers", None)
+        if n_layers is not None and n_layers != cfg.num_hidden_layers:
+            raise ValueError(f"prefill: the mixed profile {pre.profile!r} has {n_layers} layers, the model has "
+                             f"{cfg.num_hidden_layers}")
+        hf.activate(self)
+        if kv is not None and kv.repeat:
+            self._undo_chunk = hf.set_prefill_chunk(self.model, kv.chunk)
+        self._hook = hf.install_cache_hook(self.model, self._on_cache)
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        hf.deactivate(self)
+        if self._undo_chunk is not None:
+            self._undo_chunk()
+            self._undo_chunk = None
+
+    def _on_cache(self, cache) -> None:
+        self._cache = cache
+
+    # ---- the attention function ---------------------------------------------------------------------------
+    def attend(self, module, query, key, value, key_valid, scaling, window=None):
+        """Attention output ``[b, hq, nq, d]`` of one layer's call (see the module docstring for the order)."""
+        layer_idx = getattr(module, "layer_idx", 0)
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        layer = self._layer(layer_idx)
+        nq = query.shape[2]
+        if nq > 1:
+            for obs in self._observers:
+                obs(layer_idx, query, key, value, key_valid)
+        policy, sel = self.recipe.kv, self.recipe.decode
+        if nq == 1 and layer is not None and sel is not None:
+            return self._decode_select(layer, layer_idx, query, key, value, key_valid, scale, window)
+        if nq == 1 and layer is not None and policy is not None and policy.acts_at_decode and layer.prefix is None:
+            t0 = time.perf_counter()
+            out = policy.decode_attend(layer, query, key_valid, scale)
+            self._method_s += time.perf_counter() - t0
+            return out
+        if layer is not None and layer.compressed:
+            if window is not None:
+                raise ValueError("sliding-window layers cannot be combined with a KV policy in longattn")
+            out = attend_compressed(layer, query, key_valid, scale)
+            k0 = layer.prefix_physical_len
+            self._maybe_compress(layer, layer_idx, module, query, layer.keys[..., k0:, :], layer.values[..., k0:, :],
+                                 key_valid)
+            self._selector_prefill(layer, layer_idx, query, key_valid)
+            return out
+
+        pattern = self.recipe.prefill
+        if nq > 1 and self._override is not None:
+            out = self._override(layer_idx, query, key, value, key_valid, scale)
+        elif nq > 1 and pattern is not None:
+            stats: dict = {}
+            # the model is causal whatever the pattern's own default (2-D forms are non-causal)
+            out = pattern.for_layer(layer_idx).attend(
+                query, key, value, scale=scale, key_valid=key_valid, window=window, causal=True, stats=stats,
+            )
+            self._method_s += stats.get("est_s", 0.0)
+        else:
+            out = dense_attention(query, key, value, key_valid, scale, window)
+        self._maybe_compress(layer, layer_idx, module, query, key, value, key_valid)
+        self._selector_prefill(layer, layer_idx, query, key_valid)
+        return out
+
+    def _layer(self, layer_idx: int):
+        from .cache import LongattnLayer
+
+        cache = self._cache
+        if cache is None or layer_idx >= len(cache.layers):
+            return None
+        layer = cache.layers[layer_idx]
+        return layer if isinstance(layer, LongattnLayer) else None
+
+    def _selector_prefill(self, layer, layer_idx, query, key_valid) -> None:
+        """Let the decode selector see a multi-token forward (its representatives, clusters) once the layer holds
+        what the KV policy kept."""
+        sel = self.recipe.decode
+        if sel is None or layer is None or query.shape[2] <= 1 or layer.prefix is not None:
+            return
+        t0 = time.perf_counter()
+        sel.on_prefill(layer, layer_idx, query, layer.keys, layer.physical_key_valid(key_valid))
+        self._method_s += time.perf_counter() - t0
+
+    def _decode_select(self, layer, layer_idx, query, key, value, key_valid, scale, window):
+        """One decode step through the recipe's selector (dense on its ``dense_layers``)."""
+        from .decode.base import Step
+
+        sel = self.recipe.decode
+        if window is not None:
+            raise ValueError(f"decode: {sel.name} cannot run on sliding-window layers")
+        if layer.prefix is not None:
+            raise ValueError(f"decode: {sel.name} needs every kv head to hold the same tokens count; the KV policy "
+                             f"{self.recipe.kv.name} kept per-head budgets (ragged cache)")
+        kv_phys = layer.physical_key_valid(key_valid)
+        if sel.is_dense(layer_idx):
+            return dense_attention(query, key, value, kv_phys, scale, None)
+        step = Step(query, key, value, kv_phys, layer, layer_idx, self.num_layers, scale, self._decode_shared)
+        before = self._decode_stats.get("select_s", 0.0)
+        out = sel.attend(step, self._decode_stats)
+        self._method_s += self._decode_stats.get("select_s", 0.0) - before
+        return out
+
+    def _maybe_compress(self, layer, layer_idx, module, query, tail_k, tail_v, key_valid) -> None:
+        """Run the KV policy on the tokens this forward added, when it is the prefill's (first forward, or
+        every forward of a chunked policy) and compression is on."""
+        policy = self.recipe.kv
+        nq = query.shape[2]
+        if layer is None or policy is None or policy.is_noop or not self._compress or nq <= 1:
+            return
+        if layer.tail_len != nq or (layer.compressed and not policy.repeat):
+            return
+        t0 = time.perf_counter()
+        kv_tail = None if key_valid is None else key_valid[:, key_valid.shape[1] - nq :]
+        policy.compress_layer(layer, query, tail_k, tail_v, kv_tail, module, layer_idx, self.num_layers)
+        self._compressions += 1
+        self._method_s += time.perf_counter() - t0
