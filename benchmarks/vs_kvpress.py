@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - optional
 
 import longattn
 from longattn import models
+from longattn.bench.peer_kvpress import presses
 from longattn.bench.runner import encode
 from longattn.bench.tasks import Passkey
 from longattn.cache import cache_nbytes
@@ -41,24 +42,12 @@ POLICIES = ("snapkv", "streaming_llm", "knorm", "tova", "pyramidkv", "h2o", "ran
 
 
 def make_press(name: str, ratio: float, profile=None):
-    P = kvpress
-    if name == "snapkv":
-        return P.SnapKVPress(compression_ratio=ratio)
-    if name == "streaming_llm":
-        return P.StreamingLLMPress(compression_ratio=ratio)
-    if name == "knorm":
-        return P.KnormPress(compression_ratio=ratio)
-    if name == "tova":
-        return P.TOVAPress(compression_ratio=ratio)
-    if name == "pyramidkv":
-        return P.PyramidKVPress(compression_ratio=ratio)
-    if name == "h2o":
-        return P.ObservedAttentionPress(compression_ratio=ratio)
-    if name == "random":
-        return P.RandomPress(compression_ratio=ratio, seed=0)
+    """kvpress's equivalent of our policy ``name`` (the policy's own ``kvpress_press``; DuoAttention with our
+    head scores)."""
     if name == "duo_attention":
         return _duo_press(ratio, profile)
-    raise ValueError(name)
+    cls = getattr(kvpress, presses()[name])
+    return cls(compression_ratio=ratio, **({"seed": 0} if name == "random" else {}))
 
 
 def _duo_press(ratio, profile):

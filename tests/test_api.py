@@ -17,11 +17,11 @@ ARCHS = list(TINY_ARCHS)
 
 # ---------------------------------------------------------------- parsing and registry
 def test_parse_recipe_slots():
-    r = api.parse("sink_window:window=128:block_size=32+snapkv:ratio=0.5:window=16")
+    r = api.parse("sink_window:window=128:block_size=32+snapkv:ratio=0.5:obs_window=16")
     assert r.prefill == longattn.SinkWindow(window=128, block_size=32)
-    assert r.kv == SnapKV(ratio=0.5, window=16)
-    assert str(r) == "sink_window:window=128:block_size=32+snapkv:ratio=0.5:window=16"
-    assert api.parse("kv=streaming_llm:ratio=0.25:n_sink=2").kv == StreamingLLM(ratio=0.25, n_sink=2)
+    assert r.kv == SnapKV(ratio=0.5, obs_window=16)
+    assert str(r) == "sink_window:window=128:block_size=32+snapkv:ratio=0.5:obs_window=16"
+    assert api.parse("kv=streaming_llm:ratio=0.25:sink=2").kv == StreamingLLM(ratio=0.25, sink=2)
     assert api.parse("dense").kv.is_noop and api.parse("dense").prefill is None
 
 
@@ -32,13 +32,15 @@ def test_parse_recipe_slots():
         ("snapkv:ratio=1.0", "ratio.*\\[0, 1\\)"),
         ("snapkv:ratio=-0.1", "ratio.*\\[0, 1\\)"),
         ("snapkv:ratio=abc", "ratio='abc' is not a valid float"),
-        ("snapkv:bogus=1", "unknown argument 'bogus'; allowed: ratio, window, kernel"),
+        ("snapkv:bogus=1", "unknown argument 'bogus'; allowed: ratio, obs_window, kernel"),
+        ("snapkv:ratio=0.5:ratio=0.9", "ratio= is given twice"),
+        ("snapkv:window=8:obs_window=8", "window= is the old name of obs_window="),
         ("snapkv:ratio", "expected key=value"),
         ("snapkv+streaming_llm", "kv slot twice"),
         ("sink_window:block_size=48", "block_size must be a power of two"),
         ("passkey", "unknown method 'passkey'"),
         ("cache=snapkv", "slot must be one of prefill, kv, decode"),
-        ("snapkv:window=0", "window must be an int >= 1"),
+        ("snapkv:obs_window=0", "obs_window must be an int >= 1"),
     ],
 )
 def test_parse_errors_name_the_argument(spec, match):
@@ -48,14 +50,15 @@ def test_parse_errors_name_the_argument(spec, match):
 
 def test_registry_equals_exported_api():
     exported = {getattr(longattn, n) for n in longattn.__all__}
-    for kind in ("prefill", "kv"):
+    for kind in ("prefill", "kv", "decode"):
         for e in registry.entries(kind):
             assert e.cls in exported, f"{e.name} ({e.cls.__name__}) is registered but not exported"
             assert e.paper and e.summary
             assert dataclasses.is_dataclass(e.cls) and e.cls.__dataclass_params__.frozen
     for name in longattn.__all__:
         obj = getattr(longattn, name)
-        if isinstance(obj, type) and hasattr(obj, "kind") and obj.__name__ not in ("KVPolicy", "PrefillPattern"):
+        if isinstance(obj, type) and hasattr(obj, "kind") and obj.__name__ not in ("KVPolicy", "PrefillPattern",
+                                                                                   "DecodeSelector"):
             assert registry.get(obj.name, obj.kind).cls is obj
 
 
@@ -150,7 +153,7 @@ def test_snapkv_halves_the_cache_and_generates_with_padding(arch):
         full = DynamicCache()
         m(ids, attention_mask=am, use_cache=True, **{s.cache_kwarg: full})
     dense_bytes = cache_nbytes(full)
-    with torch.no_grad(), longattn.apply(m, "snapkv:ratio=0.5:window=8") as s:
+    with torch.no_grad(), longattn.apply(m, "snapkv:ratio=0.5:obs_window=8") as s:
         cache = DynamicCache()
         m(ids, attention_mask=am, use_cache=True, **{s.cache_kwarg: cache})
         kv_bytes = cache_nbytes(cache)
@@ -163,7 +166,7 @@ def test_snapkv_halves_the_cache_and_generates_with_padding(arch):
     assert kv_bytes == dense_bytes // 2 + kept * 4
     # and generate works with left padding, batch 2
     ids, am = _ids(b=2, n=128, pad=(0, 21))
-    with torch.no_grad(), longattn.apply(m, "snapkv:ratio=0.5:window=8") as s:
+    with torch.no_grad(), longattn.apply(m, "snapkv:ratio=0.5:obs_window=8") as s:
         out = m.generate(ids, attention_mask=am, max_new_tokens=5, do_sample=False)
         lens = s.cache.layers[0].kept_lengths()
     assert out.shape == (2, 133)
@@ -204,7 +207,7 @@ def _capture_qkv(m, layer_idx, ids, am):
     return q, k, v
 
 
-@pytest.mark.parametrize("policy", ["snapkv:ratio=0.6:window=8", "streaming_llm:ratio=0.5:n_sink=3"])
+@pytest.mark.parametrize("policy", ["snapkv:ratio=0.6:obs_window=8", "streaming_llm:ratio=0.5:sink=3"])
 def test_kept_positions_are_the_top_scored(policy):
     m = tiny_model("llama")
     ids, am = _ids(b=2, n=100, pad=(0, 9))
@@ -290,7 +293,7 @@ def test_ragged_pack_is_exact_and_frees_memory():
         layer.reorder_cache(torch.tensor([1, 0]))
 
 
-@pytest.mark.parametrize("recipe", ["snapkv:ratio=0.5:window=8", "streaming_llm:ratio=0.7",
+@pytest.mark.parametrize("recipe", ["snapkv:ratio=0.5:obs_window=8", "streaming_llm:ratio=0.7",
                                     "sink_window:window=32:sink=16:block_size=16+snapkv:ratio=0.4"])
 def test_batched_with_left_padding_equals_unbatched(recipe):
     """Each row is compressed by its own valid length: a padded batch decodes like each prompt alone.

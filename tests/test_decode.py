@@ -206,7 +206,7 @@ def _top(scores, k, forced=()):
 
 @pytest.mark.parametrize("n", [150, 160])
 def test_quest_selection_equals_slow_reference(n):
-    sel = Quest(budget=48, page_size=16, dense_layers="")
+    sel = Quest(budget=48, page=16, dense_layers="")
     step = _step(n=n)
     got = _sets(*sel.select(step))
     ref_s = _ref_pages_minmax(step, 16)
@@ -217,7 +217,7 @@ def test_quest_selection_equals_slow_reference(n):
 
 
 def test_lserve_selection_equals_slow_reference():
-    sel = LServePages(budget=64, page_size=32, logical_page=8, reuse=1)
+    sel = LServePages(budget=64, page=32, logical_page=8, reuse=1)
     step = _step(n=150)
     got = _sets(*sel.select(step))
     logical = _ref_pages_minmax(step, 8)
@@ -229,7 +229,7 @@ def test_lserve_selection_equals_slow_reference():
 
 
 def test_lserve_reuses_selection_and_adds_new_pages():
-    sel = LServePages(budget=64, page_size=32, logical_page=8, reuse=3)
+    sel = LServePages(budget=64, page=32, logical_page=8, reuse=3)
     step = _step(n=150)
     first = _sets(*sel.select(step))
     q, k, v = _qkv(n=200, seed=3)
@@ -251,7 +251,7 @@ def test_lserve_streaming_heads_attend_sinks_and_local(tmp_path):
 
     prof = tmp_path / "p.json"
     prof.write_text(json.dumps({"num_layers": 4, "num_kv_heads": 2, "scores": [[0.9, 0.8]] * 3 + [[0.1, 0.9]]}))
-    sel = LServePages(budget=64, page_size=32, logical_page=8, streaming=0.125, profile=str(prof), sink=4, local=16)
+    sel = LServePages(budget=64, page=32, logical_page=8, streaming=0.125, profile=str(prof), sink=4, recent=16)
     assert sel.streaming_heads(3) == [0] and sel.streaming_heads(1) == []
     step = _step(n=150, layer_idx=3)
     got = _sets(*sel.select(step))
@@ -280,7 +280,7 @@ def test_landmark_selection_equals_slow_reference():
 
 
 def test_longheads_selects_per_query_head():
-    sel = LongHeads(budget=64, chunk_size=16)
+    sel = LongHeads(budget=64, chunk=16)
     step = _step(n=150)
     idx, valid = sel.select(step)
     assert idx.shape[1] == 4  # one set per query head
@@ -299,7 +299,7 @@ def test_longheads_selects_per_query_head():
 
 @pytest.mark.parametrize("vote", ["layer", "group"])
 def test_token_select_equals_slow_reference(vote):
-    sel = TokenSelect(budget=40, sink=4, local=8, vote=vote, threshold=1.0)
+    sel = TokenSelect(budget=40, sink=4, recent=8, vote=vote, threshold=1.0)
     step = _step(n=150)
     got = _sets(*sel.select(step))
     for (bi, h), toks in got.items():
@@ -318,7 +318,7 @@ def test_token_select_equals_slow_reference(vote):
 
 
 def test_token_select_selection_cache_hits_on_similar_queries():
-    sel = TokenSelect(budget=40, sink=4, local=8, threshold=0.9)
+    sel = TokenSelect(budget=40, sink=4, recent=8, threshold=0.9)
     step = _step(n=150)
     first = _sets(*sel.select(step))
     q, k, v = _qkv(n=151, seed=3)
@@ -355,7 +355,7 @@ def test_tidal_decode_reuses_the_selection_layer_positions():
 
 
 def test_infllm_representatives_and_blocks_equal_slow_reference():
-    sel = InfLLM(budget=4 + 32 + 2 * 16, sink=4, local=32, block_size=16, reps=2)
+    sel = InfLLM(budget=4 + 32 + 2 * 16, sink=4, recent=32, block_size=16, reps=2)
     n = 150
     step = _step(n=n, sel=sel, pads=(0, 13))
     # representative scores by loops: sum over later queries within the horizon, mean over the group
@@ -427,30 +427,13 @@ def test_squeezed_selects_best_clusters_then_appended_tokens(levels):
 
 
 # ---- through the model --------------------------------------------------------------------------------------
-FULL = {
-    "quest": "quest:budget=4096:dense_layers=",
-    "token_select": "token_select:budget=4096",
-    "tidal_decode": "tidal_decode:budget=4096:dense_layers=0:select_layers=1",
-    "infllm": "infllm:budget=4096:sink=4:local=32:block_size=16",
-    "squeezed": "squeezed:budget=4096:levels=2:coarse_keep=1.0",
-    "lserve_pages": "lserve_pages:budget=4096:page_size=32:logical_page=8",
-    "landmark": "landmark:budget=4096:block_size=16",
-    "longheads": "longheads:budget=4096:chunk_size=16",
-}
-SMALL = {
-    "quest": "quest:budget=48:dense_layers=0",
-    "token_select": "token_select:budget=48:sink=4:local=8",
-    "tidal_decode": "tidal_decode:budget=48:dense_layers=0:select_layers=1",
-    "infllm": "infllm:budget=84:sink=4:local=32:block_size=16",
-    "squeezed": "squeezed:budget=48:cluster_tokens=8:levels=2",
-    "lserve_pages": "lserve_pages:budget=64:page_size=32:logical_page=8",
-    "landmark": "landmark:budget=64:block_size=16",
-    "longheads": "longheads:budget=64:chunk_size=16",
-}
+def _spec_of(name: str, settings: dict) -> str:
+    return ":".join([name] + [f"{k}={v}" for k, v in settings.items()])
 
 
-def test_every_selector_has_full_and_small_specs():
-    assert set(FULL) == set(SMALL) == set(registry.names("decode"))
+# every selector's declared settings: attending to every token (FULL) and a budget well below the cache (SMALL)
+FULL = {e.name: _spec_of(e.name, e.cls.full_example) for e in registry.entries("decode")}
+SMALL = {e.name: _spec_of(e.name, e.cls.examples[0]) for e in registry.entries("decode")}
 
 
 def _generate(m, ids, am, recipe=None, steps=6):
@@ -497,22 +480,22 @@ def test_small_budget_generates_batch2_with_padding_like_each_prompt_alone(name)
 def test_selector_follows_a_uniform_kv_policy():
     m = tiny_model("llama", num_hidden_layers=4)
     ids, am = ids_batch(1, 150, pad=(0,))
-    got, s = _generate(m, ids, None, "snapkv:ratio=0.5:window=8+quest:budget=32:dense_layers=0")
+    got, s = _generate(m, ids, None, "snapkv:ratio=0.5:obs_window=8+quest:budget=32:dense_layers=0")
     assert s.compressions > 0 and s.decode_stats["selected"] > 0
-    got2, _ = _generate(m, ids, None, "snapkv:ratio=0.5:window=8+quest:budget=4096:dense_layers=0")
-    ref, _ = _generate(m, ids, None, "snapkv:ratio=0.5:window=8")
+    got2, _ = _generate(m, ids, None, "snapkv:ratio=0.5:obs_window=8+quest:budget=4096:dense_layers=0")
+    ref, _ = _generate(m, ids, None, "snapkv:ratio=0.5:obs_window=8")
     assert torch.equal(got2.sequences, ref.sequences)
 
 
 @pytest.mark.parametrize("spec,match", [
-    ("quest:budget=8:page_size=16", r"budget \(8\) must be >= page_size \(16\)"),
-    ("lserve_pages:page_size=64:logical_page=24", r"logical_page \(24\) must divide page_size \(64\)"),
+    ("quest:budget=8:page=16", r"budget \(8\) must be >= page \(16\)"),
+    ("lserve_pages:page=64:logical_page=24", r"logical_page \(24\) must divide page \(64\)"),
     ("landmark:budget=64:block_size=64", "budget"),
-    ("longheads:budget=100:chunk_size=64", "budget"),
+    ("longheads:budget=100:chunk=64", "budget"),
     ("infllm:budget=100", "budget"),
-    ("infllm:local=8:block_size=16", "local"),
+    ("infllm:recent=8:block_size=16", "recent"),
     ("token_select:vote=heads", "vote must be one of layer, group"),
-    ("token_select:budget=10:sink=8:local=8", "budget"),
+    ("token_select:budget=10:sink=8:recent=8", "budget"),
     ("squeezed:levels=3", "levels must be 1 or 2"),
     ("quest:dense_layers=a", "dense_layers"),
     ("tidal_decode:select_layers=1:dense_layers=1", "select_layers"),
@@ -538,7 +521,7 @@ def test_unknown_layers_are_refused_at_apply(spec, match):
 @pytest.mark.parametrize("spec,match", [
     ("snapkv:ratio=0.5+infllm", "infllm needs the full cache"),
     ("snapkv:ratio=0.5+tidal_decode", "tidal_decode needs the full cache"),
-    ("h2o:ratio=0.5:decode_budget=40:n_recent=4+quest", "decode_budget"),
+    ("h2o:ratio=0.5:decode_budget=40:recent=4+quest", "decode_budget"),
 ])
 def test_incompatible_combinations_are_refused(spec, match):
     with pytest.raises(ValueError, match=match):
@@ -549,7 +532,7 @@ def test_ragged_kv_policy_then_selector_is_refused_clearly():
     m = tiny_model("llama")
     ids, am = ids_batch(2, 96, pad=(0, 17))
     with pytest.raises(ValueError, match="ragged"):
-        _generate(m, ids, am, "snapkv:ratio=0.5:window=8+quest:budget=32:dense_layers=")
+        _generate(m, ids, am, "snapkv:ratio=0.5:obs_window=8+quest:budget=32:dense_layers=")
 
 
 # ---- ops-bench --decode ---------------------------------------------------------------------------------------
@@ -633,7 +616,7 @@ def test_cache_bytes_count_the_selector_state():
 
     m = tiny_model("llama", num_hidden_layers=4)
     ids, _ = ids_batch(1, 150, pad=(0,))
-    with torch.no_grad(), longattn.apply(m, "quest:budget=32:page_size=16:dense_layers=") as s:
+    with torch.no_grad(), longattn.apply(m, "quest:budget=32:page=16:dense_layers=") as s:
         m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     meta = sum(layer.decode_nbytes() for layer in s.cache.layers)
     assert meta > 0 and cache_nbytes(s.cache) >= sum(layer.nbytes() for layer in s.cache.layers) + meta
@@ -643,7 +626,7 @@ def test_infllm_offload_frees_the_layer_and_attends_the_same_tokens():
     """Offloaded memory blocks leave the cache layer (a store + an LRU hold them) and decoding is unchanged."""
     m = tiny_model("llama", num_hidden_layers=4)
     ids, _ = ids_batch(1, 300, pad=(0,))
-    spec = "infllm:budget=84:sink=4:local=32:block_size=16"
+    spec = "infllm:budget=84:sink=4:recent=32:block_size=16"
     ref, s0 = _generate(m, ids, None, spec, steps=12)
     got, s1 = _generate(m, ids, None, spec + ":offload=true:lru_blocks=2", steps=12)
     assert torch.equal(got.sequences, ref.sequences)

@@ -11,6 +11,7 @@ from longattn.cache import cache_nbytes
 from longattn.kv import Novelty, PyramidKV
 from longattn.kv.moa_budgets import distribute
 from longattn.models import tiny_model
+from longattn.profiles import EXAMPLE
 
 L, H = 2, 2  # tiny model: layers, kv heads
 
@@ -23,12 +24,17 @@ def tiny_profile(tmp_path_factory):
 
 
 def _spec(name: str, ratio: float, prof: str) -> str:
-    extra = {"duo_attention": f":profile={prof}:sink=4:recent=8", "moa_budgets": f":profile={prof}",
-             "snapkv": ":window=8", "pyramidkv": ":window=8", "chunked": ":chunk=32", "novelty": ":recent=8"}
-    return f"{name}:ratio={ratio}" + extra.get(name, "")
+    """``name`` (its first example) or ``name-i`` (its i-th): the policy's declared example settings with
+    ``ratio``; a ``profile`` example names the tiny profile."""
+    base, _, i = name.partition("-")
+    cls = registry.get(base, "kv").cls
+    ex = dict(cls.examples[int(i or 0)])
+    ex = {k: (prof if v == EXAMPLE else v) for k, v in ex.items()}
+    return ":".join([f"{base}:ratio={ratio}"] + [f"{k}={v}" for k, v in ex.items()])
 
 
-KV_NAMES = [n for n in registry.names("kv") if n != "dense"]
+KV_NAMES = [n if len(registry.get(n, "kv").cls.examples) == 1 else f"{n}-{i}"
+            for n in registry.names("kv") if n != "dense" for i in range(len(registry.get(n, "kv").cls.examples))]
 
 
 @pytest.mark.parametrize("name", KV_NAMES)
@@ -101,7 +107,7 @@ def test_novelty_keeps_rare_values():
     v[rare] = torch.randn(3, d) * 3
     v = v.view(1, 1, n, d)
     k = torch.randn(1, 1, n, d)
-    idx, lengths = Novelty(ratio=0.9, n_sink=2, recent=4).keep(k.expand(1, 2, n, d), k, v)
+    idx, lengths = Novelty(ratio=0.9, sink=2, recent=4).keep(k.expand(1, 2, n, d), k, v)
     kept = set(idx[0, 0, : lengths[0, 0]].tolist())
     assert lengths[0, 0] == int(200 * (1 - 0.9))  # 19, as kvpress rounds
     assert {50, 120, 121, 0, 1, 196, 197, 198, 199} <= kept
@@ -120,7 +126,7 @@ def test_pyramid_budgets_sum_to_total():
 def test_adaptive_heads_budgets_sum_and_floor():
     m = tiny_model("llama", num_key_value_heads=2)
     ids, am = _ids(b=1, n=120, pad=(0,))
-    with torch.no_grad(), longattn.apply(m, "adaptive_heads:ratio=0.75:alpha=0.5:inner=snapkv/window=8") as s:
+    with torch.no_grad(), longattn.apply(m, "adaptive_heads:ratio=0.75:alpha=0.5:inner=snapkv/obs_window=8") as s:
         m(ids, use_cache=True)
     for layer in s.cache.layers:
         lens = layer.kept_lengths()[0]
@@ -149,7 +155,7 @@ def test_moa_and_duo_budgets(tiny_profile):
 def test_chunked_compresses_each_chunk_and_bounds_the_cache():
     m = tiny_model("llama")
     ids, _ = _ids(b=1, n=200, pad=(0,))
-    with torch.no_grad(), longattn.apply(m, "chunked:ratio=0.5:chunk=64:inner=snapkv/window=8") as s:
+    with torch.no_grad(), longattn.apply(m, "chunked:ratio=0.5:chunk=64:inner=snapkv/obs_window=8") as s:
         assert m.generation_config.prefill_chunk_size == 64
         out = m.generate(ids, max_new_tokens=3, do_sample=False)
         layer = s.cache.layers[0]
@@ -165,7 +171,7 @@ def test_chunked_compresses_each_chunk_and_bounds_the_cache():
 def test_compose_keeps_the_composed_budget():
     m = tiny_model("llama")
     ids, _ = _ids(b=1, n=100, pad=(0,))
-    with torch.no_grad(), longattn.apply(m, "compose:ratio=0.75:first=knorm:second=snapkv/window=8") as s:
+    with torch.no_grad(), longattn.apply(m, "compose:ratio=0.75:first=knorm:second=snapkv/obs_window=8") as s:
         m(ids, use_cache=True)
     assert s.cache.layers[0].kept_lengths()[0].tolist() == [25, 25]
     with pytest.raises(ValueError, match="compose scorers only"):
@@ -179,9 +185,9 @@ def test_compose_keeps_the_composed_budget():
     [
         ("h2o:ratio=1", "ratio"),
         ("tova:ratio=1.2", "ratio"),
-        ("snapkv:ratio=0.5:window=-1", "window must be an int >= 1"),
-        ("streaming_llm:ratio=0.5:n_sink=-2", "n_sink"),
-        ("h2o:ratio=0.5:n_recent=-1", "n_recent"),
+        ("snapkv:ratio=0.5:obs_window=-1", "window must be an int >= 1"),
+        ("streaming_llm:ratio=0.5:sink=-2", "sink"),
+        ("h2o:ratio=0.5:recent=-1", "recent"),
         ("chunked:ratio=0.5:chunk=4", "chunk must be an int >= 16"),
         ("adaptive_heads:ratio=0.5:alpha=2", "alpha"),
         ("adaptive_heads:ratio=0.5:inner=snapkv/ratio=0.3", "give ratio= to the wrapper"),
@@ -218,7 +224,7 @@ def test_real_memory_per_head_budgets_within_two_percent():
         with longattn.apply(m, "dense") as s:
             full = DynamicCache()
             m(ids, use_cache=True, **{s.cache_kwarg: full})
-        with longattn.apply(m, "adaptive_heads:ratio=0.75:inner=snapkv/window=8") as s:
+        with longattn.apply(m, "adaptive_heads:ratio=0.75:inner=snapkv/obs_window=8") as s:
             cache = DynamicCache()
             m(ids, use_cache=True, **{s.cache_kwarg: cache})
     assert cache.layers[0].prefix is not None  # ragged
@@ -229,7 +235,7 @@ def test_real_memory_per_head_budgets_within_two_percent():
 def test_h2o_decode_budget_evicts_while_generating():
     m = tiny_model("llama")
     ids, _ = _ids(b=1, n=100, pad=(0,))
-    with torch.no_grad(), longattn.apply(m, "h2o:ratio=0.5:decode_budget=40:n_recent=4") as s:
+    with torch.no_grad(), longattn.apply(m, "h2o:ratio=0.5:decode_budget=40:recent=4") as s:
         out = m.generate(ids, max_new_tokens=8, do_sample=False)
         layer = s.cache.layers[1]
     assert out.shape == (1, 108)
@@ -250,8 +256,8 @@ def test_evict_keeps_recent_and_top_scored():
     assert layer.kept(0, 0).tolist() == [0, 2, 4, 8, 9]
     assert torch.equal(layer.keys[0, 0], k[0, 0, [0, 2, 4, 8, 9]])
     assert layer.get_seq_length() == 10
-    with pytest.raises(ValueError, match="decode_budget must exceed n_recent"):
-        api.parse("h2o:ratio=0.5:decode_budget=4:n_recent=8")
+    with pytest.raises(ValueError, match="decode_budget must exceed recent"):
+        api.parse("h2o:ratio=0.5:decode_budget=4:recent=8")
 
 
 def test_duo_gates_mixing_and_training_smoke():

@@ -47,7 +47,7 @@ def test_embedded_model_loads_from_cache_and_compresses(smollm2):
     assert model.config.model_type == "llama" and model.dtype == torch.float32
     assert (models.cache_dir() / "smollm2-135m" / "model.safetensors").exists()
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
-    with torch.no_grad(), longattn.apply(model, "snapkv:ratio=0.5:window=4") as s:
+    with torch.no_grad(), longattn.apply(model, "snapkv:ratio=0.5:obs_window=4") as s:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 3 and s.compressions == model.config.num_hidden_layers
 
@@ -131,7 +131,7 @@ def test_report_renders_from_fixture(tmp_path, capsys):
 def test_family_and_ratio():
     from longattn.bench.plots import family_and_ratio
 
-    assert family_and_ratio("snapkv:ratio=0.5:window=32") == ("snapkv:window=32", 0.5)
+    assert family_and_ratio("snapkv:ratio=0.5:obs_window=32") == ("snapkv:window=32", 0.5)
     assert family_and_ratio("sink_window+knorm:ratio=0.25") == ("sink_window+knorm", 0.25)
     assert family_and_ratio("dense") == ("dense", 0.0)
 

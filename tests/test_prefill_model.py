@@ -35,7 +35,7 @@ def test_full_budget_gives_dense_logits(recipe):
 
 
 SPARSE = [
-    "sink_window:sink=16:window=32:block_size=16", "vertical_slash:vertical=24:slash=24:last_q=16:block_size=16",
+    "sink_window:sink=16:window=32:block_size=16", "vertical_slash:vertical=24:slash=24:obs_window=16:block_size=16",
     "block_topk:topk=2:sink=16:block_size=16", "hierarchical:topk=2:sink=16:block_size=16",
     "strided_window:sink=16:window=32:stride=3:block_size=16", "shifted_groups:group=32:sink=16:block_size=16",
     "long_range_grouping:segment=48:chunk=16:block_size=16", "neighborhood:kernel_size=24:dilation=2:block_size=16",

@@ -2,13 +2,12 @@
 ``reference.py`` for its output; full budgets equal dense attention; bad settings raise ValueError by name."""
 
 import json
-import math
 
 import pytest
 import torch
 
 import longattn
-from longattn import attention_recall, reference
+from longattn import attention_recall, reference, registry
 from longattn.layout import BlockLayout
 from longattn.prefill import (
     BilevelRouting,
@@ -26,7 +25,7 @@ from longattn.prefill import (
     TriShape,
     VerticalSlash,
 )
-from longattn.prefill.linear_estimate import _orthogonal_gaussian
+from longattn.profiles import EXAMPLE
 
 BS = 16
 
@@ -45,356 +44,43 @@ def _padding(b, n, pad=23):
     return kv
 
 
-def _first(kv, bi):
-    return 0 if kv is None else int(kv[bi].to(torch.int8).argmax())
+def _example_id(cls, i: int) -> str:
+    return cls.name if len(cls.examples) == 1 else f"{cls.name}-{i}"
 
 
-def _kv_valid(kv, bi, j):
-    return kv is None or bool(kv[bi, j])
+def _examples(tmp=None):
+    """Every registered pattern's declared examples: ``{id: instance}`` (a profile they name is written)."""
+    import tempfile
+    from pathlib import Path
 
-
-def _blocks_to_tokens(sel, nq, nk, off):
-    """[b, h, nqb, nkb] block selection -> [b, h, nq, nk] token mask (blocks x causal)."""
-    b, h = sel.shape[:2]
-    m = torch.zeros(b, h, nq, nk, dtype=torch.bool)
-    for i in range(nq):
-        for j in range(i + off + 1):
-            m[:, :, i, j] = sel[:, :, i // BS, j // BS]
-    return m
-
-
-# ------------------------------------------------------------------------------- slow references (token sets)
-def slow_sink_window(p, q, k, kv):
-    b, _h, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    off = nk - nq
-    sel = torch.zeros(b, 1, -(-nq // BS), -(-nk // BS), dtype=torch.bool)
-    for bi in range(b):
-        f = _first(kv, bi)
-        for i in range(nq):
-            for j in range(i + off + 1):
-                if f <= j < f + p.sink or (i + off) - j < p.window:
-                    sel[bi, 0, i // BS, j // BS] = True
-        if isinstance(p, TriShape):
-            for i in range(nq):
-                if i + off >= nk - p.last_q:
-                    sel[bi, 0, i // BS, : (i + off) // BS + 1] = True
-    return _blocks_to_tokens(sel, nq, nk, off)
-
-
-def _topk_set(scores, k):
-    """indices of the k largest finite scores (python sort; scores are random, so no ties)."""
-    order = sorted((s, j) for j, s in enumerate(scores) if s != float("-inf"))
-    return {j for _, j in order[::-1][:k]}
-
-
-def slow_vertical_slash(p, q, k, kv):
-    b, hq, nq, d = q.shape
-    nk = k.shape[2]
-    g = hq // k.shape[1]
-    lq = min(p.last_q, nq)
-    m = torch.zeros(b, hq, nq, nk, dtype=torch.bool)
-    for bi in range(b):
-        f = _first(kv, bi)
-        for h in range(hq):
-            vert = [0.0] * nk
-            slash = [0.0] * nk
-            for i in range(nq - lq, nq):
-                qp = i + nk - nq
-                keys = [j for j in range(qp + 1) if _kv_valid(kv, bi, j)]
-                s = torch.tensor([float(q[bi, h, i].double() @ k[bi, h // g, j].double()) / math.sqrt(d) for j in keys])
-                pr = torch.softmax(s, 0)
-                for j, pj in zip(keys, pr.tolist()):
-                    vert[j] += pj
-                    slash[qp - j] += pj
-            vs = [float("inf") if f <= j < f + p.sink else (vert[j] if _kv_valid(kv, bi, j) else float("-inf"))
-                  for j in range(nk)]
-            ss = [float("inf") if dd < p.local else slash[dd] for dd in range(nk)]
-            ss = [s if dd <= nk - 1 - f else float("-inf") for dd, s in enumerate(ss)]
-            cols = _topk_set(vs, p.vertical) | {j for j in range(f, min(f + p.sink, nk))}
-            diags = _topk_set(ss, p.slash) | {dd for dd in range(min(p.local, nk - f))}
-            for i in range(nq):
-                qp = i + nk - nq
-                for j in range(qp + 1):
-                    m[bi, h, i, j] = j in cols or (qp - j) in diags
-    return m
-
-
-def _pooled(x, n_blocks, valid=None):
-    out = []
-    for c in range(n_blocks):
-        rows = [t for t in range(c * BS, min((c + 1) * BS, x.shape[0])) if valid is None or valid[t]]
-        out.append(x[rows].double().mean(0) if rows else None)
+    out = {}
+    for e in registry.entries("prefill"):
+        for i, ex in enumerate(e.cls.examples):
+            kw = dict(ex)
+            for key, val in kw.items():
+                if val == EXAMPLE:
+                    path = Path(tmp or tempfile.mkdtemp()) / f"{e.name}-{i}.json"
+                    kw[key] = e.cls.write_example_profile(path, num_layers=1, num_heads=4, num_kv_heads=2)
+            out[_example_id(e.cls, i)] = e.cls(**kw)
     return out
 
 
-def _forced(p, bi, kv, nqb, nkb, off, nq):
-    """sinks + diagonal blocks per q block, causal."""
-    f = _first(kv, bi)
-    sel = set()
-    for i in range(nqb):
-        q_lo, q_hi = i * BS + off, min((i + 1) * BS, nq) - 1 + off
-        for j in range(nkb):
-            if j > q_hi // BS:
-                continue
-            if p.sink > 0 and f // BS <= j <= (f + p.sink - 1) // BS:
-                sel.add((i, j))
-            if q_lo // BS <= j:
-                sel.add((i, j))
-    return sel
-
-
-def slow_block_select(p, q, k, kv):
-    """block_topk, linear_estimate (estimates computed directly) and lowbit_topk."""
-    b, hq, nq, d = q.shape
-    nk = k.shape[2]
-    g = hq // k.shape[1]
-    off = nk - nq
-    nqb, nkb = -(-nq // BS), -(-nk // BS)
-    sel = torch.zeros(b, hq, nqb, nkb, dtype=torch.bool)
-    for bi in range(b):
-        valid = None if kv is None else kv[bi].tolist()
-        for h in range(hq):
-            chosen = set(_forced(p, bi, kv, nqb, nkb, off, nq))
-            if isinstance(p, LowBitTopK):
-                chosen |= _slow_lowbit(p, q[bi, h], k[bi, h // g], valid, off)
-            else:
-                if isinstance(p, LinearEstimate):
-                    est = _slow_linear_scores(p, q[bi, h], k[bi, h // g], valid)
-                else:
-                    qp, kp = _pooled(q[bi, h], nqb), _pooled(k[bi, h // g], nkb, valid)
-                    est = [[float(qp[i] @ kp[j]) / math.sqrt(d) if kp[j] is not None else float("-inf")
-                            for j in range(nkb)] for i in range(nqb)]
-                for i in range(nqb):
-                    last = (min((i + 1) * BS, nq) - 1 + off) // BS
-                    row = [est[i][j] if j <= last else float("-inf") for j in range(nkb)]
-                    if isinstance(p, BlockTopK) and p.mode == "threshold":
-                        q_hi = min((i + 1) * BS, nq) - 1 + off
-                        cnt = [sum(1 for t in range(j * BS, min((j + 1) * BS, nk, q_hi + 1))
-                                   if valid is None or valid[t]) for j in range(nkb)]
-                        row = [r + math.log(max(c, 1)) for r, c in zip(row, cnt)]
-                        pr = torch.softmax(torch.tensor(row, dtype=torch.float64), 0).tolist()
-                        acc = 0.0
-                        for pj, j in sorted(((pj, j) for j, pj in enumerate(pr)), reverse=True):
-                            if acc < p.tau and pj > 0:
-                                chosen.add((i, j))
-                            acc += pj
-                    else:
-                        chosen |= {(i, j) for j in _topk_set(row, p.topk)}
-            for i, j in chosen:
-                sel[bi, h, i, j] = True
-    return _blocks_to_tokens(sel, nq, nk, off)
-
-
-def _slow_linear_scores(p, qh, kh, valid):
-    d = qh.shape[-1]
-    w = _orthogonal_gaussian(p.features, d, p.seed).double()
-
-    def phi(x):
-        x = x.double() / d**0.25
-        return torch.exp(w @ x - 0.5 * (x @ x))
-
-    nqb, nkb = -(-qh.shape[0] // BS), -(-kh.shape[0] // BS)
-    sq = [sum(phi(qh[t]) for t in range(i * BS, min((i + 1) * BS, qh.shape[0]))) for i in range(nqb)]
-    sk = []
-    for j in range(nkb):
-        ts = [t for t in range(j * BS, min((j + 1) * BS, kh.shape[0])) if valid is None or valid[t]]
-        sk.append(sum(phi(kh[t]) for t in ts) if ts else None)
-    return [[math.log(float(sq[i] @ sk[j])) if sk[j] is not None else float("-inf") for j in range(nkb)]
-            for i in range(nqb)]
-
-
-def _slow_lowbit(p, qh, kh, valid, off):
-    d = qh.shape[-1]
-    qmax = 2 ** (p.bits - 1) - 1
-
-    def quant(x):
-        out = x.clone().double()
-        for c in range(0, x.shape[0], BS):
-            blk = x[c : c + BS].double()
-            full = torch.cat([blk, torch.zeros(BS - blk.shape[0], d, dtype=torch.float64)])
-            s = max(float(full.abs().max()), 1e-12) / qmax
-            out[c : c + BS] = torch.clamp(torch.round(blk / s), -qmax - 1, qmax) * s
-        return out
-
-    qq, kq = quant(qh), quant(kh)
-    nq = qh.shape[0]
-    rows = set(p.sample_rows(nq).tolist())
-    chosen = set()
-    for i in sorted(rows):
-        qp = i + off
-        blockmax = {}
-        for j in range(qp + 1):
-            if valid is not None and not valid[j]:
-                continue
-            s = float(qq[i] @ kq[j]) / math.sqrt(d)
-            blockmax[j // BS] = max(blockmax.get(j // BS, float("-inf")), s)
-        if not blockmax:  # a padded query row sees no key
-            continue
-        top = max(blockmax.values())
-        chosen |= {(i // BS, jb) for jb, s in blockmax.items() if s >= top + math.log(p.rel) - 1e-9}
-    return chosen
-
-
-def slow_hierarchical(p, q, k, kv):
-    b, hq, nq, d = q.shape
-    nk = k.shape[2]
-    g = hq // k.shape[1]
-    off = nk - nq
-    nqb, nkb = -(-nq // BS), -(-nk // BS)
-    sel = torch.zeros(b, hq, nqb, nkb, dtype=torch.bool)
-    for bi in range(b):
-        valid = None if kv is None else kv[bi].tolist()
-        for h in range(hq):
-            qp, kp = _pooled(q[bi, h], nqb), _pooled(k[bi, h // g], nkb, valid)
-            chosen = set(_forced(p, bi, kv, nqb, nkb, off, nq))
-            for i in range(nqb):
-                nvis = (min((i + 1) * BS, nq) - 1 + off) // BS + 1
-                K = p.topk
-                fb = _first(kv, bi) // BS
-                span = max(nvis - fb, 1)
-                ranges = [(fb + (t * span) // K, fb + ((t + 1) * span) // K) for t in range(K)]
-                while any(hi - lo > 1 for lo, hi in ranges):
-                    cand = []
-                    for lo, hi in ranges:
-                        mid = (lo + hi) // 2
-                        cand += [(lo, mid), (mid, hi)]
-                    scored = []
-                    for n_, (lo, hi) in enumerate(cand):
-                        rep = min(max((lo + hi - 1) // 2, 0), nkb - 1)
-                        ok = hi > lo and kp[rep] is not None
-                        scored.append((float(qp[i] @ kp[rep]) / math.sqrt(d) if ok else float("-inf"), -n_, (lo, hi)))
-                    ranges = [r for _, _, r in sorted(scored, reverse=True)[:K]]
-                chosen |= {(i, lo) for lo, hi in ranges if hi - lo == 1}
-            for i, j in chosen:
-                sel[bi, h, i, j] = True
-    return _blocks_to_tokens(sel, nq, nk, off)
-
-
-def slow_bilevel(p, q, k, kv):
-    b, hq, nq, d = q.shape
-    nk = k.shape[2]
-    g = hq // k.shape[1]
-    off = nk - nq
-    R = -(-nk // p.region)
-    m = torch.zeros(b, hq, nq, nk, dtype=torch.bool)
-    for bi in range(b):
-        for h in range(hq):
-            kreg = [[j for j in range(nk) if j // p.region == r and _kv_valid(kv, bi, j)] for r in range(R)]
-            qreg = [[i for i in range(nq) if (i + off) // p.region == r] for r in range(R)]
-            for a in range(R):
-                if not qreg[a]:
-                    continue
-                qa = q[bi, h, qreg[a]].double().mean(0)
-                sc = [float(qa @ k[bi, h // g, kreg[c]].double().mean(0)) / math.sqrt(d) if kreg[c] and c <= a
-                      else float("-inf") for c in range(R)]
-                routed = _topk_set(sc, p.topk) | {a}
-                for i in qreg[a]:
-                    for j in range(i + off + 1):
-                        m[bi, h, i, j] = (j // p.region) in routed
-    return m
-
-
-def _natten_keys(i, n, ks, dil, st, causal):
-    r, j = i % dil, i // dil
-    lg = (n - 1 - r) // dil + 1
-    if causal:
-        jl = min((j // st) * st + st - 1, lg - 1)
-        return {jj * dil + r for jj in range(max(jl - ks + 1, 0), jl + 1)}
-    jl = min((j // st) * st + (st - 1) // 2, lg - 1)
-    start = min(max(jl - ks // 2, 0), max(lg - ks, 0))
-    return {jj * dil + r for jj in range(start, start + ks)}
-
-
-def slow_neighborhood(p, q, k, kv):
-    nq, nk = q.shape[2], k.shape[2]
-    m = torch.zeros(1, 1, nq, nk, dtype=torch.bool)
-    off = nk - nq
-    for i in range(nq):
-        if p.hw is None:
-            keys = _natten_keys(i + off, nk, p.kernel_size, p.dilation, p.stride, p.causal)
-        else:
-            H, W = p.hw
-            rows = _natten_keys(i // W, H, p.kernel_size, p.dilation, p.stride, False)
-            cols = _natten_keys(i % W, W, p.kernel_size, p.dilation, p.stride, False)
-            keys = {r * W + c for r in rows for c in cols}
-        for j in keys:
-            if not p.causal or j <= i + off:
-                m[0, 0, i, j] = True
-    return m
-
-
-def slow_strided(p, q, k, kv):
-    b, nq, nk = q.shape[0], q.shape[2], k.shape[2]
-    off = nk - nq
-    nqb, nkb = -(-nq // BS), -(-nk // BS)
-    sel = torch.zeros(b, 1, nqb, nkb, dtype=torch.bool)
-    for bi in range(b):
-        f = _first(kv, bi)
-        for i in range(nqb):
-            q_lo, q_hi = i * BS + off, min((i + 1) * BS, nq) - 1 + off
-            for j in range(q_hi // BS + 1):
-                in_win = any(qq - kk < p.window for qq in range(q_lo, q_hi + 1)
-                             for kk in range(j * BS, min((j + 1) * BS, nk)) if kk <= qq)
-                sink = p.sink > 0 and f // BS <= j <= (f + p.sink - 1) // BS
-                sel[bi, 0, i, j] = in_win or sink or (q_lo // BS - j) % p.stride == 0
-    return _blocks_to_tokens(sel, nq, nk, off)
-
-
-def slow_groups(p, q, k, kv):
-    b, hq, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    off = nk - nq
-    m = torch.zeros(b, hq, nq, nk, dtype=torch.bool)
-    for bi in range(b):
-        f = _first(kv, bi)
-        for h in range(hq):
-            for i in range(nq):
-                for j in range(i + off + 1):
-                    ri, rj = max(i + off - f, 0), max(j - f, 0)
-                    if isinstance(p, ShiftedGroups):
-                        shift = p.group // 2 if (hq > 1 and h >= hq // 2) else 0
-                        gi, gj = (ri + (p.group - shift) % p.group) // p.group, (rj + (p.group - shift) % p.group) // p.group
-                        if shift == 0:
-                            gi, gj = ri // p.group, rj // p.group
-                    else:
-                        gi, gj = (ri % p.segment) // p.chunk, (rj % p.segment) // p.chunk
-                    m[bi, h, i, j] = gi == gj or (p.sink > 0 and f <= j < f + p.sink)
-    return m
-
-
-SLOW = {
-    "sink_window": (SinkWindow(sink=8, window=40, block_size=BS), slow_sink_window),
-    "tri_shape": (TriShape(sink=8, window=24, last_q=20, block_size=BS), slow_sink_window),
-    "vertical_slash": (VerticalSlash(vertical=12, slash=9, last_q=16, sink=3, local=4, block_size=BS),
-                       slow_vertical_slash),
-    "block_topk": (BlockTopK(topk=3, sink=8, block_size=BS), slow_block_select),
-    "block_topk-threshold": (BlockTopK(mode="threshold", tau=0.6, sink=0, block_size=BS), slow_block_select),
-    "lowbit_topk-4bit": (LowBitTopK(bits=4, rel=0.3, q_samples=4, block_size=BS), slow_block_select),
-    "lowbit_topk-8bit": (LowBitTopK(bits=8, rel=0.3, q_samples=16, block_size=BS), slow_block_select),
-    "linear_estimate": (LinearEstimate(topk=3, features=24, block_size=BS), slow_block_select),
-    "hierarchical": (Hierarchical(topk=3, sink=8, block_size=BS), slow_hierarchical),
-    "bilevel_routing": (BilevelRouting(region=24, topk=2, block_size=BS), slow_bilevel),
-    "bilevel_routing-aligned": (BilevelRouting(region=32, topk=2, block_size=BS), slow_bilevel),
-    "neighborhood-causal": (Neighborhood(kernel_size=9, dilation=2, stride=2, block_size=BS), slow_neighborhood),
-    "neighborhood-noncausal": (Neighborhood(kernel_size=7, dilation=3, stride=3, causal=False, block_size=BS),
-                               slow_neighborhood),
-    "strided_window": (StridedWindow(sink=8, window=20, stride=3, block_size=BS), slow_strided),
-    "shifted_groups": (ShiftedGroups(group=40, block_size=BS), slow_groups),
-    "shifted_groups-sink": (ShiftedGroups(group=30, sink=5, block_size=BS), slow_groups),
-    "long_range_grouping": (LongRangeGrouping(segment=50, chunk=20, sink=3, block_size=BS), slow_groups),
-}
+ALL = _examples()
+# patterns checked by their token set; core_context changes the keys and is checked by its output
+SLOW = {name: p for name, p in ALL.items() if type(p).reference_mask is not longattn.PrefillPattern.reference_mask}
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "leftpad"])
 @pytest.mark.parametrize("name", list(SLOW), ids=list(SLOW))
 def test_layout_equals_slow_reference(name, padded):
-    p, slow = SLOW[name]
+    p = SLOW[name]
     causal = p.is_causal()
-    q, k, _ = _qkv(nq=150, nk=150)
-    kv = _padding(2, 150) if padded else None
+    hw = getattr(p, "hw", None)
+    n = 150 if hw is None else hw[0] * hw[1]
+    q, k, _ = _qkv(nq=n, nk=n)
+    kv = _padding(2, n) if padded else None
     lay = p.layout(q, k, kv)
-    # neighborhood is position-based: padding only masks keys, the windows stay those of the unpadded definition
-    slow_kv = None if isinstance(p, Neighborhood) else kv
-    got, want = torch.broadcast_tensors(lay.to_dense_mask(causal=causal, heads=q.shape[1]), slow(p, q, k, slow_kv))
+    got, want = torch.broadcast_tensors(lay.to_dense_mask(causal=causal, heads=q.shape[1]), p.reference_mask(q, k, kv))
     got, want = got.expand(2, 4, -1, -1), want.expand(2, 4, -1, -1)
     if kv is not None:  # pairs with padded keys are masked by the kernel anyway
         got, want = got & kv[:, None, None, :], want & kv[:, None, None, :]
@@ -404,10 +90,10 @@ def test_layout_equals_slow_reference(name, padded):
 def test_layouts_with_queries_over_a_longer_cache():
     """q_len < kv_len (a chunk of queries over earlier keys): the reference's end alignment."""
     q, k, _ = _qkv(nq=70, nk=150)
-    for name in ("sink_window", "vertical_slash", "block_topk", "hierarchical", "strided_window",
-                 "shifted_groups", "bilevel_routing"):
-        p, slow = SLOW[name]
-        got, want = torch.broadcast_tensors(p.layout(q, k).to_dense_mask(heads=4), slow(p, q, k, None))
+    for name in ("sink_window", "vertical_slash", "block_topk-0", "hierarchical", "strided_window",
+                 "shifted_groups-0", "bilevel_routing-0"):
+        p = SLOW[name]
+        got, want = torch.broadcast_tensors(p.layout(q, k).to_dense_mask(heads=4), p.reference_mask(q, k, None))
         assert torch.equal(got, want), name
 
 
@@ -415,7 +101,7 @@ def test_two_d_neighborhood_and_routing_equal_slow_reference():
     q, k, _ = _qkv(b=1, hq=2, hk=2, nq=120, nk=120)
     p = Neighborhood(kernel_size=3, dilation=2, stride=2, causal=False, image="12x10", block_size=BS)
     got = p.layout(q, k).to_dense_mask(causal=False)
-    assert torch.equal(got[0, 0], slow_neighborhood(p, q, k, None)[0, 0])
+    assert torch.equal(got[0, 0], p.reference_mask(q, k, None)[0, 0])
     # 2-D routing: each query sees whole 2x2 tiles, exactly topk of them, the same ones for its whole tile
     r = BilevelRouting(region=2, topk=3, image="12x10", block_size=BS)
     m = r.layout(q, k).to_dense_mask(causal=False, heads=2)
@@ -429,60 +115,10 @@ def test_two_d_neighborhood_and_routing_equal_slow_reference():
 
 
 # ------------------------------------------------------------------------------- outputs vs reference.py
-ALL = {name: p for name, (p, _) in SLOW.items()}
-ALL["core_context"] = CoreContext(group=8, window=40, block_size=BS)
-ALL["neighborhood-2d"] = Neighborhood(kernel_size=5, causal=False, image="15x10", block_size=BS)
-ALL["bilevel_routing-2d"] = BilevelRouting(region=5, topk=2, image="15x10", block_size=BS)
-
-
 def _with_backend(p, backend):
     import dataclasses
 
     return dataclasses.replace(p, backend=backend)
-
-
-def _slow_core_context(p, q, k, v, kv):
-    """CCA output computed the obvious way: per query, its visible core tokens and window keys, one softmax."""
-    b, hq, nq, d = q.shape
-    nk = k.shape[2]
-    g = hq // k.shape[1]
-    G, W = p.group, p.window
-    out = torch.zeros(b, hq, nq, d, dtype=torch.float64)
-    for bi in range(b):
-        valid = [_kv_valid(kv, bi, j) for j in range(nk)]
-        for hk_ in range(k.shape[1]):
-            cores = []
-            for c in range(nk // G):
-                idx = [j for j in range(c * G, (c + 1) * G) if valid[j]]
-                last = (c + 1) * G - 1 - (nk - nq)
-                if not idx:
-                    cores.append(None)
-                    continue
-                ws = []
-                for hh in range(hk_ * g, (hk_ + 1) * g):
-                    s = torch.stack([q[bi, hh, last].double() @ k[bi, hk_, j].double() for j in idx]) / math.sqrt(d)
-                    ws.append(torch.softmax(s, 0))
-                w = torch.stack(ws).mean(0)
-                ck = sum(wi * k[bi, hk_, j].double() for wi, j in zip(w, idx))
-                cv = sum(wi * v[bi, hk_, j].double() for wi, j in zip(w, idx))
-                cores.append((ck, cv))
-            for hh in range(hk_ * g, (hk_ + 1) * g):
-                for i in range(nq):
-                    qp = i + nk - nq
-                    keys, vals = [], []
-                    for c, cc in enumerate(cores):
-                        if cc is not None and (c + 1) * G - 1 <= qp - W:
-                            keys.append(cc[0])
-                            vals.append(cc[1])
-                    for j in range(max(qp - W + 1, 0), qp + 1):
-                        if valid[j]:
-                            keys.append(k[bi, hk_, j].double())
-                            vals.append(v[bi, hk_, j].double())
-                    if not keys:
-                        continue
-                    s = torch.stack(keys) @ q[bi, hh, i].double() / math.sqrt(d)
-                    out[bi, hh, i] = torch.softmax(s, 0) @ torch.stack(vals)
-    return out
 
 
 @pytest.mark.parametrize("backend", ["gather", "flex"])
@@ -499,7 +135,7 @@ def test_output_equals_reference_under_its_mask(name, backend):
     with torch.no_grad():
         out = p.attend(q, k, v, key_valid=kv)
     if isinstance(p, CoreContext):
-        ref = _slow_core_context(p, q, k, v, kv).float()
+        ref = p.reference_output(q, k, v, kv).float()
     else:
         mask = p.layout(q, k, kv).to_dense_mask(causal=causal, heads=q.shape[1])
         if kv is not None:
@@ -510,23 +146,7 @@ def test_output_equals_reference_under_its_mask(name, backend):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-FULL = {
-    "sink_window": SinkWindow(window=200, block_size=BS),
-    "tri_shape": TriShape(window=200, block_size=BS),
-    "vertical_slash": VerticalSlash(vertical=200, slash=1, block_size=BS),
-    "vertical_slash-slashes": VerticalSlash(vertical=1, slash=200, block_size=BS),
-    "block_topk": BlockTopK(topk=20, block_size=BS),
-    "block_topk-threshold": BlockTopK(mode="threshold", tau=1.0, block_size=BS),
-    "lowbit_topk": LowBitTopK(rel=1e-30, block_size=BS),
-    "linear_estimate": LinearEstimate(topk=20, block_size=BS),
-    "hierarchical": Hierarchical(topk=20, block_size=BS),
-    "bilevel_routing": BilevelRouting(region=24, topk=20, block_size=BS),
-    "neighborhood": Neighborhood(kernel_size=200, block_size=BS),
-    "strided_window": StridedWindow(stride=1, window=1, block_size=BS),
-    "shifted_groups": ShiftedGroups(group=400, block_size=BS),
-    "long_range_grouping": LongRangeGrouping(segment=200, chunk=200, block_size=BS),
-    "core_context": CoreContext(window=200, block_size=BS),
-}
+FULL = {e.name: e.cls(**e.cls.full_example) for e in registry.entries("prefill") if e.cls.full_example is not None}
 
 
 @pytest.mark.parametrize("name", list(FULL), ids=list(FULL))
@@ -544,8 +164,8 @@ def test_full_budget_equals_dense(name):
 
 # ------------------------------------------------------------------------------- mixed (MoA)
 def test_mixed_takes_each_heads_pattern(tmp_path):
-    specs = ["sink_window:sink=8:window=24:block_size=16", "dense", "vertical_slash:vertical=10:slash=8:last_q=8:"
-             "sink=2:local=2:block_size=16", "shifted_groups:group=40:block_size=16"]
+    specs = ["sink_window:sink=8:window=24:block_size=16", "dense", "vertical_slash:vertical=10:slash=8:obs_window=8:"
+             "sink=2:window=2:block_size=16", "shifted_groups:group=40:block_size=16"]
     path = tmp_path / "heads.json"
     longattn.prefill.mixed.write_mixed(path, [specs, specs[::-1]], block_size=16)
     mixed = Mixed(profile=str(path), block_size=16)
@@ -592,7 +212,7 @@ def test_mixed_validation(tmp_path):
 BAD = [
     (lambda: VerticalSlash(vertical=0), "vertical"),
     (lambda: VerticalSlash(slash=-1), "slash"),
-    (lambda: VerticalSlash(last_q=0), "last_q"),
+    (lambda: VerticalSlash(obs_window=0), "obs_window"),
     (lambda: BlockTopK(topk=0), "topk"),
     (lambda: BlockTopK(mode="best"), "mode"),
     (lambda: BlockTopK(tau=0.0), "tau"),

@@ -42,7 +42,7 @@ def test_one_prefill_per_sample_and_scores_per_turn(smollm2, mode, monkeypatch):
     real = runner._prefill
     monkeypatch.setattr(runner, "_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = BenchConfig(tasks=(f"shared_context:queries=3:mode={mode}",), lengths=(512,), samples=1,
-                      methods=("dense", "snapkv:ratio=0.5", "quest:budget=64:page_size=16"), progress=False)
+                      methods=("dense", "snapkv:ratio=0.5", "quest:budget=64:page=16"), progress=False)
     recs = run(cfg, model=model, tokenizer=tok)
     assert len(calls) == 3  # one prefill per (sample, method): dense (the reference) and the two methods
     for r in recs:
@@ -87,7 +87,7 @@ def test_perplexity_task_records_nll_and_fidelity(smollm2, tmp_path):
 
     model, tok = smollm2
     cfg = BenchConfig(tasks=("perplexity:eval_tokens=32",), lengths=(256,), samples=1,
-                      methods=("dense", "streaming_llm:ratio=0.5", "quest:budget=32:page_size=16:dense_layers="),
+                      methods=("dense", "streaming_llm:ratio=0.5", "quest:budget=32:page=16:dense_layers="),
                       out_dir=str(tmp_path), progress=False)
     recs = run(cfg, model=model, tokenizer=tok)
     by = {r["method"]: r for r in recs}
@@ -104,7 +104,7 @@ def test_perplexity_task_records_nll_and_fidelity(smollm2, tmp_path):
         logits = model(ids).logits[0, -33:-1]
     nll = float(torch.nn.functional.cross_entropy(logits, ids[0, -32:]))
     assert by["dense"]["nll"] == pytest.approx(nll, abs=1e-4)
-    assert by["streaming_llm:ratio=0.5"]["kl"] > 0 and by["quest:budget=32:page_size=16:dense_layers="]["kl"] > 0
+    assert by["streaming_llm:ratio=0.5"]["kl"] > 0 and by["quest:budget=32:page=16:dense_layers="]["kl"] > 0
     assert "perplexity (teacher-forced" in bench_table(recs)
     from longattn.bench.report import render_dir
 

@@ -86,7 +86,7 @@ def _convert(value: str, typ, name: str, method: str):
 
 
 def parse_method(spec: str, kind: str | None = None):
-    """``"snapkv:ratio=0.5:window=32"`` -> ``SnapKV(ratio=0.5, window=32)``."""
+    """``"snapkv:ratio=0.5:obs_window=32"`` -> ``SnapKV(ratio=0.5, obs_window=32)``."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"method spec must be a non-empty string like 'snapkv:ratio=0.5', got {spec!r}")
     name, *kvs = spec.strip().split(":")
@@ -94,15 +94,19 @@ def parse_method(spec: str, kind: str | None = None):
     cls = entry.cls
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
+    renamed = getattr(cls, "renamed", None) or {}
+    given: dict[str, str] = {}
     for item in kvs:
         if "=" not in item:
             raise ValueError(f"{name}: expected key=value, got {item!r}")
         k, v = (s.strip() for s in item.split("=", 1))
-        if k not in fields:
+        if k not in fields and k not in renamed:
             raise ValueError(f"{name}: unknown argument {k!r}; allowed: {', '.join(fields) or '(none)'}")
-        kwargs[k] = _convert(v, hints.get(k, str), k, name)
-    return cls(**kwargs)
+        if k in given:
+            raise ValueError(f"{name}: {k}= is given twice ({given[k]!r} and {v!r}); give it once")
+        given[k] = v
+    given = registry.canonical_kwargs(cls, given, name)
+    return cls(**{k: _convert(v, hints.get(k, str), k, name) for k, v in given.items()})
 
 
 def parse(spec: str | Recipe | None) -> Recipe:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["HeadProfile", "load_profile", "BUILTIN"]
+__all__ = ["HeadProfile", "load_profile", "BUILTIN", "EXAMPLE", "write_example_profile"]
 
 # built-in profiles shipped with the package, by name
 BUILTIN = {
@@ -55,3 +55,15 @@ def load_profile(spec: str, key: str = "scores") -> HeadProfile:
     if key == "budgets" and any(x < 0 for r in vals for x in r):
         raise ValueError(f"profile {where}: budgets must be >= 0")
     return HeadProfile(L, H, vals, d.get("method", ""), d.get("model", ""))
+
+
+#: the value an ``examples`` entry gives ``profile`` when the generic tests should write one for their tiny model
+EXAMPLE = "<profile>"
+
+
+def write_example_profile(path, *, num_layers: int, num_kv_heads: int, **_) -> str:
+    """A head profile for a tiny test model: distinct scores in (0, 1), so every ordering of heads is strict."""
+    n = num_layers * num_kv_heads
+    scores = [[((li * num_kv_heads + h) * 7 % n + 1) / (n + 1) for h in range(num_kv_heads)] for li in range(num_layers)]
+    Path(path).write_text(json.dumps({"num_layers": num_layers, "num_kv_heads": num_kv_heads, "scores": scores}))
+    return str(path)

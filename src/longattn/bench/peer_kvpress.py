@@ -16,12 +16,15 @@ import time
 
 import torch
 
-__all__ = ["PRESSES", "peer_method", "make_press", "run_press", "require_kvpress"]
+__all__ = ["presses", "peer_method", "make_press", "run_press", "require_kvpress"]
 
-# our KV policy name -> kvpress press class
-PRESSES = {"snapkv": "SnapKVPress", "streaming_llm": "StreamingLLMPress", "knorm": "KnormPress",
-           "tova": "TOVAPress", "pyramidkv": "PyramidKVPress", "h2o": "ObservedAttentionPress",
-           "random": "RandomPress"}
+
+def presses() -> dict[str, str]:
+    """Our KV policy name -> kvpress press class name, from each policy's own ``kvpress_press``."""
+    from .. import registry
+
+    return {e.name: e.cls.__dict__["kvpress_press"] for e in registry.entries("kv")
+            if e.cls.__dict__.get("kvpress_press")}
 
 
 def require_kvpress():
@@ -39,9 +42,10 @@ def peer_method(method: str) -> str | None:
     from ..api import parse
 
     r = parse(method)
-    if r.kv is None or r.prefill is not None or r.decode is not None or r.kv.name not in PRESSES or r.kv.is_noop:
+    table = presses()
+    if r.kv is None or r.prefill is not None or r.decode is not None or r.kv.name not in table or r.kv.is_noop:
         return None
-    return f"kvpress:{PRESSES[r.kv.name]}:ratio={r.kv.ratio}"
+    return f"kvpress:{table[r.kv.name]}:ratio={r.kv.ratio}"
 
 
 def make_press(peer: str):

@@ -13,7 +13,7 @@ __all__ = ["decode_plot", "family_and_ratio", "write_plots", "write_html"]
 
 
 def family_and_ratio(method: str) -> tuple[str, float]:
-    """``"snapkv:ratio=0.5:window=32"`` -> ``("snapkv:window=32", 0.5)``; no ratio -> 0.0 (dense)."""
+    """``"snapkv:ratio=0.5:obs_window=32"`` -> ``("snapkv:obs_window=32", 0.5)``; no ratio -> 0.0 (dense)."""
     parts = method.split("+")
     fam, ratio = [], 0.0
     for p in parts:

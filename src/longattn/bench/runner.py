@@ -70,14 +70,14 @@ class BenchConfig:
         for m in self.methods:
             api.parse(m)
         if self.peer is not None:
-            from .peer_kvpress import PRESSES, peer_method, require_kvpress
+            from .peer_kvpress import peer_method, presses, require_kvpress
 
             if self.peer != "kvpress":
                 raise ValueError(f"--peer must be kvpress, got {self.peer!r}")
             require_kvpress()
             if not any(peer_method(m) for m in self.methods):
                 raise ValueError("--peer kvpress: none of --methods is a KV policy with a kvpress equivalent "
-                                 f"({', '.join(PRESSES)}, with ratio > 0)")
+                                 f"({', '.join(presses())}, with ratio > 0)")
 
 
 def encode(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:

@@ -1,14 +1,6 @@
-"""Decode-time selectors: at each generated token, pick the cached tokens (pages, blocks, clusters) to attend."""
+"""Decode-time selectors: at each generated token, pick the cached tokens (pages, blocks, clusters) to attend
+(one file per selector, discovered: a new file registers itself)."""
 
-from .base import DecodeSelector, Step
-from .infllm import InfLLM
-from .landmark import Landmark
-from .longheads import LongHeads
-from .lserve_pages import LServePages
-from .quest import Quest
-from .squeezed import Squeezed
-from .tidal_decode import TidalDecode
-from .token_select import TokenSelect
+from ..registry import discover
 
-__all__ = ["DecodeSelector", "InfLLM", "LServePages", "Landmark", "LongHeads", "Quest", "Squeezed", "Step",
-           "TidalDecode", "TokenSelect"]
+__all__ = discover(__name__, globals())

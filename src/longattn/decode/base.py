@@ -60,6 +60,12 @@ class DecodeSelector:
     dense_layers: str = ""
     splits: int = 1
 
+    #: settings of small instances for the generic tests (a tiny 4-layer model, ~150 tokens): a budget well
+    #: below the cache
+    examples: ClassVar[tuple[dict, ...]] = ()
+    #: settings under which the selector attends to every cached token (it then decodes exactly as dense)
+    full_example: ClassVar[dict | None] = None
+
     #: the selector needs the cache as the prompt filled it (its state indexes all tokens, or spans layers):
     #: it cannot follow a KV policy that drops tokens
     needs_full_cache: ClassVar[bool] = False
@@ -68,6 +74,13 @@ class DecodeSelector:
         check_int(self.budget, "budget")
         check_int(self.splits, "splits")
         object.__setattr__(self, "_dense", parse_layers(self.dense_layers))
+
+    @classmethod
+    def write_example_profile(cls, path, **shape) -> str:
+        """The head profile an example's ``profile="<profile>"`` stands for (selectors that read one)."""
+        from ..profiles import write_example_profile
+
+        return write_example_profile(path, **shape)
 
     def prepare(self, model) -> None:
         """Check the selector against the model (called by ``apply()``)."""

@@ -6,8 +6,8 @@ Each token gets a *representative score*, the sum of ``q . k`` it receives from 
 follow it (the paper uses the local-window queries); a block's ``reps`` best-scored keys are its
 representatives, fixed once the block has left the local window (so they are computed once per block, kept in
 the cache layer). At each step a memory block's relevance is the sum of ``q . r`` over its representatives and
-over the query heads of the kv head's group; the ``(budget - sink - local) // block_size`` most relevant blocks
-are attended together with the first ``sink`` real tokens and the last ``local`` tokens (extended back to a
+over the query heads of the kv head's group; the ``(budget - sink - recent) // block_size`` most relevant blocks
+are attended together with the first ``sink`` real tokens and the last ``recent`` tokens (extended back to a
 block boundary, so sinks, memory blocks and the local window never overlap).
 
 ``offload=true``: once a memory block is complete it is moved out of the cache layer to a store on ``store``
@@ -82,8 +82,13 @@ class InfLLMState(DecodeState):
 class InfLLM(DecodeSelector):
     """Sinks + local window + top-k memory blocks by representative keys."""
 
+    renamed = {"local": "recent"}  # old spellings, accepted with a FutureWarning
+
+    examples = ({"budget": 84, "sink": 4, "recent": 32, "block_size": 16},)
+    full_example = {"budget": 4096, "sink": 4, "recent": 32, "block_size": 16}
+
     sink: int = 64
-    local: int = 256
+    recent: int = 256
     block_size: int = 128
     reps: int = 4
     offload: bool = False
@@ -96,7 +101,7 @@ class InfLLM(DecodeSelector):
         super().__post_init__()
         check_int(self.sink, "sink", 0)
         check_int(self.block_size, "block_size")
-        check_int(self.local, "local", self.block_size)  # representatives are final once out of the window
+        check_int(self.recent, "recent", self.block_size)  # representatives are final once out of the window
         check_int(self.reps, "reps")
         if self.reps > self.block_size:
             raise ValueError(f"reps ({self.reps}) must be <= block_size ({self.block_size})")
@@ -105,13 +110,13 @@ class InfLLM(DecodeSelector):
             torch.device(self.store)
         except (RuntimeError, TypeError):
             raise ValueError(f"store must be a torch device like 'cpu', got {self.store!r}") from None
-        if self.budget < self.sink + self.local + self.block_size:
-            raise ValueError(f"budget ({self.budget}) must be >= sink + local + block_size "
-                             f"({self.sink + self.local + self.block_size}): room for one memory block")
+        if self.budget < self.sink + self.recent + self.block_size:
+            raise ValueError(f"budget ({self.budget}) must be >= sink + recent + block_size "
+                             f"({self.sink + self.recent + self.block_size}): room for one memory block")
 
     @property
     def topk(self) -> int:
-        return (self.budget - self.sink - self.local) // self.block_size
+        return (self.budget - self.sink - self.recent) // self.block_size
 
     def on_prefill(self, layer, layer_idx, q, k, key_valid) -> None:
         if self.is_dense(layer_idx):
@@ -142,7 +147,7 @@ class InfLLM(DecodeSelector):
         st.rep = representative_scores(st.rep, step.q, step.k, step.key_valid, bs)
         first = first_real(step.key_valid, b, dev)  # [b]
         mstart = -(-(first + self.sink) // bs) * bs  # memory starts at the first block boundary after the sinks
-        lstart = max(0, ((n - self.local) // bs) * bs)  # the local window, back to a block boundary
+        lstart = max(0, ((n - self.recent) // bs) * bs)  # the local window, back to a block boundary
         lstart = torch.clamp(mstart, min=lstart)
         n_blocks = int(lstart.max()) // bs  # complete blocks before the local window (any row)
         parts, valids = [], []
@@ -151,7 +156,7 @@ class InfLLM(DecodeSelector):
         parts.append(s_slots.clamp_max(n - 1))
         valids.append(s_slots < torch.minimum(mstart, lstart)[:, None])
         # local window: [lstart, n)
-        l_slots = lstart[:, None] + torch.arange(self.local + bs, device=dev)[None]
+        l_slots = lstart[:, None] + torch.arange(self.recent + bs, device=dev)[None]
         parts.append(l_slots.clamp_max(n - 1))
         valids.append(l_slots < n)
         idx = torch.cat(parts, -1)[:, None].expand(b, hk, -1)
@@ -201,7 +206,7 @@ class InfLLM(DecodeSelector):
         buf[:, :, n - h : n] += representative_scores(None, step.q, step.k[:, :, -h:], None, bs)
         st.rep = buf
         mstart = -(-self.sink // bs) * bs
-        lstart = max(mstart, ((n - self.local) // bs) * bs)
+        lstart = max(mstart, ((n - self.recent) // bs) * bs)
         n_blocks = lstart // bs
         pos = layer.physical_positions()[0, 0].long() if layer.compressed else torch.arange(p_len, device=dev)
         if n_blocks > st.blocks:  # representatives of the newly complete blocks, from the layer's keys

@@ -29,6 +29,9 @@ __all__ = ["Landmark"]
 class Landmark(DecodeSelector):
     """Block retrieval by mean-key landmarks (training-free variant of Landmark Attention)."""
 
+    examples = ({"budget": 64, "block_size": 16},)
+    full_example = {"budget": 4096, "block_size": 16}
+
     block_size: int = 64
 
     def __post_init__(self) -> None:

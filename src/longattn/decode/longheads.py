@@ -1,10 +1,10 @@
 """LongHeads: context chunks distributed over heads, each head attending within an in-distribution length.
 
 Paper: "LongHeads: Multi-Head Attention is Secretly a Long Context Processor" (Lu et al., Findings of EMNLP
-2024, https://arxiv.org/abs/2402.10685). The cache is cut into chunks of ``chunk_size`` tokens, each summarised by
+2024, https://arxiv.org/abs/2402.10685). The cache is cut into chunks of ``chunk`` tokens, each summarised by
 a representation (here the mean key, ``cache.PageMeta``). Every *query head* picks its own chunks: the first
 chunk (attention sinks) and the newest chunk always, plus the chunks of highest query-chunk affinity
-``q . repr``, for ``budget // chunk_size`` chunks in all; so each head reads at most ``budget`` tokens — keep
+``q . repr``, for ``budget // chunk`` chunks in all; so each head reads at most ``budget`` tokens — keep
 ``budget`` within the model's training length — while the heads together cover far more of the context.
 
 Departures: the chunk representation is the mean key (the paper builds it from the chunk's keys weighted by
@@ -32,27 +32,32 @@ __all__ = ["LongHeads"]
 class LongHeads(DecodeSelector):
     """Per-query-head chunk selection by query-chunk affinity."""
 
-    chunk_size: int = 256
+    renamed = {"chunk_size": "chunk"}  # old spellings, accepted with a FutureWarning
+
+    examples = ({"budget": 64, "chunk": 16},)
+    full_example = {"budget": 4096, "chunk": 16}
+
+    chunk: int = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int(self.chunk_size, "chunk_size")
-        if self.budget < 2 * self.chunk_size:
-            raise ValueError(f"budget ({self.budget}) must be >= 2 * chunk_size ({2 * self.chunk_size}): the first "
+        check_int(self.chunk, "chunk")
+        if self.budget < 2 * self.chunk:
+            raise ValueError(f"budget ({self.budget}) must be >= 2 * chunk ({2 * self.chunk}): the first "
                              "and the newest chunk are always attended")
 
     def select(self, step: Step):
         b, hq = step.q.shape[:2]
         hk = step.k.shape[1]
-        meta = step.layer.page_meta(self.chunk_size)
+        meta = step.layer.page_meta(self.chunk)
         reps = meta.kmean().repeat_interleave(hq // hk, dim=1)  # [b, hq, chunks, d]
         s = torch.matmul(step.q.float(), reps.transpose(-1, -2))[:, :, 0]  # [b, hq, chunks]
-        ok = page_has_valid(step.key_valid, self.chunk_size, step.n)
+        ok = page_has_valid(step.key_valid, self.chunk, step.n)
         if ok is not None:
             s = s.masked_fill(~ok[:, None, :], float("-inf"))
         forced = torch.zeros_like(s, dtype=torch.bool)
-        first = first_real(step.key_valid, b, s.device) // self.chunk_size
+        first = first_real(step.key_valid, b, s.device) // self.chunk
         forced.scatter_(-1, first.view(-1, 1, 1).expand(-1, hq, 1), True)
         forced[..., -1] = True
-        chunks = top_with_forced(s, self.budget // self.chunk_size, forced)
-        return pages_to_tokens(chunks, self.chunk_size, step.n)
+        chunks = top_with_forced(s, self.budget // self.chunk, forced)
+        return pages_to_tokens(chunks, self.chunk, step.n)

@@ -1,14 +1,14 @@
 """LServe: hierarchical page selection with a constant page budget, reused across steps, plus streaming heads.
 
 Paper: "LServe: Efficient Long-sequence LLM Serving with Unified Sparse Attention" (Yang et al., MLSys 2025,
-https://arxiv.org/abs/2502.14866). Physical pages of ``page_size`` tokens are what is loaded; each holds
-``page_size / logical_page`` logical pages with Quest-style min/max key metadata (``cache.PageMeta``,
+https://arxiv.org/abs/2502.14866). Physical pages of ``page`` tokens are what is loaded; each holds
+``page / logical_page`` logical pages with Quest-style min/max key metadata (``cache.PageMeta``,
 incremental). A physical page's score is the max of its logical pages' upper bounds (max over the group's query
-heads); the best ``budget // page_size`` physical pages are attended — a constant budget whatever the length.
+heads); the best ``budget // page`` physical pages are attended — a constant budget whatever the length.
 The selection is reused for ``reuse`` consecutive steps (the paper's reusable page selector), the pages
 appended since being added. With ``streaming > 0`` that fraction of kv heads (those with the lowest retrieval
 score in the ``profile``, as DuoAttention) are streaming heads: they attend to the first ``sink`` and the last
-``local`` tokens only.
+``recent`` tokens only.
 
 Departure: the streaming heads come from our head profile (``longattn profile heads``) instead of trained
 DuoAttention gates, unless the gates profile is given (``profile=smollm2-135m-gates``).
@@ -45,26 +45,31 @@ class LServeState(DecodeState):
 class LServePages(DecodeSelector):
     """Hierarchical page selection with a constant budget, reused across steps, optional streaming heads."""
 
-    page_size: int = 64
+    renamed = {"local": "recent", "page_size": "page"}  # old spellings, accepted with a FutureWarning
+
+    examples = ({"budget": 64, "page": 32, "logical_page": 8},)
+    full_example = {"budget": 4096, "page": 32, "logical_page": 8}
+
+    page: int = 64
     logical_page: int = 16
     reuse: int = 4
     streaming: float = 0.0
     profile: str = "smollm2-135m"
     sink: int = 64
-    local: int = 256
+    recent: int = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int(self.page_size, "page_size")
+        check_int(self.page, "page")
         check_int(self.logical_page, "logical_page")
         check_int(self.reuse, "reuse")
         check_int(self.sink, "sink", 0)
-        check_int(self.local, "local", 1)
+        check_int(self.recent, "recent", 1)
         check_float(self.streaming, "streaming", 0.0, 1.0, lo_open=False)
-        if self.page_size % self.logical_page:
-            raise ValueError(f"logical_page ({self.logical_page}) must divide page_size ({self.page_size})")
-        if self.budget < self.page_size:
-            raise ValueError(f"budget ({self.budget}) must be >= page_size ({self.page_size}): at least one page")
+        if self.page % self.logical_page:
+            raise ValueError(f"logical_page ({self.logical_page}) must divide page ({self.page})")
+        if self.budget < self.page:
+            raise ValueError(f"budget ({self.budget}) must be >= page ({self.page}): at least one page")
         if self.streaming > 0:
             object.__setattr__(self, "_profile", load_profile(self.profile))
 
@@ -86,13 +91,13 @@ class LServePages(DecodeSelector):
     def page_scores(self, step: Step) -> torch.Tensor:
         """``[b, hk, physical pages]``."""
         s = page_bounds(step, self.logical_page)  # [b, hk, logical pages]
-        r = self.page_size // self.logical_page
+        r = self.page // self.logical_page
         pad = -s.shape[-1] % r
         s = torch.nn.functional.pad(s, (0, pad), value=float("-inf"))
         return s.view(*s.shape[:2], -1, r).amax(-1)
 
     def select(self, step: Step):
-        n, ps = step.n, self.page_size
+        n, ps = step.n, self.page
         st = step.state.get("lserve")
         if st is not None and st.age < self.reuse - 1:
             st.age += 1
@@ -114,7 +119,7 @@ class LServePages(DecodeSelector):
     def _stream(self, step: Step, idx, valid, heads):
         """Replace the rows of streaming heads by sinks + local window (padded to the same slot count)."""
         b, hk, n, dev = step.k.shape[0], step.k.shape[1], step.n, step.k.device
-        m = max(idx.shape[-1], self.sink + self.local)
+        m = max(idx.shape[-1], self.sink + self.recent)
         if idx.shape[-1] < m:
             grow = m - idx.shape[-1]
             idx = torch.nn.functional.pad(idx, (0, grow))
@@ -125,12 +130,12 @@ class LServePages(DecodeSelector):
         first = first_real(step.key_valid, b, dev)
         sl = torch.arange(m, device=dev)
         sink_pos = first[:, None] + sl[None]  # [b, m]
-        local_start = torch.clamp(torch.full_like(first, n - self.local), min=0)
+        local_start = torch.clamp(torch.full_like(first, n - self.recent), min=0)
         local_start = torch.maximum(local_start, first + self.sink)  # no overlap with the sinks
         loc_pos = local_start[:, None] + sl[None] - self.sink
         pos = torch.where(sl[None] < self.sink, sink_pos, loc_pos)
         ok = torch.where(sl[None] < self.sink, sink_pos < torch.minimum(first + self.sink, torch.full_like(first, n))[:, None],
-                         (sl[None] < self.sink + self.local) & (loc_pos < n) & (loc_pos >= 0))
+                         (sl[None] < self.sink + self.recent) & (loc_pos < n) & (loc_pos >= 0))
         idx, valid = idx.clone(), valid.clone()
         for h in heads:
             idx[:, h] = pos.clamp(0, n - 1)

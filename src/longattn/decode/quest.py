@@ -1,9 +1,9 @@
 """Quest: query-aware page selection from per-page element-wise min/max keys.
 
 Paper: "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference" (Tang et al., ICML 2024,
-https://arxiv.org/abs/2406.10774). The cache keeps, per page of ``page_size`` tokens, the element-wise min and
+https://arxiv.org/abs/2406.10774). The cache keeps, per page of ``page`` tokens, the element-wise min and
 max of the keys (``cache.PageMeta``, updated incrementally as tokens are appended). A page's score is the upper
-bound ``sum_d max(q_d * max_d, q_d * min_d)`` of ``q . k`` over its keys; the ``budget // page_size`` best pages
+bound ``sum_d max(q_d * max_d, q_d * min_d)`` of ``q . k`` over its keys; the ``budget // page`` best pages
 are attended exactly. The first layers are dense (the paper skips the first two; ``dense_layers``).
 
 Departures: GQA — a page's score for a kv head is the max over the group's query heads, so each kv page is
@@ -30,22 +30,27 @@ __all__ = ["Quest"]
 class Quest(DecodeSelector):
     """Query-aware page selection (min/max page metadata)."""
 
-    page_size: int = 16
+    renamed = {"page_size": "page"}  # old spellings, accepted with a FutureWarning
+
+    examples = ({"budget": 48, "dense_layers": "0"},)
+    full_example = {"budget": 4096, "dense_layers": ""}
+
+    page: int = 16
     dense_layers: str = "0,1"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int(self.page_size, "page_size")
-        if self.budget < self.page_size:
-            raise ValueError(f"budget ({self.budget}) must be >= page_size ({self.page_size}): at least one page")
+        check_int(self.page, "page")
+        if self.budget < self.page:
+            raise ValueError(f"budget ({self.budget}) must be >= page ({self.page}): at least one page")
 
     def page_scores(self, step: Step) -> torch.Tensor:
         """``[b, hk, pages]``: max over the group's query heads of the page upper bound; -inf for padding pages."""
-        return page_bounds(step, self.page_size)
+        return page_bounds(step, self.page)
 
     def select(self, step: Step):
         s = self.page_scores(step)
         forced = torch.zeros_like(s, dtype=torch.bool)
         forced[..., -1] = True
-        pages = top_with_forced(s, self.budget // self.page_size, forced)
-        return pages_to_tokens(pages, self.page_size, step.n)
+        pages = top_with_forced(s, self.budget // self.page, forced)
+        return pages_to_tokens(pages, self.page, step.n)

@@ -77,6 +77,9 @@ class SqueezedState(DecodeState):
 class Squeezed(DecodeSelector):
     """Centroid lookup over an offline k-means of the context keys (optionally hierarchical)."""
 
+    examples = ({"budget": 48, "cluster_tokens": 8, "levels": 2},)
+    full_example = {"budget": 4096, "levels": 2, "coarse_keep": 1.0}
+
     cluster_tokens: int = 16
     iters: int = 8
     levels: int = 1

@@ -32,6 +32,9 @@ __all__ = ["TidalDecode"]
 class TidalDecode(DecodeSelector):
     """Position-persistent sparse attention: few selection layers, positions reused by the others."""
 
+    examples = ({"budget": 48, "dense_layers": "0", "select_layers": "1"},)
+    full_example = {"budget": 4096, "dense_layers": "0", "select_layers": "1"}
+
     dense_layers: str = "0,1"
     select_layers: str = "auto"
 

@@ -6,9 +6,9 @@ KV Cache Selection" (Wu et al., 2024, https://arxiv.org/abs/2411.02886). Each qu
 token by ``q . k``; the scores are softmax-normalised per head (so no single head dominates) and summed over the
 heads — the *soft vote* — and the ``budget`` best tokens are attended by all heads of the layer (one gather).
 The Selection Cache: when the new query is similar to the query of the last selection (mean cosine over heads
-``>= threshold``) and at most ``local`` tokens were appended since, the previous selection is reused plus those
-tokens (so a reused step attends at most ``budget + local`` tokens); it is recomputed otherwise.
-The first ``sink`` real tokens and the last ``local`` tokens are always selected (as the paper's init/local
+``>= threshold``) and at most ``recent`` tokens were appended since, the previous selection is reused plus those
+tokens (so a reused step attends at most ``budget + recent`` tokens); it is recomputed otherwise.
+The first ``sink`` real tokens and the last ``recent`` tokens are always selected (as the paper's init/local
 tokens).
 
 Departure: the vote is over all query heads of the layer as in the paper (``vote=layer``), or per kv head over
@@ -49,20 +49,25 @@ class TokenSelectState(DecodeState):
 class TokenSelect(DecodeSelector):
     """Token-level selection with a per-head soft vote and the Selection Cache."""
 
+    renamed = {"local": "recent"}  # old spellings, accepted with a FutureWarning
+
+    examples = ({"budget": 48, "sink": 4, "recent": 8},)
+    full_example = {"budget": 4096}
+
     sink: int = 16
-    local: int = 64
+    recent: int = 64
     threshold: float = 0.9
     vote: str = "layer"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int(self.sink, "sink", 0)
-        check_int(self.local, "local", 0)
+        check_int(self.recent, "recent", 0)
         check_float(self.threshold, "threshold", -1.0, 1.0, lo_open=False)
         if self.vote not in VOTES:
             raise ValueError(f"vote must be one of {', '.join(VOTES)}, got {self.vote!r}")
-        if self.budget < self.sink + self.local + 1:
-            raise ValueError(f"budget ({self.budget}) must exceed sink + local ({self.sink + self.local})")
+        if self.budget < self.sink + self.recent + 1:
+            raise ValueError(f"budget ({self.budget}) must exceed sink + recent ({self.sink + self.recent})")
 
     def token_scores(self, step: Step) -> torch.Tensor:
         """Soft-vote scores ``[b, 1 or hk, n]``: per-head softmax of ``q . k`` summed over heads."""
@@ -78,14 +83,14 @@ class TokenSelect(DecodeSelector):
         st = step.state.get("token_select")
         if st is not None and self.threshold < 1.0:
             cos = torch.nn.functional.cosine_similarity(q, st.q, dim=-1).mean()
-            if float(cos) >= self.threshold and n - st.n <= self.local:
+            if float(cos) >= self.threshold and n - st.n <= self.recent:
                 new = torch.arange(st.n, n, device=q.device).expand(*st.idx.shape[:2], -1)
                 st.hits += 1
                 idx = torch.cat([st.idx, new], -1)
                 return idx.expand(b, hk, -1) if idx.shape[1] == 1 else idx, None
         s = self.token_scores(step)
         kp = torch.arange(n, device=q.device)
-        forced = sink_tokens(self.sink, step.key_valid, b, n, q.device)[:, None, :] | (kp >= n - self.local)
+        forced = sink_tokens(self.sink, step.key_valid, b, n, q.device)[:, None, :] | (kp >= n - self.recent)
         idx = top_with_forced(s, min(self.budget, n), forced)
         step.state["token_select"] = TokenSelectState(q, idx, n, st.hits if st else 0, (st.misses if st else 0) + 1)
         return (idx.expand(b, hk, -1) if idx.shape[1] == 1 else idx), None

@@ -26,6 +26,8 @@ __all__ = ["AdaptiveHeads"]
 class AdaptiveHeads(Wrapper):
     """Adaptive per-head budgets around an inner scorer."""
 
+    examples = ({},)
+
     alpha: float = 0.2
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ holds only the kept tokens (``cache.RaggedKV``): the memory is really freed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -37,6 +38,19 @@ class KVPolicy:
 
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
+
+    #: settings of small instances for the generic tests (a tiny model, ~100-150 tokens); the tests add ``ratio``
+    examples: ClassVar[tuple[dict, ...]] = ()
+    #: the name of kvpress's equivalent press (``--peer kvpress`` rows, the side-by-side benchmark), declared by
+    #: the class itself (None: no equivalent)
+    kvpress_press: ClassVar[str | None] = None
+
+    @classmethod
+    def write_example_profile(cls, path, **shape) -> str:
+        """The head profile an example's ``profile="<profile>"`` stands for (policies that read one)."""
+        from ..profiles import write_example_profile
+
+        return write_example_profile(path, **shape)
 
     #: compress every multi-token forward's new tokens (chunked prefill), not only the first forward
     repeat = False
@@ -109,7 +123,7 @@ def inner_policy(spec: str, ratio: float):
     from ..api import parse_method
 
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"inner must be a kv policy name like 'snapkv' or 'snapkv/window=32', got {spec!r}")
+        raise ValueError(f"inner must be a kv policy name like 'snapkv' or 'snapkv/obs_window=32', got {spec!r}")
     parts = spec.split("/")
     if any(p.startswith("ratio=") for p in parts[1:]):
         raise ValueError(f"inner={spec!r}: give ratio= to the wrapper, not to its inner policy")

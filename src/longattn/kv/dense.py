@@ -17,6 +17,8 @@ __all__ = ["Dense"]
 class Dense(KVPolicy):
     """No compression (full cache)."""
 
+    examples = ({},)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.ratio != 0.0:

@@ -28,6 +28,8 @@ __all__ = ["DuoAttention"]
 class DuoAttention(KVPolicy):
     """Retrieval vs streaming heads from a profile."""
 
+    examples = ({"profile": "<profile>", "sink": 4, "recent": 8},)
+
     profile: str = "smollm2-135m"
     sink: int = 16
     recent: int = 64
@@ -57,7 +59,7 @@ class DuoAttention(KVPolicy):
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         from .streaming_llm import StreamingLLM
 
-        return StreamingLLM(ratio=0.0, n_sink=self.sink).score(q, k, v, key_valid)
+        return StreamingLLM(ratio=0.0, sink=self.sink).score(q, k, v, key_valid)
 
     def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
         b, hk, n, _ = k.shape

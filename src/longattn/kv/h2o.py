@@ -6,7 +6,7 @@ prefill queries, divided by the number of queries that can see it (as kvpress's 
 the paper sums without normalising, which favours early tokens), averaged over the query heads of its GQA
 group. The paper's greedy eviction while generating is ``decode_budget=B``: each decode step adds its
 attention to the kept tokens' scores, and once a kv head holds more than ``B`` tokens the lowest-scored one
-goes (the ``n_recent`` newest are protected; at least 1). Departures: the prefill compression uses the
+goes (the ``recent`` newest are protected; at least 1). Departures: the prefill compression uses the
 normalised mean and decoding adds raw per-step attention to it; the attention is recomputed in float32 chunks
 of queries, so H2O's prefill costs about one extra attention pass of the prompt.
 """
@@ -30,15 +30,20 @@ __all__ = ["H2O"]
 class H2O(KVPolicy):
     """Accumulated (observed) attention of every prefill query."""
 
-    n_recent: int = 0  # recent tokens always kept (the paper keeps a recent window besides the heavy hitters)
+    renamed = {"n_recent": "recent"}  # old spellings, accepted with a FutureWarning
+
+    kvpress_press = "ObservedAttentionPress"
+    examples = ({}, {"recent": 8})
+
+    recent: int = 0  # recent tokens always kept (the paper keeps a recent window besides the heavy hitters)
     decode_budget: int = 0  # > 0: evict while generating so that each kv head holds at most this many tokens
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int(self.n_recent, "n_recent", 0)
+        check_int(self.recent, "recent", 0)
         check_int(self.decode_budget, "decode_budget", 0, hint="0: no eviction while generating")
-        if self.decode_budget and self.decode_budget <= max(self.n_recent, 1):
-            raise ValueError(f"decode_budget must exceed n_recent ({self.n_recent}), got {self.decode_budget}")
+        if self.decode_budget and self.decode_budget <= max(self.recent, 1):
+            raise ValueError(f"decode_budget must exceed recent ({self.recent}), got {self.decode_budget}")
 
     @property
     def is_noop(self) -> bool:
@@ -65,7 +70,7 @@ class H2O(KVPolicy):
 
     def decode_attend(self, layer, q, key_valid, scale):
         """One decode step that also adds each kept token's attention to its score, then evicts down to
-        ``decode_budget`` (the ``n_recent`` newest, at least 1, protected)."""
+        ``decode_budget`` (the ``recent`` newest, at least 1, protected)."""
         b, hq, _, d = q.shape
         hk = layer.keys.shape[1]
         kv_phys = layer.physical_key_valid(key_valid)
@@ -78,13 +83,13 @@ class H2O(KVPolicy):
             prev = layer.scores
             pad = p.shape[-1] - prev.shape[-1]  # tokens appended since the last step start at 0
             layer.scores = torch.nn.functional.pad(prev, (0, pad)) + p.mean(2)
-            layer.evict(self.decode_budget, max(self.n_recent, 1))
+            layer.evict(self.decode_budget, max(self.recent, 1))
         return out.reshape(b, hq, 1, d).to(q.dtype)
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         s = attention_to_keys(q, k, key_valid)
-        if self.n_recent:
+        if self.recent:
             n = k.shape[2]
-            r = min(self.n_recent, n)
+            r = min(self.recent, n)
             s[..., n - r :] = s.amax() + 1.0 + torch.arange(r, device=s.device, dtype=s.dtype)
         return s

@@ -23,5 +23,8 @@ __all__ = ["KNorm"]
 class KNorm(KVPolicy):
     """Low key norm = high attention."""
 
+    kvpress_press = "KnormPress"
+    examples = ({},)
+
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         return -k.float().norm(dim=-1)

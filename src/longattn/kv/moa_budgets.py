@@ -60,6 +60,8 @@ def distribute(weights: list[float], total: int, cap: int) -> list[int]:
 class MoABudgets(Wrapper):
     """Per-head budgets from a profile."""
 
+    examples = ({"profile": "<profile>"},)
+
     profile: str = "smollm2-135m"
 
     def __post_init__(self) -> None:

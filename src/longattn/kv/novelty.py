@@ -7,7 +7,7 @@ different positions. Each kv head compares every (centered, normalized) value wi
 of ``ref`` values of the context; a token's redundancy is the mean of its ``k`` highest cosine similarities
 to the sample (a k-nearest-neighbour density estimate): a phrase repeated 50 times finds k near copies, a
 one-off token (a pass key, a name, a number) does not, even when it occurs twice. Score = -redundancy; the
-``n_sink`` first and ``recent`` last tokens are always kept. Cost: ``n x ref`` dot products per head, linear in
+``sink`` first and ``recent`` last tokens are always kept. Cost: ``n x ref`` dot products per head, linear in
 ``n``; no attention.
 """
 
@@ -30,15 +30,19 @@ __all__ = ["Novelty"]
 class Novelty(KVPolicy):
     """Rare values first."""
 
+    renamed = {"n_sink": "sink"}  # old spellings, accepted with a FutureWarning
+
+    examples = ({"recent": 8},)
+
     ref: int = 256
     k: int = 8
-    n_sink: int = 4
+    sink: int = 4
     recent: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, lo in (("ref", 8), ("k", 1), ("n_sink", 0), ("recent", 0)):
+        for name, lo in (("ref", 8), ("k", 1), ("sink", 0), ("recent", 0)):
             check_int(getattr(self, name), name, lo)
         if self.k > self.ref:
             raise ValueError(f"k must be <= ref, got k={self.k}, ref={self.ref}")
@@ -71,7 +75,7 @@ class Novelty(KVPolicy):
             rel = pos[None, :] - (~key_valid.to(torch.bool)).sum(-1, keepdim=True).float()  # [b, n]
         else:
             rel = pos[None, :].expand(b, n)
-        sink = (rel >= 0) & (rel < self.n_sink)
+        sink = (rel >= 0) & (rel < self.sink)
         s = torch.where(sink[:, None, :], torch.full_like(s, top + 1.0), s)
         r = min(self.recent, n)
         if r:

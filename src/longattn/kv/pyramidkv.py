@@ -26,6 +26,9 @@ __all__ = ["PyramidKV"]
 class PyramidKV(SnapKV):
     """Pyramid of layer budgets."""
 
+    kvpress_press = "PyramidKVPress"
+    examples = ({"obs_window": 8},)
+
     beta: float = 20.0
 
     def __post_init__(self) -> None:

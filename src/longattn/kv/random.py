@@ -17,6 +17,9 @@ __all__ = ["RandomPolicy"]
 class RandomPolicy(KVPolicy):
     """Uniformly random scores."""
 
+    kvpress_press = "RandomPress"
+    examples = ({},)
+
     seed: int = 0
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:

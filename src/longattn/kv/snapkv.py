@@ -1,7 +1,7 @@
 """SnapKV: keep the keys that the last queries of the prompt (the observation window) attend to.
 
 Paper: "SnapKV: LLM Knows What You are Looking for Before Generation" (Li et al., NeurIPS 2024,
-https://arxiv.org/abs/2404.14469). Score of key j = mean over the last ``window`` queries (and over the query
+https://arxiv.org/abs/2404.14469). Score of key j = mean over the last ``obs_window`` queries (and over the query
 heads of its GQA group) of softmax attention, smoothed by a 1-D average pool of ``kernel`` tokens; the window
 tokens themselves are always kept (the most recent first when the window exceeds the budget). Departures: the budget is ``int(n * (1 - ratio))`` including the window
 (as kvpress's ``SnapKVPress``); GQA groups share one selection per kv head (mean over the group), so the cache
@@ -33,19 +33,24 @@ __all__ = ["SnapKV"]
 class SnapKV(KVPolicy):
     """Observation-window attention scores, pooled."""
 
-    window: int = 64
+    renamed = {"window": "obs_window"}  # old spellings, accepted with a FutureWarning
+
+    kvpress_press = "SnapKVPress"
+    examples = ({"obs_window": 8},)
+
+    obs_window: int = 64
     kernel: int = 5
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int(self.window, "window")
+        check_int(self.obs_window, "obs_window")
         check_odd(self.kernel, "kernel")
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         b, hq, nq, d = q.shape
         hk, n = k.shape[1], k.shape[2]
         g = hq // hk
-        w = min(self.window, nq, n)
+        w = min(self.obs_window, nq, n)
         qw = q[:, :, -w:].float().view(b, hk, g, w, d)
         s = torch.matmul(qw, k.float().unsqueeze(2).transpose(-1, -2)) / math.sqrt(d)  # [b, hk, g, w, n]
         qpos = torch.arange(n - w, n, device=k.device)

@@ -3,7 +3,7 @@
 Paper: "Efficient Streaming Language Models with Attention Sinks" (Xiao et al., ICLR 2024,
 https://arxiv.org/abs/2309.17453). Departures: applied once at the end of prefill with a budget of
 ``int(n * (1 - ratio))`` tokens (as kvpress's ``StreamingLLMPress``), not as a rolling cache; with left
-padding the sinks are the first ``n_sink`` *valid* tokens of each row.
+padding the sinks are the first ``sink`` *valid* tokens of each row.
 """
 
 from __future__ import annotations
@@ -23,17 +23,22 @@ __all__ = ["StreamingLLM"]
     "streaming_llm",
     "kv",
     paper="StreamingLLM (Xiao et al., ICLR 2024) https://arxiv.org/abs/2309.17453",
-    summary="keep n_sink first tokens + the most recent ones",
+    summary="keep sink first tokens + the most recent ones",
 )
 @dataclass(frozen=True)
 class StreamingLLM(KVPolicy):
     """Sinks + recent tokens."""
 
-    n_sink: int = 4
+    renamed = {"n_sink": "sink"}  # old spellings, accepted with a FutureWarning
+
+    kvpress_press = "StreamingLLMPress"
+    examples = ({}, {"sink": 0})
+
+    sink: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int(self.n_sink, "n_sink", 0)
+        check_int(self.sink, "sink", 0)
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         b, hk, n, _ = k.shape
@@ -44,5 +49,5 @@ class StreamingLLM(KVPolicy):
         else:
             rel = pos
         s = rel.clone()
-        s[rel < self.n_sink] = float(2 * n)  # sinks above every recent token
+        s[rel < self.sink] = float(2 * n)  # sinks above every recent token
         return s.unsqueeze(1).expand(b, hk, n).contiguous()

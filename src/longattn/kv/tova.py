@@ -25,6 +25,9 @@ __all__ = ["TOVA"]
 class TOVA(KVPolicy):
     """Last-token attention, head-averaged."""
 
+    kvpress_press = "TOVAPress"
+    examples = ({},)
+
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         s = attention_to_keys(q, k, key_valid, queries=1, normalize=False)  # [b, hk, n]
         s = s.mean(1, keepdim=True).expand_as(s).clone()

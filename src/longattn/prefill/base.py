@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from ..checks import check_block_size
 from ..layout import BlockLayout, TokenRule
 from ..padding import first_real, sink_tokens
 
-__all__ = ["PrefillPattern", "Geometry"]
+__all__ = ["PrefillPattern"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,11 @@ class PrefillPattern:
 
     block_size: int = 64
     backend: str = "auto"
+
+    #: settings of small instances for the generic tests (inputs of ~150 tokens, ``block_size=16``)
+    examples: ClassVar[tuple[dict, ...]] = ()
+    #: settings under which the pattern computes every causal pair (its output then equals dense attention)
+    full_example: ClassVar[dict | None] = None
 
     def __post_init__(self) -> None:
         check_block_size(self.block_size)
@@ -39,6 +45,17 @@ class PrefillPattern:
         """Blocks to compute for ``q [b, h, nq, d]`` over ``k [b, hkv, nk, d]``; ``key_valid [b, nk]`` marks
         left padding, so that position-based patterns start at each row's first real token."""
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def reference_mask(self, q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The token pairs the pattern's *definition* selects, computed slowly, loop by loop over tokens and
+        blocks (the truth the tests hold ``layout()`` to): bool ``[b or 1, h or 1, q_len, kv_len]``. Pairs with
+        padded keys may be either (every kernel masks them)."""
+        raise NotImplementedError  # pragma: no cover - each pattern defines it (or reference_output)
+
+    def reference_output(self, q, k, v, key_valid=None) -> torch.Tensor:
+        """The output computed slowly from the definition, for patterns that change the keys themselves
+        (``core_context``); others are checked as ``reference.attention`` under ``reference_mask``."""
+        raise NotImplementedError  # pragma: no cover
 
     def for_layer(self, layer_idx: int) -> PrefillPattern:
         """The pattern a given layer uses (per-layer patterns such as ``mixed`` override this)."""

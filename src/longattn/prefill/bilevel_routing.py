@@ -24,6 +24,7 @@ import torch
 from ..checks import check_int
 from ..layout import BlockLayout, TokenRule
 from ..registry import register
+from . import _slow
 from .base import Geometry, PrefillPattern, expand_heads, topk_mask
 from .neighborhood import parse_image
 
@@ -126,3 +127,41 @@ class BilevelRouting(PrefillPattern):
                 return routed[bb, hh, region_of(qp, nk), region_of(kp, nk)]
             rule = TokenRule(fn=fn)
         return BlockLayout.from_block_mask(m, block_size=bs, q_len=nq, kv_len=nk, rule=rule)
+
+    examples = ({"region": 24, "topk": 2, "block_size": 16}, {"region": 32, "topk": 2, "block_size": 16},
+                {"region": 5, "topk": 2, "image": "15x10", "block_size": 16})
+    full_example = {"region": 24, "topk": 20, "block_size": 16}
+
+    def reference_mask(self, q, k, key_valid=None):
+        """Loop by loop: regions of ``region`` positions (1-D) or ``region x region`` tiles (``image``); each
+        query region's mean query scores every (causally reachable) key region's mean real key; a query attends
+        to the tokens of its ``topk`` best regions, and in 1-D to its own region too (causally)."""
+        b, hq, nq, _ = q.shape
+        nk = k.shape[2]
+        g = hq // k.shape[1]
+        d = q.shape[-1]
+        off = nk - nq
+        if self.hw is None:
+            region_of = [j // self.region for j in range(nk)]
+        else:
+            H, W = self.hw
+            tiles_w = W // self.region
+            region_of = [(j // W // self.region) * tiles_w + (j % W) // self.region for j in range(nk)]
+        R = max(region_of) + 1
+        causal = self.is_causal()
+        m = torch.zeros(b, hq, nq, nk, dtype=torch.bool)
+        for bi in range(b):
+            for h in range(hq):
+                kreg = [[j for j in range(nk) if region_of[j] == r and _slow.valid(key_valid, bi, j)] for r in range(R)]
+                qreg = [[i for i in range(nq) if region_of[i + off] == r] for r in range(R)]
+                for a in range(R):
+                    if not qreg[a]:
+                        continue
+                    qa = q[bi, h, qreg[a]].double().mean(0)
+                    sc = [float(qa @ k[bi, h // g, kreg[c]].double().mean(0)) / math.sqrt(d)
+                          if kreg[c] and (c <= a or not causal) else float("-inf") for c in range(R)]
+                    routed = _slow.topk_set(sc, self.topk) | ({a} if causal else set())
+                    for i in qreg[a]:
+                        for j in range(i + off + 1 if causal else nk):
+                            m[bi, h, i, j] = region_of[j] in routed
+        return m

@@ -15,6 +15,7 @@ query block and XAttention from anti-diagonal sums, both replaced here by mean p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from ..checks import check_float, check_int
 from ..layout import BlockLayout
 from ..registry import register
+from . import _slow
 from .base import Geometry, PrefillPattern, block_scores, finish_blocks, threshold_mask, topk_mask
 
 __all__ = ["BlockTopK"]
@@ -64,6 +66,39 @@ class BlockTopK(PrefillPattern):
             sel = threshold_mask(s + torch.log(visible_keys(geo, key_valid, q.shape[0])), self.tau, allowed)
         m = finish_blocks(sel, geo, self.sink, key_valid, q)
         return BlockLayout.from_block_mask(m, block_size=bs, q_len=geo.q_len, kv_len=geo.kv_len)
+
+    examples = ({"topk": 3, "sink": 8, "block_size": 16}, {"mode": "threshold", "tau": 0.6, "sink": 0, "block_size": 16})
+    full_example = {"topk": 20, "block_size": 16}
+
+    def reference_mask(self, q, k, key_valid=None):
+        """Loop by loop: block estimate = pooled-q . pooled-k / sqrt(d) over the real keys; ``topk``: the best
+        reachable blocks; ``threshold``: the smallest set of blocks, best first, whose softmax over (estimate +
+        log visible keys) reaches ``tau``; plus the sinks and the diagonal."""
+        bs, d, nq, nk = self.block_size, q.shape[-1], q.shape[2], k.shape[2]
+        nqb, nkb = -(-nq // bs), -(-nk // bs)
+
+        def rows(bi, h, qh, kh, ok, off):
+            qp, kp = _slow.pooled(qh, nqb, bs), _slow.pooled(kh, nkb, bs, ok)
+            est = [[float(qp[i] @ kp[j]) / math.sqrt(d) if kp[j] is not None else float("-inf")
+                    for j in range(nkb)] for i in range(nqb)]
+            if self.mode == "topk":
+                return _slow.topk_rows(est, self.topk, nq, off, bs)
+            chosen = set()
+            for i in range(nqb):
+                q_hi = min((i + 1) * bs, nq) - 1 + off
+                cnt = [sum(1 for t in range(j * bs, min((j + 1) * bs, nk, q_hi + 1)) if ok is None or ok[t])
+                       for j in range(nkb)]
+                row = [est[i][j] + math.log(max(cnt[j], 1)) if j <= q_hi // bs else float("-inf")
+                       for j in range(nkb)]
+                pr = torch.softmax(torch.tensor(row, dtype=torch.float64), 0).tolist()
+                acc = 0.0
+                for pj, j in sorted(((pj, j) for j, pj in enumerate(pr)), reverse=True):
+                    if acc < self.tau and pj > 0:
+                        chosen.add((i, j))
+                    acc += pj
+            return chosen
+
+        return _slow.estimated_blocks(self, q, k, key_valid, rows)
 
 
 def visible_keys(geo: Geometry, key_valid: torch.Tensor | None, batch: int) -> torch.Tensor:

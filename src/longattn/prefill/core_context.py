@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..checks import check_int
 from ..layout import BlockLayout, TokenRule
 from ..registry import register
+from . import _slow
 from .base import Geometry, PrefillPattern
 
 __all__ = ["CoreContext"]
@@ -127,3 +128,50 @@ class CoreContext(PrefillPattern):
         if stats is not None:
             stats["est_s"] = stats.get("est_s", 0.0) + time.perf_counter() - t0
         return block_sparse_attention(q, k2, v2, lay, causal=False, scale=scale, key_valid=kv2, backend=self.backend)
+
+    examples = ({"group": 8, "window": 40, "block_size": 16},)
+    full_example = {"window": 200, "block_size": 16}
+
+    def reference_output(self, q, k, v, key_valid=None):
+        """Loop by loop (float64): each complete group of ``group`` keys gives one core key/value, the keys and
+        values weighted by the softmax of the group's last query (averaged over the kv head's query heads) over
+        the group's real keys; a query attends, in one softmax, to the cores of the groups that ended before its
+        window and to the real raw keys inside its window. (Self-attention: every group has its last query.)"""
+        b, hq, nq, d = q.shape
+        nk = k.shape[2]
+        g = hq // k.shape[1]
+        G, W = self.group, self.window
+        out = torch.zeros(b, hq, nq, d, dtype=torch.float64)
+        for bi in range(b):
+            ok = [_slow.valid(key_valid, bi, j) for j in range(nk)]
+            for hk_ in range(k.shape[1]):
+                cores = []
+                for c in range(nk // G):
+                    idx = [j for j in range(c * G, (c + 1) * G) if ok[j]]
+                    last = (c + 1) * G - 1 - (nk - nq)
+                    if not idx:
+                        cores.append(None)
+                        continue
+                    ws = []
+                    for hh in range(hk_ * g, (hk_ + 1) * g):
+                        s = torch.stack([q[bi, hh, last].double() @ k[bi, hk_, j].double() for j in idx]) / math.sqrt(d)
+                        ws.append(torch.softmax(s, 0))
+                    w = torch.stack(ws).mean(0)
+                    cores.append((sum(wi * k[bi, hk_, j].double() for wi, j in zip(w, idx)),
+                                  sum(wi * v[bi, hk_, j].double() for wi, j in zip(w, idx))))
+                for hh in range(hk_ * g, (hk_ + 1) * g):
+                    for i in range(nq):
+                        qp = i + nk - nq
+                        keys, vals = [], []
+                        for c, cc in enumerate(cores):
+                            if cc is not None and (c + 1) * G - 1 <= qp - W:
+                                keys.append(cc[0])
+                                vals.append(cc[1])
+                        for j in range(max(qp - W + 1, 0), qp + 1):
+                            if ok[j]:
+                                keys.append(k[bi, hk_, j].double())
+                                vals.append(v[bi, hk_, j].double())
+                        if keys:
+                            s = torch.stack(keys) @ q[bi, hh, i].double() / math.sqrt(d)
+                            out[bi, hh, i] = torch.softmax(s, 0) @ torch.stack(vals)
+        return out.to(q.dtype)

@@ -25,6 +25,7 @@ from ..checks import check_int
 from ..layout import BlockLayout
 from ..padding import first_real
 from ..registry import register
+from . import _slow
 from .base import Geometry, PrefillPattern, finish_blocks, pool_blocks
 
 __all__ = ["Hierarchical"]
@@ -81,3 +82,38 @@ class Hierarchical(PrefillPattern):
         sel.scatter_(-1, idx, True)
         m = finish_blocks(sel[..., : geo.nkb], geo, self.sink, key_valid, q)
         return BlockLayout.from_block_mask(m, block_size=bs, q_len=nq, kv_len=geo.kv_len)
+
+    examples = ({"topk": 3, "sink": 8, "block_size": 16},)
+    full_example = {"topk": 20, "block_size": 16}
+
+    def reference_mask(self, q, k, key_valid=None):
+        """Loop by loop: per query block, ``topk`` ranges splitting the visible kv blocks (from the row's first
+        real block); each round halves every range and keeps the ``topk`` halves whose representative (middle)
+        block scores best (pooled q . pooled k); at single blocks they are the selection; plus sinks and diagonal."""
+        bs, d, nq, nk = self.block_size, q.shape[-1], q.shape[2], k.shape[2]
+        nqb, nkb = -(-nq // bs), -(-nk // bs)
+
+        def rows(bi, h, qh, kh, ok, off):
+            qp, kp = _slow.pooled(qh, nqb, bs), _slow.pooled(kh, nkb, bs, ok)
+            chosen = set()
+            for i in range(nqb):
+                nvis = (min((i + 1) * bs, nq) - 1 + off) // bs + 1
+                K = self.topk
+                fb = _slow.first(key_valid, bi) // bs
+                span = max(nvis - fb, 1)
+                ranges = [(fb + (t * span) // K, fb + ((t + 1) * span) // K) for t in range(K)]
+                while any(hi - lo > 1 for lo, hi in ranges):
+                    cand = []
+                    for lo, hi in ranges:
+                        mid = (lo + hi) // 2
+                        cand += [(lo, mid), (mid, hi)]
+                    scored = []
+                    for n_, (lo, hi) in enumerate(cand):
+                        rep = min(max((lo + hi - 1) // 2, 0), nkb - 1)
+                        good = hi > lo and kp[rep] is not None
+                        scored.append((float(qp[i] @ kp[rep]) / math.sqrt(d) if good else float("-inf"), -n_, (lo, hi)))
+                    ranges = [r for _, _, r in sorted(scored, reverse=True)[:K]]
+                chosen |= {(i, lo) for lo, hi in ranges if hi - lo == 1}
+            return chosen
+
+        return _slow.estimated_blocks(self, q, k, key_valid, rows)

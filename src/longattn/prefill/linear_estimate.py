@@ -15,6 +15,7 @@ selects top-k per query *row*; this is training-free (random features, fixed see
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from ..checks import check_int
 from ..layout import BlockLayout
 from ..registry import register
+from . import _slow
 from .base import Geometry, PrefillPattern, expand_heads, finish_blocks, topk_mask
 
 __all__ = ["LinearEstimate"]
@@ -92,3 +94,30 @@ class LinearEstimate(PrefillPattern):
         sel = topk_mask(est.nan_to_num(float("-inf")), self.topk, allowed)
         m = finish_blocks(sel, geo, self.sink, key_valid, q)
         return BlockLayout.from_block_mask(m, block_size=bs, q_len=geo.q_len, kv_len=geo.kv_len)
+
+    examples = ({"topk": 3, "features": 24, "block_size": 16},)
+    full_example = {"topk": 20, "block_size": 16}
+
+    def reference_mask(self, q, k, key_valid=None):
+        """Loop by loop: block mass estimate log(sum_q phi(q) . sum_k phi(k)) with the positive random features
+        phi(x) = exp(w x - |x|^2 / 2) of x / d^(1/4) (the same seeded projection w); the ``topk`` best reachable
+        blocks, plus the sinks and the diagonal."""
+        bs, d, nq, nk = self.block_size, q.shape[-1], q.shape[2], k.shape[2]
+        nqb, nkb = -(-nq // bs), -(-nk // bs)
+        w = _orthogonal_gaussian(self.features, d, self.seed).double()
+
+        def phi(x):
+            x = x.double() / d**0.25
+            return torch.exp(w @ x - 0.5 * (x @ x))
+
+        def rows(bi, h, qh, kh, ok, off):
+            sq = [sum(phi(qh[t]) for t in range(i * bs, min((i + 1) * bs, nq))) for i in range(nqb)]
+            sk = []
+            for j in range(nkb):
+                ts = [t for t in range(j * bs, min((j + 1) * bs, nk)) if ok is None or ok[t]]
+                sk.append(sum(phi(kh[t]) for t in ts) if ts else None)
+            est = [[math.log(float(sq[i] @ sk[j])) if sk[j] is not None else float("-inf") for j in range(nkb)]
+                   for i in range(nqb)]
+            return _slow.topk_rows(est, self.topk, nq, off, bs)
+
+        return _slow.estimated_blocks(self, q, k, key_valid, rows)

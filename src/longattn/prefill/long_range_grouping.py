@@ -23,6 +23,7 @@ from ..checks import check_int
 from ..layout import BlockLayout
 from ..padding import first_real
 from ..registry import register
+from . import _slow
 from .base import Geometry, PrefillPattern, group_layout
 
 __all__ = ["LongRangeGrouping"]
@@ -59,3 +60,22 @@ class LongRangeGrouping(PrefillPattern):
         gr = ((rel % self.segment) // self.chunk)[:, None, :]  # [b, 1, nk]
         n_groups = -(-self.segment // self.chunk)
         return group_layout(gr, n_groups, geo, self.sink, key_valid, b)
+
+    examples = ({"segment": 50, "chunk": 20, "sink": 3, "block_size": 16},)
+    full_example = {"segment": 200, "chunk": 200, "block_size": 16}
+
+    def reference_mask(self, q, k, key_valid=None):
+        """Loop by loop: positions counted from the row's first real token; a token's group is its chunk index
+        inside its segment (``(pos % segment) // chunk``), the same chunk of every segment; a query sees the keys
+        of its group (causal) and, with ``sink``, the first ``sink`` real tokens."""
+        b, hq, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        off = nk - nq
+        m = torch.zeros(b, hq, nq, nk, dtype=torch.bool)
+        for bi in range(b):
+            f = _slow.first(key_valid, bi)
+            for i in range(nq):
+                for j in range(i + off + 1):
+                    ri, rj = max(i + off - f, 0), max(j - f, 0)
+                    gi, gj = (ri % self.segment) // self.chunk, (rj % self.segment) // self.chunk
+                    m[bi, :, i, j] = gi == gj or (self.sink > 0 and f <= j < f + self.sink)
+        return m

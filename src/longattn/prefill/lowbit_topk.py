@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..checks import check_float, check_int
 from ..layout import BlockLayout
 from ..registry import register
+from . import _slow
 from .base import Geometry, PrefillPattern, finish_blocks
 
 __all__ = ["LowBitTopK", "quantize_blocks"]
@@ -105,3 +106,42 @@ class LowBitTopK(PrefillPattern):
             sel = sel.scatter_reduce(2, qb, keep, reduce="amax")
         m = finish_blocks(sel, geo, self.sink, key_valid, q)
         return BlockLayout.from_block_mask(m, block_size=bs, q_len=nq, kv_len=nk)
+
+    examples = ({"bits": 4, "rel": 0.3, "q_samples": 4, "block_size": 16},
+                {"bits": 8, "rel": 0.3, "q_samples": 16, "block_size": 16})
+    full_example = {"rel": 1e-30, "block_size": 16}
+
+    def reference_mask(self, q, k, key_valid=None):
+        """Loop by loop: q and k quantized symmetrically per block of ``block_size`` tokens to ``bits`` bits
+        (scale = block max |x| / (2^(bits-1) - 1)); on each sampled query row, the block-wise max of the
+        quantized scaled scores; a block is kept when its max is >= the row's max + log(rel); plus the sinks and
+        the diagonal."""
+        bs, d = self.block_size, q.shape[-1]
+        qmax = 2 ** (self.bits - 1) - 1
+
+        def quant(x):
+            out = x.clone().double()
+            for c in range(0, x.shape[0], bs):
+                blk = x[c : c + bs].double()
+                s = max(float(blk.abs().max()), 1e-12) / qmax
+                out[c : c + bs] = torch.clamp(torch.round(blk / s), -qmax - 1, qmax) * s
+            return out
+
+        def rows(bi, h, qh, kh, ok, off):
+            qq, kq = quant(qh), quant(kh)
+            chosen = set()
+            for i in sorted(set(self.sample_rows(qh.shape[0]).tolist())):
+                qp = i + off
+                blockmax = {}
+                for j in range(qp + 1):
+                    if ok is not None and not ok[j]:
+                        continue
+                    s = float(qq[i] @ kq[j]) / math.sqrt(d)
+                    blockmax[j // bs] = max(blockmax.get(j // bs, float("-inf")), s)
+                if not blockmax:  # a padded query row sees no key
+                    continue
+                top = max(blockmax.values())
+                chosen |= {(i // bs, jb) for jb, s in blockmax.items() if s >= top + math.log(self.rel) - 1e-9}
+            return chosen
+
+        return _slow.estimated_blocks(self, q, k, key_valid, rows)

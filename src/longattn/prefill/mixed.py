@@ -29,7 +29,7 @@ from ..layout import BlockLayout, TokenRule
 from ..registry import register
 from .base import Geometry, PrefillPattern
 
-__all__ = ["Mixed", "MixedLayer", "FORMAT", "write_mixed"]
+__all__ = ["Mixed", "FORMAT", "write_mixed"]
 
 
 def _dense(q, k, v, scale, key_valid, window, causal):
@@ -141,6 +141,23 @@ class Mixed(PrefillPattern):
             raise ValueError("mixed: a multi-layer profile needs a layer; use for_layer(i).layout(...)")
         return self.for_layer(0).layout(q, k, key_valid)
 
+    examples = ({"profile": "<profile>", "block_size": 16},)
+    full_example = None  # a mixture is as full as its heads' patterns
+
+    @classmethod
+    def write_example_profile(cls, path, *, num_layers: int = 1, num_heads: int = 4, num_kv_heads: int = 2) -> str:
+        """A small mixed profile for the generic tests: per head, in turn, sink_window, dense, vertical_slash and
+        shifted_groups (block size 16)."""
+        specs = ["sink_window:sink=8:window=24:block_size=16", "dense",
+                 "vertical_slash:vertical=10:slash=8:obs_window=8:sink=2:window=2:block_size=16",
+                 "shifted_groups:group=40:block_size=16"]
+        write_mixed(path, [[specs[(h + i) % len(specs)] for h in range(num_heads)] for i in range(num_layers)],
+                    block_size=16)
+        return str(path)
+
+    def reference_mask(self, q, k, key_valid=None):
+        return self.for_layer(0).reference_mask(q, k, key_valid)
+
 
 @dataclass(frozen=True)
 class MixedLayer(PrefillPattern):
@@ -227,3 +244,18 @@ class MixedLayer(PrefillPattern):
                 return ok
             rule = TokenRule(fn=fn)
         return BlockLayout.from_block_mask(bm, block_size=self.block_size, q_len=nq, kv_len=nk, rule=rule)
+
+    def reference_mask(self, q, k, key_valid=None):
+        """Head by head: the head's own pattern's reference (all causal pairs for a dense head)."""
+        from ..reference import dense_mask
+
+        b, hq, nq, _ = q.shape
+        nk = k.shape[2]
+        out = torch.zeros(b, hq, nq, nk, dtype=torch.bool)
+        for h, p in enumerate(self.heads):
+            if p is None:
+                out[:, h] = dense_mask(nq, nk)[None]
+            else:
+                r = p.reference_mask(q, k, key_valid)
+                out[:, h] = r[:, h if r.shape[1] > 1 else 0]
+        return out

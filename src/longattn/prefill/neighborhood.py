@@ -154,3 +154,41 @@ class Neighborhood(PrefillPattern):
         lo = torch.nn.functional.pad(kmin, (0, pad), value=n).view(geo.nqb, bs).amin(1) // bs
         hi = torch.nn.functional.pad(kmax, (0, pad), value=-1).view(geo.nqb, bs).amax(1) // bs
         return (geo.kb[None, :] >= lo[:, None]) & (geo.kb[None, :] <= hi[:, None])
+
+    examples = ({"kernel_size": 9, "dilation": 2, "stride": 2, "block_size": 16},
+                {"kernel_size": 7, "dilation": 3, "stride": 3, "causal": False, "block_size": 16},
+                {"kernel_size": 5, "causal": False, "image": "15x10", "block_size": 16})
+    full_example = {"kernel_size": 200, "block_size": 16}
+
+    def reference_mask(self, q, k, key_valid=None):
+        """Loop by loop, NATTEN's definition per axis: position ``i`` = dilation group ``i % dilation`` and
+        index ``i // dilation`` in it; its stride group's centre (causal: its last member) picks the window of
+        ``kernel_size`` group members, shifted inside the sequence (non-causal) or ending there (causal); 2-D:
+        the product of the row and column windows. Position-based: padding does not move the windows."""
+        nq, nk = q.shape[2], k.shape[2]
+        m = torch.zeros(1, 1, nq, nk, dtype=torch.bool)
+        off = nk - nq
+        for i in range(nq):
+            if self.hw is None:
+                keys = _window_keys(i + off, nk, self.kernel_size, self.dilation, self.stride, self.causal)
+            else:
+                H, W = self.hw
+                rows = _window_keys(i // W, H, self.kernel_size, self.dilation, self.stride, False)
+                cols = _window_keys(i % W, W, self.kernel_size, self.dilation, self.stride, False)
+                keys = {r * W + c for r in rows for c in cols}
+            for j in keys:
+                if not self.causal or j <= i + off:
+                    m[0, 0, i, j] = True
+        return m
+
+
+def _window_keys(i: int, n: int, ks: int, dil: int, st: int, causal: bool) -> set:
+    """The keys of position ``i`` along one axis of length ``n`` (the reference, in plain Python)."""
+    r, j = i % dil, i // dil
+    lg = (n - 1 - r) // dil + 1
+    if causal:
+        jl = min((j // st) * st + st - 1, lg - 1)
+        return {jj * dil + r for jj in range(max(jl - ks + 1, 0), jl + 1)}
+    jl = min((j // st) * st + (st - 1) // 2, lg - 1)
+    start = min(max(jl - ks // 2, 0), max(lg - ks, 0))
+    return {jj * dil + r for jj in range(start, start + ks)}

@@ -25,6 +25,7 @@ from ..checks import check_int
 from ..layout import BlockLayout
 from ..padding import first_real
 from ..registry import register
+from . import _slow
 from .base import Geometry, PrefillPattern, group_layout
 
 __all__ = ["ShiftedGroups"]
@@ -67,3 +68,24 @@ class ShiftedGroups(PrefillPattern):
         gr = self.groups(b, hq, nk, key_valid, q.device)
         n_groups = nk // self.group + 2
         return group_layout(gr, n_groups, geo, self.sink, key_valid, b)
+
+    examples = ({"group": 40, "block_size": 16}, {"group": 30, "sink": 5, "block_size": 16})
+    full_example = {"group": 400, "block_size": 16}
+
+    def reference_mask(self, q, k, key_valid=None):
+        """Loop by loop: positions counted from the row's first real token fall in groups of ``group``; the
+        second half of the heads (MHA with more than one head) is shifted by half a group; a query sees the keys
+        of its own group (causal) and, with ``sink``, the first ``sink`` real tokens."""
+        b, hq, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        off, G = nk - nq, self.group
+        m = torch.zeros(b, hq, nq, nk, dtype=torch.bool)
+        for bi in range(b):
+            f = _slow.first(key_valid, bi)
+            for h in range(hq):
+                shift = G // 2 if (hq > 1 and h >= hq // 2) else 0
+                for i in range(nq):
+                    for j in range(i + off + 1):
+                        ri, rj = max(i + off - f, 0), max(j - f, 0)
+                        gi, gj = (ri + (G - shift) % G) // G, (rj + (G - shift) % G) // G
+                        m[bi, h, i, j] = gi == gj or (self.sink > 0 and f <= j < f + self.sink)
+        return m

@@ -19,6 +19,7 @@ import torch
 from ..checks import check_int
 from ..layout import BlockLayout
 from ..registry import register
+from . import _slow
 from .base import PrefillPattern
 
 __all__ = ["SinkWindow"]
@@ -71,3 +72,24 @@ class SinkWindow(PrefillPattern):
             sink = (kb[None, :] >= lo) & (kb[None, :] <= hi) if self.sink > 0 else torch.zeros_like(kb[None, :] < 0)
             m = (local[None] | sink[:, None, :])[:, None]  # [b, 1, nqb, nkb]
         return BlockLayout.from_block_mask(m, block_size=bs, q_len=q_len, kv_len=kv_len)
+
+    examples = ({"sink": 8, "window": 40, "block_size": 16},)
+    full_example = {"window": 200, "block_size": 16}
+
+    def reference_mask(self, q, k, key_valid=None):
+        """Loop by loop: a block is kept when one of its pairs is a sink (from the row's first real token) or
+        inside the window; its pairs are then causal."""
+        b, nq, nk, bs = q.shape[0], q.shape[2], k.shape[2], self.block_size
+        off = nk - nq
+        sel = torch.zeros(b, 1, -(-nq // bs), -(-nk // bs), dtype=torch.bool)
+        for bi in range(b):
+            f = _slow.first(key_valid, bi)
+            for i in range(nq):
+                for j in range(i + off + 1):
+                    if f <= j < f + self.sink or (i + off) - j < self.window:
+                        sel[bi, 0, i // bs, j // bs] = True
+            self._reference_extra(sel[bi, 0], nq, nk)
+        return _slow.blocks_to_tokens(sel, nq, nk, off, bs)
+
+    def _reference_extra(self, sel, nq: int, nk: int) -> None:
+        """More blocks of ``sel [nqb, nkb]`` (subclasses)."""

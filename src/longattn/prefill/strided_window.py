@@ -20,6 +20,7 @@ import torch
 from ..checks import check_int
 from ..layout import BlockLayout
 from ..registry import register
+from . import _slow
 from .base import Geometry, PrefillPattern
 
 __all__ = ["StridedWindow"]
@@ -52,3 +53,24 @@ class StridedWindow(PrefillPattern):
         m = (geo.local_blocks(self.window) | strided)[None, None] | geo.sink_blocks(self.sink, key_valid, q.shape[0])
         m = m & geo.causal_blocks()
         return BlockLayout.from_block_mask(m, block_size=self.block_size, q_len=geo.q_len, kv_len=geo.kv_len)
+
+    examples = ({"sink": 8, "window": 20, "stride": 3, "block_size": 16},)
+    full_example = {"stride": 1, "window": 1, "block_size": 16}
+
+    def reference_mask(self, q, k, key_valid=None):
+        """Loop by loop: a kv block is kept for a query block when one of its pairs is inside the window, it
+        holds a sink, or it lies a multiple of ``stride`` blocks before the query block; pairs causal."""
+        b, nq, nk, bs = q.shape[0], q.shape[2], k.shape[2], self.block_size
+        off = nk - nq
+        nqb, nkb = -(-nq // bs), -(-nk // bs)
+        sel = torch.zeros(b, 1, nqb, nkb, dtype=torch.bool)
+        for bi in range(b):
+            f = _slow.first(key_valid, bi)
+            for i in range(nqb):
+                q_lo, q_hi = i * bs + off, min((i + 1) * bs, nq) - 1 + off
+                for j in range(q_hi // bs + 1):
+                    in_win = any(qq - kk < self.window for qq in range(q_lo, q_hi + 1)
+                                 for kk in range(j * bs, min((j + 1) * bs, nk)) if kk <= qq)
+                    sink = self.sink > 0 and f // bs <= j <= (f + self.sink - 1) // bs
+                    sel[bi, 0, i, j] = in_win or sink or (q_lo // bs - j) % self.stride == 0
+        return _slow.blocks_to_tokens(sel, nq, nk, off, bs)

@@ -46,3 +46,13 @@ class TriShape(SinkWindow):
         dense_q = geo.q_hi >= kv_len - self.last_q  # q blocks holding one of the last queries
         m = a | (dense_q[:, None] & geo.causal_blocks())[None, None]
         return BlockLayout.from_block_mask(m, block_size=self.block_size, q_len=q_len, kv_len=kv_len)
+
+    examples = ({"sink": 8, "window": 24, "last_q": 20, "block_size": 16},)
+    full_example = {"window": 200, "block_size": 16}
+
+    def _reference_extra(self, sel, nq: int, nk: int) -> None:
+        """A query block holding one of the last ``last_q`` queries is dense (causal)."""
+        off, bs = nk - nq, self.block_size
+        for i in range(nq):
+            if i + off >= nk - self.last_q:
+                sel[i // bs, : (i + off) // bs + 1] = True

@@ -4,10 +4,10 @@ Paper: MInference 1.0 (Jiang et al., NeurIPS 2024, https://arxiv.org/abs/2407.02
 head pattern: every query attends to a few key *columns* (vertical lines: sinks, key tokens) and a few
 *diagonals* (slash lines: the local window and periodic offsets).
 
-Estimation as in the paper: the last ``last_q`` queries attend densely to all keys; summing their softmax
+Estimation as in the paper: the last ``obs_window`` queries attend densely to all keys; summing their softmax
 over queries gives a score per column, summing along diagonals a score per diagonal; the ``vertical`` best
 columns and ``slash`` best diagonals are kept per head, and the first ``sink`` real tokens and the
-``local`` nearest diagonals are always kept (also when they outnumber the budget).
+``window`` nearest diagonals are always kept (also when they outnumber the budget).
 
 Kernel: the chosen entries are computed exactly. ``attend()`` gathers the chosen columns' keys into a compact
 segment placed before the keys (so ``vertical`` columns cost ``vertical / block_size`` blocks, not one block
@@ -33,6 +33,7 @@ from ..checks import check_int
 from ..layout import BlockLayout, TokenRule
 from ..padding import first_real, sink_tokens
 from ..registry import register
+from . import _slow
 from .base import Geometry, PrefillPattern, topk_mask
 
 __all__ = ["VerticalSlash"]
@@ -46,21 +47,23 @@ __all__ = ["VerticalSlash"]
 )
 @dataclass(frozen=True)
 class VerticalSlash(PrefillPattern):
-    """Per head: ``vertical`` columns and ``slash`` diagonals, estimated from the last ``last_q`` queries."""
+    """Per head: ``vertical`` columns and ``slash`` diagonals, estimated from the last ``obs_window`` queries."""
+
+    renamed = {"last_q": "obs_window", "local": "window"}  # old spellings, accepted with a FutureWarning
 
     vertical: int = 1024
     slash: int = 128
-    last_q: int = 64
+    obs_window: int = 64
     sink: int = 64
-    local: int = 64
+    window: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int(self.vertical, "vertical")
         check_int(self.slash, "slash")
-        check_int(self.last_q, "last_q")
+        check_int(self.obs_window, "obs_window")
         check_int(self.sink, "sink", 0)
-        check_int(self.local, "local", 1)
+        check_int(self.window, "window", 1)
 
     # ---- estimation --------------------------------------------------------------------------------------
     def select(self, q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None = None):
@@ -68,7 +71,7 @@ class VerticalSlash(PrefillPattern):
         b, hq, nq, d = q.shape
         hk, nk = k.shape[1], k.shape[2]
         g = hq // hk
-        lq = min(self.last_q, nq)
+        lq = min(self.obs_window, nq)
         qe = q[:, :, nq - lq:].float().reshape(b, hk, g * lq, d)
         s = torch.matmul(qe, k.float().transpose(-1, -2)).view(b, hq, lq, nk) / math.sqrt(d)
         qpos = torch.arange(nk - lq, nk, device=q.device)
@@ -86,12 +89,12 @@ class VerticalSlash(PrefillPattern):
         first = first_real(key_valid, b, q.device)
         sink = sink_tokens(self.sink, key_valid, b, nk, q.device)
         vert = vert.masked_fill(sink[:, None, :], float("inf"))
-        slash[..., : self.local] = float("inf")
+        slash[..., : self.window] = float("inf")
         # forced columns/diagonals are kept even beyond the budget (deterministic when they exceed it)
         columns = topk_mask(vert, self.vertical, key_ok.expand(b, hq, nk)) | (sink[:, None, :] & key_ok)
         # diagonals beyond the first real token's distance from the last key can hold no pair
         diag_ok = (kpos[None, :] <= (nk - 1 - first)[:, None])[:, None, :].expand(b, hq, nk)
-        local = (kpos < self.local)[None, None, :] & diag_ok
+        local = (kpos < self.window)[None, None, :] & diag_ok
         diagonals = topk_mask(slash, self.slash, diag_ok) | local
         return columns, diagonals
 
@@ -193,3 +196,41 @@ class VerticalSlash(PrefillPattern):
             stats["est_s"] = stats.get("est_s", 0.0) + time.perf_counter() - t0
         return block_sparse_attention(q, k2, v2, lay, causal=False, scale=scale, key_valid=kv2,
                                       backend=self.backend)
+
+    examples = ({"vertical": 12, "slash": 9, "obs_window": 16, "sink": 3, "window": 4, "block_size": 16},)
+    full_example = {"vertical": 200, "slash": 1, "block_size": 16}
+
+    def reference_mask(self, q, k, key_valid=None):
+        """Loop by loop, per query head: the softmax of each of the last ``obs_window`` queries over its visible
+        keys, summed per key (vertical score) and per distance (slash score); the ``vertical`` best columns plus
+        the sinks, the ``slash`` best diagonals plus the ``window`` nearest; a pair is kept on a kept column or
+        diagonal."""
+        b, hq, nq, d = q.shape
+        nk = k.shape[2]
+        g = hq // k.shape[1]
+        lq = min(self.obs_window, nq)
+        m = torch.zeros(b, hq, nq, nk, dtype=torch.bool)
+        for bi in range(b):
+            f = _slow.first(key_valid, bi)
+            for h in range(hq):
+                vert = [0.0] * nk
+                slash = [0.0] * nk
+                for i in range(nq - lq, nq):
+                    qp = i + nk - nq
+                    keys = [j for j in range(qp + 1) if _slow.valid(key_valid, bi, j)]
+                    s = torch.tensor([float(q[bi, h, i].double() @ k[bi, h // g, j].double()) / math.sqrt(d)
+                                      for j in keys])
+                    for j, pj in zip(keys, torch.softmax(s, 0).tolist()):
+                        vert[j] += pj
+                        slash[qp - j] += pj
+                vs = [float("inf") if f <= j < f + self.sink
+                      else (vert[j] if _slow.valid(key_valid, bi, j) else float("-inf")) for j in range(nk)]
+                ss = [float("inf") if dd < self.window else slash[dd] for dd in range(nk)]
+                ss = [x if dd <= nk - 1 - f else float("-inf") for dd, x in enumerate(ss)]
+                cols = _slow.topk_set(vs, self.vertical) | set(range(f, min(f + self.sink, nk)))
+                diags = _slow.topk_set(ss, self.slash) | set(range(min(self.window, nk - f)))
+                for i in range(nq):
+                    qp = i + nk - nq
+                    for j in range(qp + 1):
+                        m[bi, h, i, j] = j in cols or (qp - j) in diags
+        return m

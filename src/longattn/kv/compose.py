@@ -1,4 +1,11 @@
-"""Wrappers: query-aware compression, chunked prefill compression, composition of two policies."""
+"""Composition of two scorers: the first prunes, the second scores the survivors (kvpress's ``ComposedPress``).
+
+``first`` keeps ``int(n * (1 - r1))`` tokens with ``(1 - r1) = sqrt(1 - ratio)``; ``second`` scores those
+survivors (in their order, so position-based scorers see them compacted) and keeps exactly
+``int(n * (1 - ratio))`` of them, so the composition removes ``ratio`` of the cache. Only scorers compose
+(policies that choose their own per-head budgets are refused). Departure from kvpress: kvpress applies each
+press with its own ratio one after the other; here the total ratio is split evenly in the square-root sense.
+"""
 
 from __future__ import annotations
 
@@ -6,43 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_int
 from ..registry import register
-from .base import KVPolicy, Wrapper, inner_policy, valid_lengths
+from .base import KVPolicy, inner_policy, valid_lengths
 
-__all__ = ["QueryAware", "Chunked", "Compose"]
-
-
-@register("query_aware", "kv", paper="SnapKV's setting (Li et al., 2024) https://arxiv.org/abs/2404.14469",
-          summary="compress after the question is seen (bench protocol), with the inner policy")
-@dataclass(frozen=True)
-class QueryAware(Wrapper):
-    """Compress after the question (the inner policy's observation window then holds the question).
-
-    With ``model.generate`` the prompt already contains the question, so this equals the inner policy; in
-    ``longattn bench`` it changes the protocol: context + question + answer prefix are prefilled together and
-    compressed, and records say ``protocol: query_aware``.
-    """
-
-    query_aware = True
-
-
-@register("chunked", "kv", paper="kvpress ChunkPress / chunked prefill",
-          summary="prefill in chunks, compressing each chunk as it arrives (bounded peak memory)")
-@dataclass(frozen=True)
-class Chunked(Wrapper):
-    """Prefill ``chunk`` tokens at a time and compress each chunk's tokens with the inner policy right after
-    it, so the cache never holds more than the kept tokens plus one chunk. ``apply()`` sets
-    ``generation_config.prefill_chunk_size`` so that ``model.generate`` prefills in chunks (restored on exit);
-    the bench feeds the context chunk by chunk. Departure from a one-shot policy: each chunk is scored by its
-    own queries (its observation window is the chunk's end)."""
-
-    chunk: int = 1024
-    repeat = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_int(self.chunk, "chunk", 16, hint="tokens")
+__all__ = ["Compose"]
 
 
 @register("compose", "kv", paper="kvpress ComposedPress", summary="apply two policies one after the other")
@@ -54,6 +28,7 @@ class Compose(KVPolicy):
 
     first: str = "knorm"
     second: str = "snapkv"
+    examples = ({},)
 
     def __post_init__(self) -> None:
         super().__post_init__()
