@@ -23,7 +23,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 bench: install
-	$(BIN)/longattn bench --out bench_out
+	# make bench owns bench_out/: each run replaces the previous one (--overwrite); use your own --out to keep runs
+	$(BIN)/longattn bench --out bench_out --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -32,7 +33,7 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 
 ops-bench: install
-	$(BIN)/longattn ops-bench --json bench_out/ops.json
+	$(BIN)/longattn ops-bench --json bench_out/ops.json --overwrite
 
 clean:
 	rm -rf $(VENV) bench_out

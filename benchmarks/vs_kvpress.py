@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - optional
 import longattn
 from longattn import models
 from longattn.bench.peer_kvpress import presses
-from longattn.bench.runner import encode
+from longattn.bench.prompts import encode
 from longattn.bench.tasks import Passkey
 from longattn.cache import cache_nbytes
 from longattn.hf import cache_kwarg_name

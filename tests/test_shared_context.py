@@ -5,8 +5,9 @@ import json
 import pytest
 
 from longattn.api import parse_method
-from longattn.bench import runner
-from longattn.bench.runner import BenchConfig, followup_ids, run, run_one
+from longattn.bench import decoding
+from longattn.bench.protocols import run_qa, run_turns
+from longattn.bench.runner import BenchConfig, followup_ids, run
 
 
 def test_generator_deterministic_and_scorer(smollm2):
@@ -39,8 +40,8 @@ def test_followup_continues_the_chat_template(smollm2):
 def test_one_prefill_per_sample_and_scores_per_turn(smollm2, mode, monkeypatch):
     model, tok = smollm2
     calls = []
-    real = runner._prefill
-    monkeypatch.setattr(runner, "_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = decoding.prefill
+    monkeypatch.setattr(decoding, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = BenchConfig(tasks=(f"shared_context:queries=3:mode={mode}",), lengths=(512,), samples=1,
                       methods=("dense", "snapkv:ratio=0.5", "quest:budget=64:page=16"), progress=False)
     recs = run(cfg, model=model, tokenizer=tok)
@@ -62,10 +63,10 @@ def test_multi_request_turns_equal_each_query_alone(smollm2):
     model, tok = smollm2
     t = parse_method("shared_context:queries=3:mode=multi_request", "task")
     s = t.make(tok, 512, 2, 0)
-    res = run_one(model, tok, "snapkv:ratio=0.5", s, 12, None)
+    res = run_turns(model, tok, "snapkv:ratio=0.5", s, 12, None)
     for pred, (q, prefix, ans) in zip(res["turn_predictions"], s.queries()):
         alone = s.__class__(s.id, s.context, q, prefix, ans)
-        assert run_one(model, tok, "snapkv:ratio=0.5", alone, 12, None)["prediction"] == pred
+        assert run_qa(model, tok, "snapkv:ratio=0.5", alone, 12, None)["prediction"] == pred
 
 
 @pytest.mark.model

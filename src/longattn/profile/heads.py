@@ -32,7 +32,7 @@ def retrieval_scores(model, tokenizer, samples: int = 8, length: int = 1024, see
     from tqdm.auto import tqdm
 
     from .. import api
-    from ..bench.runner import encode
+    from ..bench.prompts import encode
     from ..bench.tasks.passkey import Passkey
 
     cfg = model.config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 __all__ = ["MODES", "Sample", "Task"]
 
@@ -38,6 +39,12 @@ class Task:
     max_new_tokens: int = 12
     #: generated to a target length (``--lengths``); False for tasks that bring their own samples
     uses_length = True
+    #: how its samples run (``bench/protocols.py``): ``qa``, ``shared_context`` or ``perplexity``
+    runs_as: ClassVar[str] = "qa"
+
+    def protocol(self, sample: Sample) -> str:
+        """The protocol ``sample`` runs under (``runs_as`` unless a task mixes kinds of samples)."""
+        return self.runs_as
 
     def count(self) -> int | None:
         """How many distinct samples the task has (None: unbounded, generated)."""

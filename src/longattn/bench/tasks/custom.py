@@ -122,6 +122,10 @@ class Custom(Task):
     def count(self) -> int:
         return len(self._samples)
 
+    def protocol(self, sample: Sample) -> str:
+        """A line with ``turns`` runs as a shared context, the others as one question each."""
+        return "shared_context" if sample.turns else "qa"
+
     def make(self, tokenizer, length: int, index: int, seed: int) -> Sample:
         return self._samples[index]
 

@@ -30,6 +30,7 @@ class Perplexity(Task):
     eval_tokens: int = 256
     haystack: str = "stdlib"
     max_new_tokens: int = 0
+    runs_as = "perplexity"
 
     def __post_init__(self) -> None:
         check_int(self.eval_tokens, "eval_tokens")

@@ -34,6 +34,7 @@ class SharedContext(Task):
     haystack: str = "stdlib"
     max_new_tokens: int = 12
     reserve: int = 120
+    runs_as = "shared_context"
 
     def __post_init__(self) -> None:
         check_int(self.queries, "queries", 2, len(CITIES))

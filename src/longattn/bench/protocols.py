@@ -1,0 +1,195 @@
+"""How one (method, sample) runs: the protocols a task declares (``Task.protocol``).
+
+- ``qa`` (kvpress's pipeline): the context is prefilled and the KV policy compresses it (question-agnostic);
+  then the question and answer prefix are fed uncompressed and the answer is decoded greedily. A
+  ``query_aware`` policy compresses after the question instead (SnapKV's paper setting).
+- ``shared_context`` (SCBench): the context is prefilled and compressed once; every query then runs as the
+  next turn of one conversation (``multi_turn``) or on a fresh copy of the compressed context
+  (``multi_request``).
+- ``perplexity`` (StreamingLLM): prefill (and compress) a text but its last ``eval_tokens``, then score those
+  teacher-forced.
+
+Every protocol returns the same fields; fidelity is teacher-forced along dense's answer from a copy of the
+cache taken after the context (one token at a time when the recipe has a decode selector), and compared with
+dense's next-token distributions.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from .. import api
+from ..cache import cache_nbytes
+from . import decoding
+from .decoding import forward, greedy_model, teacher
+from .metrics import fidelity
+from .prompts import encode, followup_ids
+from .tasks.base import Sample
+
+__all__ = ["PROTOCOLS", "run_qa", "run_perplexity", "run_turns", "run_sample"]
+
+
+def _stats(session) -> dict:
+    """The fields every protocol reads off the session once the sample ran."""
+    d = session.decode_stats
+    return {"method_s": session.method_s,
+            # decode selectors: fraction of the cached tokens the selected layers attended, over all decode steps
+            "decode_density": (d["selected"] / d["possible"]) if d.get("possible") else None}
+
+
+def _eos(tokenizer) -> set[int]:
+    return set(tokenizer.all_special_ids) if tokenizer is not None else set()
+
+
+def _tok_s(steps: int, seconds: float):
+    return (steps / seconds) if steps and seconds > 0 else None
+
+
+def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: dict | None) -> dict:
+    """One question over one context (the ``qa`` protocol, see the module docstring)."""
+    from transformers import DynamicCache
+
+    ctx, rest = encode(tokenizer, sample)
+    eos = _eos(tokenizer)
+    recipe = api.parse(recipe)
+    query_aware = bool(recipe.kv is not None and recipe.kv.query_aware)
+    with torch.no_grad(), api.apply(model, recipe) as session:
+        kw = session.cache_kwarg
+        cache = DynamicCache()
+        # question-agnostic: prefill (and compress) the context alone; query-aware: context + question
+        logits, prefill_s, peak, recall = decoding.prefill(model, session, recipe, ctx + rest if query_aware else ctx,
+                                                           cache, kw)
+        session.set_compression(False)  # the question and the answer are never compressed
+        kv_bytes = cache_nbytes(cache)
+        # the fidelity pass continues from a copy of this cache (selector state included): no crop, exact
+        snapshot = copy.deepcopy(cache)
+        if not query_aware:
+            logits = forward(model, rest, cache, kw)[0, -1]
+        tf_first = logits.clone()
+        gen, decode_s = greedy_model(model, logits, cache, kw, max_new_tokens, eos)
+        kv_bytes_end = cache_nbytes(cache)
+        del cache
+        # teacher-forced along the dense answer, for fidelity (dense's logits are the reference)
+        answer_ids = ref["answer_ids"] if ref is not None else gen
+        tf = teacher(model, snapshot, kw, tf_first, [] if query_aware else rest, answer_ids, recipe.decode is not None)
+        del snapshot
+    kl, top1 = (0.0, 1.0) if ref is None else fidelity(ref["ref_logits"], tf)
+    return {
+        "prediction": tokenizer.decode(gen, skip_special_tokens=True), "n_tokens": len(ctx) + len(rest),
+        "kv_cache_bytes": kv_bytes, "kv_cache_bytes_end": kv_bytes_end, "peak_bytes": peak, "prefill_s": prefill_s,
+        "decode_s": decode_s, "decode_tok_s": _tok_s(max(len(gen) - 1, 0), decode_s), "kl": kl, "top1_agree": top1,
+        "answer_ids": gen, "ref_logits": tf, "protocol": "query_aware" if query_aware else "question_agnostic",
+        "recall": recall, **_stats(session),
+    }
+
+
+def run_perplexity(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: dict | None) -> dict:
+    """Prefill (and compress) the text but its last ``eval_tokens``, then score those teacher-forced."""
+    from transformers import DynamicCache
+
+    ids = tokenizer(sample.context, add_special_tokens=False)["input_ids"][: sample.meta["length"]]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids[:-1]
+    n_eval = sample.meta["eval_tokens"]
+    split = len(ids) - n_eval
+    recipe = api.parse(recipe)
+    with torch.no_grad(), api.apply(model, recipe) as session:
+        kw = session.cache_kwarg
+        cache = DynamicCache()
+        logits, prefill_s, peak, recall = decoding.prefill(model, session, recipe, ids[:split], cache, kw)
+        session.set_compression(False)
+        kv_bytes = cache_nbytes(cache)
+        t0 = time.perf_counter()
+        tf = teacher(model, cache, kw, logits, [], ids[split:], recipe.decode is not None)
+        eval_s = time.perf_counter() - t0
+        kv_bytes_end = cache_nbytes(cache)
+    target = torch.tensor(ids[split:], device=tf.device)
+    nll = float(torch.nn.functional.cross_entropy(tf.float(), target))
+    kl, top1 = (0.0, 1.0) if ref is None else fidelity(ref["ref_logits"], tf)
+    return {
+        "prediction": "", "n_tokens": len(ids), "kv_cache_bytes": kv_bytes, "kv_cache_bytes_end": kv_bytes_end,
+        "peak_bytes": peak, "prefill_s": prefill_s, "decode_s": eval_s,
+        "decode_tok_s": n_eval / eval_s if recipe.decode is not None and eval_s > 0 else None,
+        "kl": kl, "top1_agree": top1, "answer_ids": [], "ref_logits": tf,
+        "protocol": "perplexity", "recall": recall, "nll": nll, "ppl": float(torch.exp(torch.tensor(nll))),
+        **_stats(session),
+    }
+
+
+def run_turns(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: dict | None) -> dict:
+    """A shared-context sample: the context is prefilled and compressed once, then every query runs either as
+    the next turn of one conversation (``multi_turn``) or on a fresh copy of the compressed context
+    (``multi_request``). Fidelity is teacher-forced along dense's answers (and, multi-turn, dense's history)."""
+    from transformers import DynamicCache
+
+    recipe = api.parse(recipe)
+    if recipe.kv is not None and recipe.kv.query_aware:
+        raise ValueError(f"{recipe}: a query-aware KV policy compresses after one question; a shared context is "
+                         "compressed once for every query (use the question-agnostic policy)")
+    queries = sample.queries()
+    ctx, rest0 = encode(tokenizer, sample)
+    eos = _eos(tokenizer)
+    one_by_one = recipe.decode is not None
+    multi_turn = sample.mode == "multi_turn"
+    with torch.no_grad(), api.apply(model, recipe) as session:
+        kw = session.cache_kwarg
+        cache = DynamicCache()
+        _, prefill_s, peak, recall = decoding.prefill(model, session, recipe, ctx, cache, kw)
+        session.set_compression(False)
+        kv_bytes = cache_nbytes(cache)
+        snapshot = copy.deepcopy(cache)
+
+        def run(work, base, answers_given: list[list[int]] | None):
+            """Every turn from ``work`` (fresh copies of ``base`` for later requests), free (greedy) or
+            teacher-forced along ``answers_given``; returns per turn ``(generated ids, logits or None)`` and the
+            decode seconds and steps."""
+            history, out, dec_s, steps = [], [], 0.0, 0
+            for i, (q, prefix, _) in enumerate(queries):
+                if i and not multi_turn:
+                    work = copy.deepcopy(base)
+                if i == 0 or not multi_turn:
+                    rest = encode(tokenizer, Sample("", sample.context, q, prefix, []))[1] if i else rest0
+                else:
+                    rest = followup_ids(tokenizer, sample, history, q, prefix)
+                if answers_given is None:
+                    logits = forward(model, rest, work, kw)[0, -1]
+                    gen, sec = greedy_model(model, logits, work, kw, max_new_tokens, eos)
+                    dec_s, steps = dec_s + sec, steps + max(len(gen) - 1, 0)
+                    out.append((gen, None))
+                else:
+                    gen = answers_given[i]
+                    out.append((gen, teacher(model, work, kw, None, rest, gen, one_by_one)))
+                if multi_turn and i + 1 < len(queries):
+                    if gen and gen[-1] not in eos:  # complete the history in the cache with the last token
+                        forward(model, [gen[-1]], work, kw)
+                    history.append((q, prefix + tokenizer.decode(gen, skip_special_tokens=True)))
+            return out, dec_s, steps
+
+        free, decode_s, steps = run(cache, snapshot, None)
+        kv_bytes_end = cache_nbytes(cache)
+        del cache
+        gens = [g for g, _ in free]
+        answers = ref["turn_answer_ids"] if ref is not None else gens
+        forced, _, _ = run(copy.deepcopy(snapshot), snapshot, answers)
+        del snapshot
+    preds = [tokenizer.decode(g, skip_special_tokens=True) for g in gens]
+    tf = torch.cat([lg for _, lg in forced])
+    kl, top1 = (0.0, 1.0) if ref is None else fidelity(ref["ref_logits"], tf)
+    return {
+        "prediction": preds[0], "turn_predictions": preds, "n_tokens": len(ctx) + len(rest0),
+        "kv_cache_bytes": kv_bytes, "kv_cache_bytes_end": kv_bytes_end, "peak_bytes": peak, "prefill_s": prefill_s,
+        "decode_s": decode_s, "decode_tok_s": _tok_s(steps, decode_s), "kl": kl, "top1_agree": top1,
+        "answer_ids": gens[0], "turn_answer_ids": gens, "ref_logits": tf, "protocol": f"shared_context:{sample.mode}",
+        "recall": recall, **_stats(session),
+    }
+
+
+PROTOCOLS = {"qa": run_qa, "shared_context": run_turns, "perplexity": run_perplexity}
+
+
+def run_sample(model, tokenizer, recipe, task, sample: Sample, ref: dict | None) -> dict:
+    """One (method, sample) through the protocol its task declares for it."""
+    return PROTOCOLS[task.protocol(sample)](model, tokenizer, recipe, sample, task.max_new_tokens, ref)
