@@ -22,8 +22,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
+# make bench owns bench_out/: each run replaces the previous one (--overwrite); use your own --out to keep runs
 bench: install
-	# make bench owns bench_out/: each run replaces the previous one (--overwrite); use your own --out to keep runs
 	$(BIN)/longattn bench --out bench_out --overwrite
 
 test: install
