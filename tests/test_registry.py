@@ -124,3 +124,57 @@ def test_old_names_in_python_and_both_names_refused():
         assert longattn.SnapKV(ratio=0.5, window=8) == longattn.SnapKV(ratio=0.5, obs_window=8)
     with pytest.raises(ValueError, match="window= is the old name of obs_window="):
         longattn.SnapKV(window=8, obs_window=8)
+
+
+# ---- docs and the command line ------------------------------------------------------------------------------
+def test_methods_md_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from longattn.docs import methods_markdown
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+    assert path.read_text() == methods_markdown(), "docs/methods.md is stale: longattn list --markdown > docs/methods.md"
+
+
+def test_every_option_of_every_subcommand_has_a_help_string():
+    import argparse
+
+    from longattn.cli import _build
+
+    parser = _build()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+    missing = []
+    for name, sub in subs.choices.items():
+        for act in sub._actions:
+            if isinstance(act, argparse._HelpAction):
+                continue
+            if not act.help:
+                missing.append(f"{name} {'/'.join(act.option_strings) or act.dest}")
+    assert not missing, f"options without a help string: {missing}"
+    assert all(subs._choices_actions), "every subcommand has a one-line help"
+
+
+def test_docs_links_stay_inside_the_repository():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "README.md"] + sorted((root / "docs").rglob("*.md"))
+    bad = []
+    for f in files:
+        for target in re.findall(r"\]\(([^)\s]+)\)", f.read_text()):
+            if re.match(r"[a-z]+://", target) or target.startswith("#"):
+                continue  # web links (papers) and anchors
+            path = (f.parent / target.split("#")[0]).resolve()
+            if root not in path.parents and path != root or not path.exists():
+                bad.append(f"{f.relative_to(root)} -> {target}")
+        if "../shared" in f.read_text():
+            bad.append(f"{f.relative_to(root)} mentions ../shared")
+    assert not bad, bad
+
+
+def test_readme_is_a_short_front_door():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert len(readme) <= 12000, f"README.md is {len(readme)} characters; details belong in docs/"
