@@ -10,7 +10,7 @@ from typing import Any
 
 from . import registry
 
-__all__ = ["Recipe", "apply", "parse", "parse_method", "SLOTS"]
+__all__ = ["Recipe", "apply", "parse", "parse_method", "method_kwargs", "SLOTS"]
 
 SLOTS = ("prefill", "kv", "decode")
 
@@ -85,8 +85,9 @@ def _convert(value: str, typ, name: str, method: str):
         raise ValueError(f"{method}: {name}={value!r} is not a valid {getattr(typ, '__name__', typ)}") from None
 
 
-def parse_method(spec: str, kind: str | None = None):
-    """``"snapkv:ratio=0.5:obs_window=32"`` -> ``SnapKV(ratio=0.5, obs_window=32)``."""
+def method_kwargs(spec: str, kind: str | None = None) -> tuple[type, dict]:
+    """``"snapkv:ratio=0.5"`` -> ``(SnapKV, {"ratio": 0.5})``: the class and its converted arguments (old setting
+    names mapped, duplicates refused), without building the instance."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"method spec must be a non-empty string like 'snapkv:ratio=0.5', got {spec!r}")
     name, *kvs = spec.strip().split(":")
@@ -106,7 +107,13 @@ def parse_method(spec: str, kind: str | None = None):
             raise ValueError(f"{name}: {k}= is given twice ({given[k]!r} and {v!r}); give it once")
         given[k] = v
     given = registry.canonical_kwargs(cls, given, name)
-    return cls(**{k: _convert(v, hints.get(k, str), k, name) for k, v in given.items()})
+    return cls, {k: _convert(v, hints.get(k, str), k, name) for k, v in given.items()}
+
+
+def parse_method(spec: str, kind: str | None = None):
+    """``"snapkv:ratio=0.5:obs_window=32"`` -> ``SnapKV(ratio=0.5, obs_window=32)``."""
+    cls, kwargs = method_kwargs(spec, kind)
+    return cls(**kwargs)
 
 
 def parse(spec: str | Recipe | None) -> Recipe:

@@ -6,7 +6,7 @@ parse time with one line that the command line prints as it is.
 
 from __future__ import annotations
 
-__all__ = ["check_int", "check_float", "check_ratio", "check_choice", "check_odd", "check_block_size", "parse_layers"]
+__all__ = ["read_text", "check_int", "check_float", "check_ratio", "check_choice", "check_odd", "check_block_size", "parse_layers"]
 
 
 def check_int(value, name: str, lo: int = 1, hi: int | None = None, hint: str = "") -> int:
@@ -75,3 +75,22 @@ def parse_layers(spec: str, name: str = "dense_layers") -> tuple[int, ...]:
             raise ValueError(f"{name}: layer indices must be >= 0, got {val}")
         out.append(val)
     return tuple(sorted(set(out)))
+
+
+def read_text(path, flag: str) -> str:
+    """The UTF-8 text of the file that ``flag`` names: one clear error for a missing, binary, non-UTF-8 or empty file."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{flag}: no such file {path!r}")
+    data = p.read_bytes()
+    if b"\0" in data:
+        raise ValueError(f"{flag}: {path!r} is a binary file, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag}: {path!r} is not UTF-8 text (byte {e.start}); convert it, e.g. iconv -t utf-8") from None
+    if not text.strip():
+        raise ValueError(f"{flag}: {path!r} is empty")
+    return text

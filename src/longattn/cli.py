@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .checks import read_text
+
 __all__ = ["main"]
 
 
@@ -160,23 +162,6 @@ def _cmd_list(a) -> int:
     return 0
 
 
-def read_text_file(path: str, flag: str) -> str:
-    """A UTF-8 text file named by ``flag``: one clear error for a missing, binary, non-UTF-8 or empty file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{flag}: no such file {path!r}")
-    data = p.read_bytes()
-    if b"\0" in data:
-        raise ValueError(f"{flag}: {path!r} is a binary file, not text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{flag}: {path!r} is not UTF-8 text (byte {e.start}); convert it, e.g. iconv -t utf-8") from None
-    if not text.strip():
-        raise ValueError(f"{flag}: {path!r} is empty; give a prompt to generate from")
-    return text
-
-
 def _cmd_generate(a) -> int:
     import torch
 
@@ -185,7 +170,7 @@ def _cmd_generate(a) -> int:
     recipe = api.parse(a.recipe)
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    text = read_text_file(a.prompt_file, "--prompt-file")
+    text = read_text(a.prompt_file, "--prompt-file")
     model, tok = models.load(a.model)
     if getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -212,7 +197,7 @@ def _load_config(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--config: no such file {path!r}")
-    text = read_text_file(path, "--config")
+    text = read_text(path, "--config")
     try:
         if p.suffix == ".toml":
             try:

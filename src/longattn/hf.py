@@ -23,7 +23,8 @@ __all__ = ["NAME", "SUPPORTED_MODEL_TYPES", "BaseLayer", "activate", "adopt_cach
 NAME = "longattn"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
-# id(model.config) -> active Session. Layers share their model's config object.
+# id(module) -> the active Session of the model that module belongs to (every submodule of an applied model), so
+# the registered attention function never mixes up two models, even two that share one config object
 _SESSIONS: dict = {}
 _REGISTERED = False
 
@@ -65,19 +66,20 @@ def activate(session) -> None:
     """Route ``session.model``'s attention through ``session.attend``: register the functions, remember the
     previous implementation (``session.prev_impl``) and switch the model to ``longattn``."""
     register()
-    cfg = session.model.config
-    if id(cfg) in _SESSIONS:
+    model = session.model
+    ids = [id(m) for m in model.modules()]
+    if any(i in _SESSIONS for i in ids):
         raise ValueError("model: longattn.apply() is already active on this model (nesting is not supported)")
-    session.prev_impl = cfg._attn_implementation
-    session.model.set_attn_implementation(NAME)
-    _SESSIONS[id(cfg)] = session
+    session.prev_impl = model.config._attn_implementation
+    model.set_attn_implementation(NAME)
+    for i in ids:
+        _SESSIONS[i] = session
 
 
 def deactivate(session) -> None:
     """Undo ``activate`` (whatever part of it ran)."""
-    cfg = session.model.config
-    if _SESSIONS.get(id(cfg)) is session:
-        del _SESSIONS[id(cfg)]
+    for i in [i for i, s in _SESSIONS.items() if s is session]:
+        del _SESSIONS[i]
     if getattr(session, "prev_impl", None) is not None:
         session.model.set_attn_implementation(session.prev_impl)
         session.prev_impl = None
@@ -115,10 +117,11 @@ def _mask(*args, attention_mask: torch.Tensor | None = None, kv_length: int | No
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    session = _SESSIONS.get(id(module.config))
+    session = _SESSIONS.get(id(module))
     if session is None:
         raise RuntimeError(
-            "the 'longattn' attention implementation is only usable inside `with longattn.apply(model, recipe):`"
+            "the 'longattn' attention implementation is only usable inside `with longattn.apply(model, recipe):` "
+            "(this module's model is not inside one; did two models share one config object?)"
         )
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions=True is not supported by longattn (no N x N weights are formed)")
@@ -131,12 +134,18 @@ def install_cache_hook(model, on_cache):
     """A forward pre-hook on ``model`` that hands every forward a cache of ``LongattnLayer``s (``adopt_cache``)
     and tells ``on_cache(cache)``; returns the hook handle."""
     name = cache_kwarg_name(model)
+    other = "past_key_values" if name == "cache" else "cache"
 
     def hook(module, args, kwargs):
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(model.config, "use_cache", True)
-        cache = adopt_cache(kwargs.get(name), use_cache, name)
+        given = kwargs.get(name)
+        if other in kwargs and kwargs[other] is not None:  # the caller's cache under the other spelling
+            if given is not None and given is not kwargs[other]:
+                raise ValueError(f"{name} and {other}: two different caches given; pass one")
+            given = kwargs.pop(other)
+        cache = adopt_cache(given, use_cache, name)
         if cache is not None:
             kwargs[name] = cache
         on_cache(cache)
@@ -163,6 +172,7 @@ def adopt_cache(cache, use_cache: bool = True, name: str = "cache"):
         cache.layer_class_to_replicate = LongattnLayer
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, LongattnLayer):
+            layer.detached = False  # a compressed cache is valid again inside an apply() block
             continue
         if type(layer) is not DynamicLayer and layer.get_seq_length() > 0:
             raise ValueError(

@@ -8,10 +8,12 @@ dir, so later loads take seconds. Any local Hugging Face model directory works t
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -27,13 +29,19 @@ TINY_ARCHS = ("llama", "qwen2", "mistral")
 
 
 def cache_dir() -> Path:
-    """Where converted models are kept: ``$LONGATTN_CACHE_DIR`` or the user cache dir."""
+    """Where converted models are kept: ``$LONGATTN_CACHE_DIR`` or the user cache dir (checked to be a
+    directory, or creatable, before anything is converted into it)."""
     env = os.environ.get("LONGATTN_CACHE_DIR")
     if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
+        p, where = Path(env), "LONGATTN_CACHE_DIR"
+    else:
+        from platformdirs import user_cache_dir
 
-    return Path(user_cache_dir("longattn"))
+        p, where = Path(user_cache_dir("longattn")), "the user cache dir"
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"model: {where} {str(p)!r} is a file, not a directory; point LONGATTN_CACHE_DIR at a "
+                         "directory for the converted models")
+    return p
 
 
 def _gguf_path(name: str) -> Path:
@@ -50,6 +58,69 @@ def _gguf_path(name: str) -> Path:
     return path
 
 
+# ---- the converted-weights cache ------------------------------------------------------------------------------
+STAMP = "longattn.json"
+STAMP_FORMAT = 2
+_SAMPLES, _SAMPLE_BYTES = 64, 1 << 16  # the cheap check reads 64 evenly spaced 64 KiB pieces of each file
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sample_hash(path: Path) -> str:
+    """A cheap fingerprint: size + ``_SAMPLES`` pieces spread over the file (catches truncation and any damage
+    larger than the spacing; the full SHA-256 confirms)."""
+    n = path.stat().st_size
+    h = hashlib.sha256(str(n).encode())
+    with path.open("rb") as f:
+        for i in range(_SAMPLES):
+            f.seek(max(0, (n - _SAMPLE_BYTES) * i // max(_SAMPLES - 1, 1)))
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def write_stamp(out: Path, source: Path, extra: dict | None = None) -> None:
+    """Record what a converted directory holds: each file's size, SHA-256 and cheap fingerprint, and its source."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p), "sample": _sample_hash(p)}
+             for p in sorted(out.iterdir()) if p.is_file() and p.name != STAMP}
+    doc = {"format": STAMP_FORMAT, "source": str(source), "source_size": source.stat().st_size, "files": files,
+           **(extra or {})}
+    (out / STAMP).write_text(json.dumps(doc, indent=1))
+
+
+def check_converted(out: Path, source: Path) -> str | None:
+    """Why the converted copy in ``out`` cannot be used (None: it is good). Cheap on the normal path (sizes and
+    fingerprints); a fingerprint mismatch is confirmed by the full SHA-256."""
+    try:
+        doc = json.loads((out / STAMP).read_text())
+    except (OSError, ValueError):
+        return "no valid stamp"
+    if doc.get("format") != STAMP_FORMAT or doc.get("source_size") != source.stat().st_size:
+        return "made from another source or by another longattn version"
+    for name, info in doc.get("files", {}).items():
+        p = out / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != info["size"]:
+            return f"{name} has {p.stat().st_size} bytes, {info['size']} were written"
+        if _sample_hash(p) != info["sample"] and _sha256(p) != info["sha256"]:
+            return f"{name} is damaged (its checksum differs from the one written at conversion)"
+    return None if doc.get("files") else "the stamp lists no file"
+
+
+def _is_ours(out: Path) -> bool:
+    """Only directories carrying longattn's stamp are ever replaced."""
+    try:
+        return isinstance(json.loads((out / STAMP).read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def _convert_embedded(name: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,9 +129,13 @@ def _convert_embedded(name: str, out: Path) -> None:
         if importlib.util.find_spec(mod) is None:
             raise ValueError(f"model: loading the GGUF file of {name!r} needs `pip install {mod}` "
                              "(or `pip install longattn[model]`)")
+    if out.exists() and not _is_ours(out):
+        raise ValueError(f"model: {str(out)!r} exists but was not written by longattn (no {STAMP} stamp); move it "
+                         "away, or set LONGATTN_CACHE_DIR to another directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # Dequantized already: write a plain float32 checkpoint (save_pretrained refuses GGUF-loaded models).
@@ -77,28 +152,48 @@ def _convert_embedded(name: str, out: Path) -> None:
     if model.generation_config is not None:
         model.generation_config.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "longattn.json").write_text(json.dumps({"source": str(gguf), "size": gguf.stat().st_size}))
-    shutil.rmtree(out, ignore_errors=True)
+    write_stamp(tmp, gguf, {"model": name})
+    if out.exists():
+        shutil.rmtree(out)  # ours (checked above): a stale or damaged copy
     tmp.rename(out)
 
 
-def resolve(name_or_path: str) -> Path:
-    """The local directory holding ``name_or_path`` (converting the embedded model once)."""
+def resolve(name_or_path: str, log=None) -> Path:
+    """The local directory holding ``name_or_path``: the embedded model's converted copy (converted once, checked
+    on every load and converted again when damaged), or a local Hugging Face model directory (checked to hold a
+    config and weights)."""
+    log = log or (lambda s: print(s, file=sys.stderr))
     if name_or_path in EMBEDDED:
         out = cache_dir() / name_or_path
         src = _gguf_path(name_or_path)
-        stamp = out / "longattn.json"
-        fresh = stamp.exists() and json.loads(stamp.read_text()).get("size") == src.stat().st_size
-        if not fresh:
+        why = check_converted(out, src) if out.exists() else "not converted yet"
+        if why is not None:
+            if out.exists():
+                log(f"longattn: the converted copy of {name_or_path} in {out} is unusable ({why}); converting again")
             _convert_embedded(name_or_path, out)
         return out
     p = Path(name_or_path)
     if p.is_dir() and (p / "config.json").exists():
+        check_model_dir(p)
         return p
     raise ValueError(
         f"model: {name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor a local Hugging Face "
         "model directory (with config.json); nothing is downloaded"
     )
+
+
+def check_model_dir(p: Path) -> None:
+    """A local model directory holds a readable config with a model type and at least one weights file."""
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model: {str(p / 'config.json')!r} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not cfg.get("model_type"):
+        raise ValueError(f"model: {str(p / 'config.json')!r} has no model_type; is this a Hugging Face model "
+                         "directory?")
+    weights = [f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") or f.name.endswith(".safetensors.index.json")]
+    if not weights:
+        raise ValueError(f"model: {str(p)!r} has a config but no weights (*.safetensors or *.bin)")
 
 
 def max_positions(name_or_path: str) -> int | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 
 from . import hf
 from .ops.dense import dense_attention
@@ -47,6 +48,7 @@ class Session:
         self._undo_chunk = None
         self._hook = None
         self._cache_kw = hf.cache_kwarg_name(model)
+        self._caches: list = []  # weak references to every cache this session adopted
 
     # ---- public, read-only -------------------------------------------------------------------------------
     @property
@@ -135,6 +137,7 @@ class Session:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        self._detach_caches()
         hf.deactivate(self)
         if self._undo_chunk is not None:
             self._undo_chunk()
@@ -142,6 +145,21 @@ class Session:
 
     def _on_cache(self, cache) -> None:
         self._cache = cache
+        if cache is not None and not any(r() is cache for r in self._caches):
+            self._caches.append(weakref.ref(cache))
+
+    def _detach_caches(self) -> None:
+        """A compressed layer (per-head budgets, logical positions) is valid only inside apply(): mark the layers
+        of every cache this session compressed so that a later use outside refuses with a clear error (an
+        uncompressed layer is an ordinary DynamicLayer and stays usable)."""
+        from .cache import LongattnLayer
+
+        for ref in self._caches:
+            cache = ref()
+            for layer in getattr(cache, "layers", []) if cache is not None else []:
+                if isinstance(layer, LongattnLayer) and layer.compressed:
+                    layer.detached = True
+        self._caches.clear()
 
     # ---- the attention function ---------------------------------------------------------------------------
     def attend(self, module, query, key, value, key_valid, scaling, window=None):

@@ -120,8 +120,13 @@ def _accuracy_vs_bytes(plt, recs: list[dict], key: str, key_label: str, title: s
     if not by_m:
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
+    xmax = max(_mean([r["kv_cache_bytes"] for r in rs]) for rs in by_m.values()) / 2**20
+    seen: dict = defaultdict(int)  # methods holding the same bytes are drawn side by side, not on top
     for i, (m, rs) in enumerate(sorted(by_m.items(), key=lambda kv: (kv[0] != "dense", kv[0]))):
         x = _mean([r["kv_cache_bytes"] for r in rs]) / 2**20
+        slot = round(x / max(xmax, 1e-9), 2)
+        x += seen[slot] * 0.012 * xmax
+        seen[slot] += 1
         vals = [r[key] for r in rs]
         y = _mean(vals)
         st = _style(i)

@@ -101,11 +101,8 @@ def make_task(spec: str, cfg: BenchConfig):
     """A task from ``name[:key=value...]`` (``niah:haystack=filler:keys=4``); ``custom`` also reads ``--data``
     and ``--scorer`` (arguments in the spec win over ``--scorer``)."""
     if _is_custom(spec):
-        extra = api.parse_method(spec, "task") if ":" in spec else None
-        cls = registry.get("custom", "task").cls
-        scorer = extra.scorer if extra is not None and extra.scorer != cls.scorer else cfg.scorer
-        data = extra.data if extra is not None and extra.data else (cfg.data or "")
-        return cls(data=data, scorer=scorer)
+        cls, kwargs = api.method_kwargs(spec, "task")
+        return cls(**{"data": cfg.data or "", "scorer": cfg.scorer, **kwargs})
     return api.parse_method(spec, "task")
 
 

@@ -44,6 +44,8 @@ class LongattnLayer(BaseLayer):
         #: state of the decode-time selector (page metadata, selection caches), keyed by name; it describes the
         #: physical tokens, so every operation that rewrites them (compress, evict, crop, reset) clears it
         self.decode_state: dict = {}
+        #: set when the apply() block that compressed this layer ended: the layer refuses further use
+        self.detached = False
 
     def page_meta(self, page_size: int) -> PageMeta:
         """Min/max/sum metadata of pages of ``page_size`` physical tokens, updated incrementally to the current
@@ -224,10 +226,13 @@ class LongattnLayer(BaseLayer):
         self.kept_positions = pos.to(torch.int32)
         self.prefix_logical_len = logical
 
-    # --- transformers hooks that cannot work on a compressed prefix -----------------------------------
-    def _refuse(self, what: str) -> None:
-        if self.compressed:
-            raise ValueError(f"{what} is not supported on a compressed longattn cache")
+    # --- transformers hooks ------------------------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.detached:
+            raise ValueError("this cache was compressed inside `with longattn.apply(...)` (per-head budgets, logical "
+                             "positions) and is only valid there; use it inside an apply() block, or keep a plain "
+                             "DynamicCache for use outside")
+        return super().update(key_states, value_states, *args, **kwargs)
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.compressed and tokens_to_remove < 0 and -tokens_to_remove > self.tail_len:
@@ -238,19 +243,48 @@ class LongattnLayer(BaseLayer):
         self.decode_state.clear()
         super().crop(tokens_to_remove)
 
+    def select_rows(self, idx: torch.Tensor, what: str = "batch_select_indices") -> None:
+        """Keep batch rows ``idx`` (new row ``i`` = old row ``idx[i]``; repeats allowed): the uniform keys, the
+        ragged prefix, the kept positions and the H2O scores alike. Page metadata is recomputed from the keys;
+        another decode selector's state (clusters, representatives) cannot follow and is refused."""
+        if not self.is_initialized or self.keys is None:
+            return
+        others = [k for k in self.decode_state if not (isinstance(k, tuple) and k[0] == "pages")]
+        if others:
+            raise ValueError(f"{what}: the decode selector state {others} of this cache cannot follow reordered or "
+                             "repeated batch rows (beam search / several return sequences); decode greedily or "
+                             "sample one sequence per prompt")
+        self.decode_state.clear()
+        idx = idx.to(self.keys.device).long()
+        if self.keys.numel():
+            self.keys = self.keys.index_select(0, idx)
+            self.values = self.values.index_select(0, idx)
+        if self.kept_positions is not None:
+            self.kept_positions = self.kept_positions.index_select(0, idx.to(self.kept_positions.device))
+        if self.scores is not None:
+            self.scores = self.scores.index_select(0, idx.to(self.scores.device))
+        if self.prefix is not None:
+            self.prefix = self.prefix.select_rows(idx.cpu())
+
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._refuse("batch_repeat_interleave (num_return_sequences / beam search)")
-        super().batch_repeat_interleave(repeats)
+        if not self.compressed and not self.decode_state:
+            return super().batch_repeat_interleave(repeats)
+        b = self.prefix.batch if self.prefix is not None else self.keys.shape[0]
+        self.select_rows(torch.arange(b).repeat_interleave(repeats), "batch_repeat_interleave (num_return_sequences)")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._refuse("batch_select_indices")
-        super().batch_select_indices(indices)
+        if not self.compressed and not self.decode_state:
+            return super().batch_select_indices(indices)
+        b = self.prefix.batch if self.prefix is not None else self.keys.shape[0]
+        self.select_rows(torch.arange(b)[indices.cpu()] if indices.dtype == torch.bool else indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._refuse("reorder_cache (beam search)")
-        super().reorder_cache(beam_idx)
+        if not self.compressed and not self.decode_state:
+            return super().reorder_cache(beam_idx)
+        self.select_rows(beam_idx, "reorder_cache (beam search)")
 
     def reset(self) -> None:
+        self.detached = False
         self.prefix = None
         self.kept_positions = None
         self.scores = None

@@ -94,6 +94,20 @@ class RaggedKV:
         logical = int(positions.max()) + 1 if positions.numel() else 0
         return cls(keys.reshape(-1, d), values.reshape(-1, d), positions.reshape(-1), lengths, logical)
 
+    def select_rows(self, idx: torch.Tensor) -> RaggedKV:
+        """The cache of batch rows ``idx`` (new row ``i`` = old row ``idx[i]``; repeats allowed), packed anew."""
+        off = self.offsets.tolist()
+        h = self.heads
+        ks, vs, ps, lens = [], [], [], []
+        for b in idx.tolist():
+            for hh in range(h):
+                s, e = off[b * h + hh], off[b * h + hh + 1]
+                ks.append(self.keys[s:e])
+                vs.append(self.values[s:e])
+                ps.append(self.positions[s:e])
+            lens.append(self.lengths[b])
+        return RaggedKV(torch.cat(ks), torch.cat(vs), torch.cat(ps), torch.stack(lens), self.logical_len)
+
     @classmethod
     def concat(cls, a: RaggedKV, b: RaggedKV) -> RaggedKV:
         """Row-wise concatenation (``a``'s tokens first) of two packed caches of the same (batch, heads)."""

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from ...checks import read_text
 from ...registry import register
 from .base import MODES, Sample, Task
 
@@ -26,11 +26,8 @@ SCORERS = ("contains", "exact", "rouge")
 
 def load_jsonl(path: str) -> list[Sample]:
     """Validate and load every line; a bad line raises ValueError naming its line number and field."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--data: no such file {path!r}")
     out = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text(path, "--data").splitlines(), 1):
         if not line.strip():
             continue
         try:
