@@ -35,6 +35,25 @@ class AdaptiveHeads(Wrapper):
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha (share of each head's budget guaranteed) must be in [0, 1], got {self.alpha!r}")
 
+    def reference_keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
+        """Loop by loop (Ada-KV): the layer's heads share ``heads x budget`` tokens; each head first gets its
+        ``alpha x budget`` best, then the rest goes to the best remaining scores of any head (the inner policy's
+        reference scores)."""
+        sc = self.policy.reference_scores(q, k, v, key_valid, module)
+        b, hk, n = sc.shape
+        out = []
+        for bi in range(b):
+            real = [j for j in range(n) if key_valid is None or bool(key_valid[bi, j])]
+            share = self.policy.reference_budget(len(real), hk, layer_idx, num_layers)[0]
+            floor = int(self.alpha * share)
+            kept = [set(sorted(real, key=lambda j, h=h: -float(sc[bi, h, j]))[:floor]) for h in range(hk)]
+            rest = sorted(((float(sc[bi, h, j]), h, j) for h in range(hk) for j in real if j not in kept[h]),
+                          reverse=True)
+            for _, h, j in rest[: share * hk - floor * hk]:
+                kept[h].add(j)
+            out.append(kept)
+        return out
+
     def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
         b, hk, n, _ = k.shape
         scores = mask_padding(self.policy.score(q, k, v, key_valid, module).float(), key_valid)

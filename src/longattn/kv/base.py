@@ -13,8 +13,7 @@ import torch
 
 from ..checks import check_ratio
 
-__all__ = ["KVPolicy", "Wrapper", "inner_policy", "attention_to_keys",
-           "valid_lengths", "mask_padding"]
+__all__ = ["KVPolicy", "Wrapper"]
 
 
 def valid_lengths(k: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
@@ -86,6 +85,35 @@ class KVPolicy:
         keep = torch.minimum(keep, valid_len.long())
         return keep.view(-1, 1).expand(-1, kv_heads).contiguous()
 
+    #: no slow reference can exist (a random baseline, a no-op): the generic reference test skips it, saying why
+    no_reference: ClassVar[str] = ""
+
+    def reference_scores(self, q, k, v, key_valid=None, module=None) -> torch.Tensor:
+        """The policy's score formula from its paper, computed slowly, loop by loop over rows, heads, queries and
+        keys in float64 (the truth the tests hold ``score()``/``keep()`` to): ``[b, kv_heads, n]``; higher =
+        keep, ``inf`` = always kept (ties among ``inf`` broken by a larger finite tiebreak added by the policy)."""
+        raise NotImplementedError  # pragma: no cover - each scorer defines it
+
+    def reference_budget(self, n_valid: int, kv_heads: int, layer_idx: int, num_layers: int) -> list[int]:
+        """Tokens each kv head keeps for a row of ``n_valid`` real tokens: ``int(n_valid * (1 - ratio))``, >= 1."""
+        return [max(1, int(n_valid * (1.0 - self.ratio)))] * kv_heads
+
+    def reference_keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
+        """Kept positions per (row, kv head) as Python sets: each head's ``reference_budget`` best
+        ``reference_scores`` among the real keys (a plain sort)."""
+        sc = self.reference_scores(q, k, v, key_valid, module)
+        b, hk, n = sc.shape
+        out = []
+        for bi in range(b):
+            real = [j for j in range(n) if key_valid is None or bool(key_valid[bi, j])]
+            budget = self.reference_budget(len(real), hk, layer_idx, num_layers)
+            row = []
+            for h in range(hk):
+                order = sorted(real, key=lambda j: -float(sc[bi, h, j]))
+                row.append(set(order[: budget[h]]))
+            out.append(row)
+        return out
+
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:  # pragma: no cover - abstract
         """``[b, kv_heads, kv_len]`` float; higher = keep."""
         raise NotImplementedError
@@ -147,6 +175,12 @@ class Wrapper(KVPolicy):
     def policy(self) -> KVPolicy:
         return self._inner
 
+    def reference_scores(self, q, k, v, key_valid=None, module=None):
+        return self.policy.reference_scores(q, k, v, key_valid, module)
+
+    def reference_budget(self, n_valid, kv_heads, layer_idx, num_layers):
+        return self.policy.reference_budget(n_valid, kv_heads, layer_idx, num_layers)
+
     def prepare(self, model) -> None:
         self.policy.prepare(model)
 
@@ -158,6 +192,24 @@ class Wrapper(KVPolicy):
 
     def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
         return self.policy.keep(q, k, v, key_valid, module, layer_idx, num_layers)
+
+
+def slow_probs(q, k, key_valid, bi: int, h: int, i: int) -> dict[int, float]:
+    """Reference helper: the softmax attention of query ``i`` of query head ``h`` (row ``bi``) over the real keys
+    it can see (causal, queries aligned to the end), computed from the dot products one by one in float64."""
+    import math
+
+    nq, n, d = q.shape[2], k.shape[2], q.shape[-1]
+    g = q.shape[1] // k.shape[1]
+    qp = i + n - nq
+    keys = [j for j in range(qp + 1) if key_valid is None or bool(key_valid[bi, j])]
+    logits = [float(q[bi, h, i].double() @ k[bi, h // g, j].double()) / math.sqrt(d) for j in keys]
+    if not logits:
+        return {}
+    m = max(logits)
+    e = [math.exp(x - m) for x in logits]
+    z = sum(e)
+    return {j: x / z for j, x in zip(keys, e)}
 
 
 def attention_to_keys(q, k, key_valid, queries: int | None = None, chunk: int = 512, normalize: bool = True):

@@ -47,6 +47,25 @@ class Compose(KVPolicy):
     def score(self, q, k, v, key_valid, module=None):  # pragma: no cover - keep() is overridden
         raise NotImplementedError
 
+    def reference_keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
+        """Loop by loop: ``first`` keeps its reference top ``int(n (1 - r1))``; ``second`` scores the survivors
+        (compacted, in order) and the composed budget ``int(n (1 - ratio))`` of them is kept."""
+        first = self._a.reference_keep(q, k, v, key_valid, module, layer_idx, num_layers)
+        b, hk, n, d = k.shape
+        out = []
+        for bi in range(b):
+            real = [j for j in range(n) if key_valid is None or bool(key_valid[bi, j])]
+            want = max(1, int(len(real) * (1 - self.ratio)))
+            row = []
+            for h in range(hk):
+                surv = sorted(first[bi][h])
+                ks, vs = k[bi : bi + 1, :, surv], v[bi : bi + 1, :, surv]
+                sc = self._b.reference_scores(q[bi : bi + 1], ks, vs, None, module)[0, h]
+                order = sorted(range(len(surv)), key=lambda t: -float(sc[t]))
+                row.append({surv[t] for t in order[: min(want, len(surv))]})
+            out.append(row)
+        return out
+
     def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
         b, hk, n, d = k.shape
         idx_a, len_a = self._a.keep(q, k, v, key_valid, module, layer_idx, num_layers)

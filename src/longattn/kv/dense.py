@@ -18,6 +18,7 @@ class Dense(KVPolicy):
     """No compression (full cache)."""
 
     examples = ({},)
+    no_reference = "keeps every token: nothing to select"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -44,6 +44,31 @@ class DuoAttention(KVPolicy):
         cfg = model.config
         self._profile.check(cfg.num_hidden_layers, cfg.num_key_value_heads, "duo_attention")
 
+    def reference_keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
+        """Loop by loop (DuoAttention): streaming heads keep the first ``sink`` and the last ``recent`` real
+        tokens, retrieval heads everything; the heads with the lowest profile scores stream, as many as remove
+        ``ratio`` of the cache (departure: the paper thresholds trained gates)."""
+        b, hk, n = k.shape[:3]
+        p = self._profile
+        out = []
+        for bi in range(b):
+            real = [j for j in range(n) if key_valid is None or bool(key_valid[bi, j])]
+            nv = len(real)
+            stream_keep = min(self.sink + self.recent, nv)
+            saved = (nv - stream_keep) / nv if nv else 0.0
+            total = p.num_layers * p.num_kv_heads
+            count = 0 if saved <= 0 or self.ratio == 0 else min(total, round(self.ratio / saved * total))
+            heads = sorted((p.scores[li][h], li, h) for li in range(p.num_layers) for h in range(p.num_kv_heads))
+            streaming = {(li, h) for _, li, h in heads[:count]}
+            row = []
+            for h in range(hk):
+                if (layer_idx, h) in streaming:
+                    row.append(set(real[: self.sink]) | set(real[max(0, nv - (stream_keep - min(self.sink, nv))):]))
+                else:
+                    row.append(set(real))
+            out.append(row)
+        return out
+
     def streaming_heads(self, n: int) -> set[tuple[int, int]]:
         """(layer, kv head) pairs that stream for a sequence of ``n`` tokens."""
         p = self._profile

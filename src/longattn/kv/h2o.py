@@ -19,7 +19,7 @@ import torch
 
 from ..checks import check_int
 from ..registry import register
-from .base import KVPolicy, attention_to_keys
+from .base import KVPolicy, attention_to_keys, slow_probs
 
 __all__ = ["H2O"]
 
@@ -85,6 +85,30 @@ class H2O(KVPolicy):
             layer.scores = torch.nn.functional.pad(prev, (0, pad)) + p.mean(2)
             layer.evict(self.decode_budget, max(self.recent, 1))
         return out.reshape(b, hq, 1, d).to(q.dtype)
+
+    def reference_scores(self, q, k, v, key_valid=None, module=None):
+        """Loop by loop: the attention key j receives from every real query that can see it, summed over those
+        queries and the kv head's query heads, divided by (queries x heads); the ``recent`` newest always kept."""
+        b, hq, nq, _ = q.shape
+        hk, n = k.shape[1], k.shape[2]
+        g = hq // hk
+        out = torch.zeros(b, hk, n, dtype=torch.float64)
+        for bi in range(b):
+            for h in range(hk):
+                acc, seen = [0.0] * n, [0] * n
+                for i in range(nq):
+                    if key_valid is not None and not bool(key_valid[bi, i + n - nq]):
+                        continue  # a padded query does not vote
+                    for hh in range(h * g, (h + 1) * g):
+                        probs = slow_probs(q, k, key_valid, bi, hh, i)
+                        for j, p in probs.items():
+                            acc[j] += p
+                            seen[j] += hh == h * g  # queries that can see j, counted once per query
+                for j in range(n):
+                    out[bi, h, j] = acc[j] / (g * max(seen[j], 1))
+                for t, j in enumerate(range(n - min(self.recent, n), n)):
+                    out[bi, h, j] = 1e9 + t
+        return out
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         s = attention_to_keys(q, k, key_valid)

@@ -26,5 +26,15 @@ class KNorm(KVPolicy):
     kvpress_press = "KnormPress"
     examples = ({},)
 
+    def reference_scores(self, q, k, v, key_valid=None, module=None):
+        """Loop by loop: minus the L2 norm of each key (low key norm = high attention, Devoto et al.)."""
+        b, hk, n, d = k.shape
+        out = torch.zeros(b, hk, n, dtype=torch.float64)
+        for bi in range(b):
+            for h in range(hk):
+                for j in range(n):
+                    out[bi, h, j] = -sum(float(x) ** 2 for x in k[bi, h, j].double()) ** 0.5
+        return out
+
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         return -k.float().norm(dim=-1)

@@ -92,6 +92,18 @@ class MoABudgets(Wrapper):
         got = distribute(flat, avg * len(flat), n)
         return [got[i * p.num_kv_heads : (i + 1) * p.num_kv_heads] for i in range(p.num_layers)]
 
+    def reference_keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
+        """Each head keeps its profile budget (``head_budgets``: proportional to the profile's scores, capped at
+        the sequence, summing to the layer total; tested apart) of the inner policy's best reference scores."""
+        sc = self.policy.reference_scores(q, k, v, key_valid, module)
+        b, hk, n = sc.shape
+        out = []
+        for bi in range(b):
+            real = [j for j in range(n) if key_valid is None or bool(key_valid[bi, j])]
+            budget = self.head_budgets(len(real))[layer_idx]
+            out.append([set(sorted(real, key=lambda j, h=h: -float(sc[bi, h, j]))[: budget[h]]) for h in range(hk)])
+        return out
+
     def keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
         b, hk, n, _ = k.shape
         valid = valid_lengths(k, key_valid)

@@ -47,6 +47,35 @@ class Novelty(KVPolicy):
         if self.k > self.ref:
             raise ValueError(f"k must be <= ref, got k={self.k}, ref={self.ref}")
 
+    def reference_scores(self, q, k, v, key_valid=None, module=None):
+        """Loop by loop: values centred on the row's real mean and normalised; the reference sample drawn as the
+        policy draws it (the seeded sample is part of the definition); redundancy of token j = mean of its ``k``
+        highest cosines to the sample (itself excluded); score = -redundancy, then the ``sink`` first real and
+        the ``recent`` last tokens always kept."""
+        b, hk, n, d = v.shape
+        w = torch.ones(b, n) if key_valid is None else key_valid.float().cpu()
+        m = max(1, min(self.ref, int(w.sum(-1).min())))
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        pick = torch.multinomial(w + 1e-9, m, replacement=False, generator=g)  # [b, m], as the policy draws it
+        out = torch.zeros(b, hk, n, dtype=torch.float64)
+        for bi in range(b):
+            real = [j for j in range(n) if key_valid is None or bool(key_valid[bi, j])]
+            for h in range(hk):
+                mean = sum(v[bi, h, j].double() for j in real) / len(real)
+                unit = []
+                for j in range(n):
+                    x = v[bi, h, j].double() - mean
+                    unit.append(x / max(float(x.norm()), 1e-12))
+                for j in range(n):
+                    sims = sorted((float(unit[j] @ unit[t]) if t != j else -1.0 for t in pick[bi].tolist()),
+                                  reverse=True)
+                    out[bi, h, j] = -sum(sims[: min(self.k, m)]) / min(self.k, m) + 1e-4 * j / n
+                for rank, j in enumerate(real[: self.sink]):
+                    out[bi, h, j] = 2e9 + rank
+                for t, j in enumerate(range(n - min(self.recent, n), n)):
+                    out[bi, h, j] = 1e9 + t
+        return out
+
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         b, hk, n, d = v.shape
         x = v.float()

@@ -70,3 +70,8 @@ class PyramidKV(SnapKV):
         keep = torch.tensor([self.layer_budgets(int(n), num_layers)[layer_idx] for n in valid_len.tolist()],
                             device=valid_len.device)
         return keep.view(-1, 1).expand(-1, kv_heads).contiguous()
+    def reference_budget(self, n_valid: int, kv_heads: int, layer_idx: int, num_layers: int) -> list[int]:
+        """PyramidKV's layer budgets (``layer_budgets``: an arithmetic progression from the bottom layer down to
+        ``avg / beta``, capped at the sequence; their own properties are tested apart)."""
+        return [self.layer_budgets(n_valid, num_layers)[layer_idx]] * kv_heads
+

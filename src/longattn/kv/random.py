@@ -19,6 +19,7 @@ class RandomPolicy(KVPolicy):
 
     kvpress_press = "RandomPress"
     examples = ({},)
+    no_reference = "a seeded random subset: its scores are the generator's, there is no formula to check"
 
     seed: int = 0
 

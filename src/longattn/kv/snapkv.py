@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..checks import check_int, check_odd
 from ..registry import register
-from .base import KVPolicy
+from .base import KVPolicy, slow_probs
 
 __all__ = ["SnapKV"]
 
@@ -45,6 +45,31 @@ class SnapKV(KVPolicy):
         super().__post_init__()
         check_int(self.obs_window, "obs_window")
         check_odd(self.kernel, "kernel")
+
+    def reference_scores(self, q, k, v, key_valid=None, module=None):
+        """Loop by loop: the mean over the last ``obs_window`` queries and the kv head's query heads of their
+        softmax attention to key j, averaged over the real keys within ``kernel // 2`` of j; the window's own
+        tokens always kept, most recent first."""
+        b, hq, nq, _ = q.shape
+        hk, n = k.shape[1], k.shape[2]
+        g = hq // hk
+        w = min(self.obs_window, nq, n)
+        r = self.kernel // 2
+        out = torch.zeros(b, hk, n, dtype=torch.float64)
+        for bi in range(b):
+            ok = [key_valid is None or bool(key_valid[bi, j]) for j in range(n)]
+            for h in range(hk):
+                raw = [0.0] * n
+                for hh in range(h * g, (h + 1) * g):
+                    for i in range(nq - w, nq):
+                        for j, p in slow_probs(q, k, key_valid, bi, hh, i).items():
+                            raw[j] += p / (w * g)
+                for j in range(n):
+                    near = [t for t in range(max(0, j - r), min(n, j + r + 1)) if ok[t]]
+                    out[bi, h, j] = sum(raw[t] for t in near) / len(near) if near else 0.0
+                for t, j in enumerate(range(n - w, n)):
+                    out[bi, h, j] = 1e9 + t  # the window: always kept, most recent first
+        return out
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         b, hq, nq, d = q.shape

@@ -40,6 +40,16 @@ class StreamingLLM(KVPolicy):
         super().__post_init__()
         check_int(self.sink, "sink", 0)
 
+    def reference_scores(self, q, k, v, key_valid=None, module=None):
+        """Loop by loop: the first ``sink`` real tokens of the row first, then the most recent ones."""
+        b, hk, n = k.shape[:3]
+        out = torch.zeros(b, hk, n, dtype=torch.float64)
+        for bi in range(b):
+            real = [j for j in range(n) if key_valid is None or bool(key_valid[bi, j])]
+            for rank, j in enumerate(real):
+                out[bi, :, j] = 1e9 + j if rank < self.sink else j
+        return out
+
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         b, hk, n, _ = k.shape
         pos = torch.arange(n, device=k.device, dtype=torch.float32).expand(b, n)

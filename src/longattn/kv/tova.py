@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register
-from .base import KVPolicy, attention_to_keys
+from .base import KVPolicy, attention_to_keys, slow_probs
 
 __all__ = ["TOVA"]
 
@@ -27,6 +27,23 @@ class TOVA(KVPolicy):
 
     kvpress_press = "TOVAPress"
     examples = ({},)
+
+    def reference_scores(self, q, k, v, key_valid=None, module=None):
+        """Loop by loop: the last query's softmax attention to key j, averaged over every query head of the layer
+        (one selection shared by the kv heads); the last token always kept."""
+        b, hq, nq, _ = q.shape
+        hk, n = k.shape[1], k.shape[2]
+        out = torch.zeros(b, hk, n, dtype=torch.float64)
+        for bi in range(b):
+            acc = [0.0] * n
+            for hh in range(hq):
+                for j, p in slow_probs(q, k, key_valid, bi, hh, nq - 1).items():
+                    acc[j] += p / hq
+            for h in range(hk):
+                for j in range(n):
+                    out[bi, h, j] = acc[j]
+                out[bi, h, n - 1] = 1e9
+        return out
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
         s = attention_to_keys(q, k, key_valid, queries=1, normalize=False)  # [b, hk, n]
