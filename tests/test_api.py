@@ -289,8 +289,13 @@ def test_ragged_pack_is_exact_and_frees_memory():
     assert layer.kept(1, 0).tolist() == [0, 12, 13]
     kk = layer.prefix.row(0, 0)[0]
     assert torch.equal(kk, torch.cat([k[0, 0, [1, 3]], k[0, 0, [1, 3]]]))
-    with pytest.raises(ValueError, match="beam search"):
-        layer.reorder_cache(torch.tensor([1, 0]))
+    # beam search reorders the packed rows (issue 13: it was refused), repeats included
+    before = [[layer.kept(b, h).tolist() for h in range(2)] for b in range(2)]
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert [[layer.kept(b, h).tolist() for h in range(2)] for b in range(2)] == before[::-1]
+    assert torch.equal(layer.prefix.row(1, 0)[0], kk)
+    layer.batch_repeat_interleave(2)
+    assert layer.prefix.batch == 4 and layer.kept(3, 1).tolist() == before[0][1]
 
 
 @pytest.mark.parametrize("recipe", ["snapkv:ratio=0.5:obs_window=8", "streaming_llm:ratio=0.7",

@@ -142,3 +142,17 @@ def test_adaptive_heads_moves_budget_to_the_head_that_needs_it():
     pol = api.parse("adaptive_heads:ratio=0.5:alpha=0.2:inner=knorm").kv
     idx, lengths = pol.keep(q, k, v)
     assert int(lengths.sum()) == 20 and int(lengths[0, 0]) >= 2 and int(lengths[0, 1]) >= 2
+
+
+@pytest.mark.parametrize("n,ratio,layers,beta", [(400, 0.5, 6, 20.0), (1000, 0.75, 30, 20.0), (257, 0.9, 4, 5.0)])
+def test_pyramid_budgets_follow_the_paper_formula(n, ratio, layers, beta):
+    """PyramidKV: layer budgets fall arithmetically from ``2 avg - avg / beta`` (bottom) to ``avg / beta`` (top),
+    ``avg = n (1 - ratio)``; rounding may move a budget by one, the total stays ``layers x avg``."""
+    pol = api.parse(f"pyramidkv:ratio={ratio}:beta={beta}").kv
+    got = pol.layer_budgets(n, layers)
+    avg = int(n * (1 - ratio))
+    top, bottom = avg / beta, 2 * avg - avg / beta
+    paper = [bottom - (bottom - top) * i / (layers - 1) for i in range(layers)]
+    assert sum(got) == layers * avg
+    assert all(abs(g - p) <= 1.0 for g, p in zip(got, paper)), (got, paper)
+    assert all(a >= b for a, b in zip(got, got[1:]))
