@@ -644,3 +644,30 @@ def test_infllm_offload_frees_the_layer_and_attends_the_same_tokens():
         _generate(m, ids2, am2, spec + ":offload=true")
     with pytest.raises(ValueError, match="store must be a torch device"):
         api.parse(spec + ":store=nowhere")
+
+
+# ---- every selector against the slow reference written beside it -------------------------------------------------
+def _reference_cases():
+    for e in registry.entries("decode"):
+        for i, ex in enumerate(e.cls.examples):
+            for pads in ((0, 13), (0, 32)):
+                yield pytest.param(e, ex, pads, id=f"{e.name}-{i}-pad{pads[1]}")
+
+
+@pytest.mark.parametrize("e,ex,pads", list(_reference_cases()))
+def test_selection_equals_the_reference_beside_the_selector(e, ex, pads, tmp_path):
+    kw = {k: (e.cls.write_example_profile(tmp_path / "p.json", num_layers=4, num_heads=4, num_kv_heads=2)
+              if v == "<profile>" else v) for k, v in ex.items()}
+    sel = e.cls(**kw)
+    layer_idx = 1
+    if hasattr(sel, "selection_layers"):
+        layer_idx = sel.selection_layers(4)[0]
+    pq = torch.randn(2, 4, 150, 8, generator=torch.Generator().manual_seed(5))
+    step = _step(n=150, pads=pads, layer_idx=layer_idx, sel=sel, prefill_q=pq)
+    if type(sel).reference_select is longattn.DecodeSelector.reference_select:
+        pytest.fail(f"{e.name}: define reference_select (its definition, loop by loop) beside the selector")
+    want = sel.reference_select(step, pq)
+    got = _sets(*sel.select(step))
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == want[key], f"{e.name} {key}: {sorted(got[key] ^ want[key])[:10]} differ"

@@ -100,6 +100,13 @@ class DecodeSelector:
                    key_valid: torch.Tensor | None) -> None:
         """Called after every multi-token forward of a layer (``k``: all physical keys, ``q``: the new queries)."""
 
+    def reference_select(self, step: Step, prefill_q: torch.Tensor | None = None) -> dict:
+        """The tokens the selector's *definition* attends at this step, computed slowly, loop by loop over rows,
+        heads, pages and tokens (the truth the tests hold ``select()`` to): ``{(b, h): set of token indices}``
+        (``h`` over kv heads, or query heads for per-query-head selectors). ``prefill_q``: the queries the layer's
+        prefill saw (selectors whose state comes from them)."""
+        raise NotImplementedError  # pragma: no cover - each selector defines it
+
     def select(self, step: Step) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover - abstract
         """``(idx [b, hs, m] long, valid [b, hs, m] bool or None)`` for this step."""
         raise NotImplementedError

@@ -23,6 +23,7 @@ score the keys before them, so blocks formed while generating get representative
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,6 +34,7 @@ from ..cache.state import DecodeState
 from ..checks import check_int
 from ..padding import first_real
 from ..registry import register
+from . import _slow
 from .base import DecodeSelector, Step, top_with_forced
 
 __all__ = ["InfLLM", "InfLLMState", "representative_scores"]
@@ -126,6 +128,45 @@ class InfLLM(DecodeSelector):
             raise ValueError("infllm offload: a multi-token forward after blocks were offloaded cannot see them; "
                              "feed tokens one at a time, or use offload=false")
         st.rep = representative_scores(st.rep, q, k, key_valid, self.block_size)
+
+    def reference_select(self, step: Step, prefill_q=None) -> dict:
+        """Loop by loop: a token's representative score is the sum of q . k it receives from the ``block_size``
+        queries after it (the prefill's ``prefill_q`` and this step's query; real queries only), averaged over the
+        group; a memory block's representatives are its ``reps`` best; its relevance, the sum of q . r over them
+        and the group; attended: the first ``sink`` real tokens (to a block boundary), the last ``recent`` (back
+        to one) and the ``(budget - sink - recent) // block_size`` most relevant blocks between."""
+        b, hq = step.q.shape[:2]
+        hk, n = step.k.shape[1], step.n
+        g, bs = hq // hk, self.block_size
+        queries = {}  # absolute position -> query [b, hq, d]
+        if prefill_q is not None:
+            for i in range(prefill_q.shape[2]):
+                queries[i + n - 1 - prefill_q.shape[2]] = prefill_q[:, :, i]
+        queries[n - 1] = step.q[:, :, 0]
+        out = {}
+        for bi in range(b):
+            f = _slow.first_real(step.key_valid, bi)
+            mstart = -(-(f + self.sink) // bs) * bs
+            lstart = max(mstart, max(0, ((n - self.recent) // bs) * bs))
+            for h in range(hk):
+                rep = [0.0] * n
+                for m in range(n):
+                    for i in range(m + 1, min(n, m + bs + 1)):
+                        if i in queries and _slow.real(step.key_valid, bi, i):
+                            rep[m] += sum(float(queries[i][bi, hh].double() @ step.k[bi, h, m].double())
+                                          for hh in range(h * g, (h + 1) * g)) / g
+                rel = []
+                for j in range(n // bs):
+                    if j * bs < mstart or (j + 1) * bs > lstart:
+                        rel.append(-math.inf)
+                        continue
+                    top = sorted(range(j * bs, (j + 1) * bs), key=lambda t: -rep[t])[: self.reps]
+                    rel.append(sum(float(step.q[bi, hh, 0].double() @ step.k[bi, h, t].double())
+                                   for hh in range(h * g, (h + 1) * g) for t in top))
+                blocks = [j for j in _slow.top(rel, self.topk) if rel[j] > -math.inf]
+                out[bi, h] = (set(range(f, min(mstart, lstart))) | set(range(lstart, n))
+                              | _slow.tokens_of(blocks, bs, n))
+        return out
 
     def _representatives(self, st: InfLLMState, k: torch.Tensor, blocks: int) -> torch.Tensor:
         """``[b, hk, blocks, reps, d]`` representative keys of the first ``blocks`` blocks (new ones computed)."""

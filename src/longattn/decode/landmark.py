@@ -17,6 +17,7 @@ import torch
 from ..checks import check_int
 from ..padding import first_real
 from ..registry import register
+from . import _slow
 from .base import DecodeSelector, Step, page_has_valid, pages_to_tokens, top_with_forced
 
 __all__ = ["Landmark"]
@@ -40,6 +41,23 @@ class Landmark(DecodeSelector):
         if self.budget < 2 * self.block_size:
             raise ValueError(f"budget ({self.budget}) must be >= 2 * block_size ({2 * self.block_size}): the first "
                              "and the newest block are always attended")
+
+    def reference_select(self, step: Step, prefill_q=None) -> dict:
+        """Loop by loop: a block's landmark is its mean key; its score, the sum over the group's query heads of
+        q . landmark; the first block holding a real token, the newest and the best others."""
+        b, hq = step.q.shape[:2]
+        hk = step.k.shape[1]
+        g = hq // hk
+        out = {}
+        for bi in range(b):
+            for h in range(hk):
+                means = _slow.block_means(step, bi, h, self.block_size)
+                sc = [float("-inf") if m is None else sum(float(step.q[bi, h * g + j, 0].double() @ m) for j in range(g))
+                      for m in means]
+                forced = [_slow.first_real(step.key_valid, bi) // self.block_size, len(sc) - 1]
+                out[bi, h] = _slow.tokens_of(_slow.top(sc, self.budget // self.block_size, forced), self.block_size,
+                                             step.n)
+        return out
 
     def block_scores(self, step: Step) -> torch.Tensor:
         meta = step.layer.page_meta(self.block_size)

@@ -21,6 +21,7 @@ import torch
 from ..checks import check_int
 from ..padding import first_real
 from ..registry import register
+from . import _slow
 from .base import DecodeSelector, Step, page_has_valid, pages_to_tokens, top_with_forced
 
 __all__ = ["LongHeads"]
@@ -45,6 +46,21 @@ class LongHeads(DecodeSelector):
         if self.budget < 2 * self.chunk:
             raise ValueError(f"budget ({self.budget}) must be >= 2 * chunk ({2 * self.chunk}): the first "
                              "and the newest chunk are always attended")
+
+    def reference_select(self, step: Step, prefill_q=None) -> dict:
+        """Loop by loop, per *query* head: a chunk's score is q . (its mean key); the first chunk holding a real
+        token, the newest and the best others, ``budget // chunk``."""
+        b, hq = step.q.shape[:2]
+        hk = step.k.shape[1]
+        g = hq // hk
+        out = {}
+        for bi in range(b):
+            for h in range(hq):
+                means = _slow.block_means(step, bi, h // g, self.chunk)
+                sc = [float("-inf") if m is None else float(step.q[bi, h, 0].double() @ m) for m in means]
+                forced = [_slow.first_real(step.key_valid, bi) // self.chunk, len(sc) - 1]
+                out[bi, h] = _slow.tokens_of(_slow.top(sc, self.budget // self.chunk, forced), self.chunk, step.n)
+        return out
 
     def select(self, step: Step):
         b, hq = step.q.shape[:2]

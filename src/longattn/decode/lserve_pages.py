@@ -25,6 +25,7 @@ from ..checks import check_float, check_int
 from ..padding import first_real
 from ..profiles import load_profile
 from ..registry import register
+from . import _slow
 from .base import DecodeSelector, Step, page_bounds, pages_to_tokens, top_with_forced
 
 __all__ = ["LServePages", "LServeState"]
@@ -87,6 +88,26 @@ class LServePages(DecodeSelector):
         order = sorted((p.scores[li][h], li, h) for li in range(p.num_layers) for h in range(p.num_kv_heads))
         count = round(self.streaming * len(order))
         return sorted(h for _, li, h in order[:count] if li == layer_idx)
+
+    def reference_select(self, step: Step, prefill_q=None) -> dict:
+        """Loop by loop (a fresh selection): a physical page scores the best Quest bound of its logical pages; the
+        newest and the best others, ``budget // page``; a streaming head attends its sinks and recent tokens."""
+        ub = _slow.page_upper_bounds(step, self.logical_page)
+        r = self.page // self.logical_page
+        streaming = set(self.streaming_heads(step.layer_idx))
+        out = {}
+        for bi, rows in enumerate(ub):
+            f = _slow.first_real(step.key_valid, bi)
+            for h, logical in enumerate(rows):
+                if h in streaming:
+                    sinks = set(range(f, min(f + self.sink, step.n)))
+                    start = max(step.n - self.recent, f + self.sink, 0)
+                    out[bi, h] = sinks | set(range(start, step.n))
+                    continue
+                phys = [max(logical[j : j + r]) for j in range(0, len(logical), r)]
+                out[bi, h] = _slow.tokens_of(_slow.top(phys, self.budget // self.page, [len(phys) - 1]), self.page,
+                                             step.n)
+        return out
 
     def page_scores(self, step: Step) -> torch.Tensor:
         """``[b, hk, physical pages]``."""

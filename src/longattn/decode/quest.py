@@ -19,6 +19,7 @@ import torch
 
 from ..checks import check_int
 from ..registry import register
+from . import _slow
 from .base import DecodeSelector, Step, page_bounds, pages_to_tokens, top_with_forced
 
 __all__ = ["Quest"]
@@ -43,6 +44,16 @@ class Quest(DecodeSelector):
         check_int(self.page, "page")
         if self.budget < self.page:
             raise ValueError(f"budget ({self.budget}) must be >= page ({self.page}): at least one page")
+
+    def reference_select(self, step: Step, prefill_q=None) -> dict:
+        """Loop by loop: Quest's page upper bounds; the newest page and the best others, ``budget // page``."""
+        ub = _slow.page_upper_bounds(step, self.page)
+        out = {}
+        for bi, rows in enumerate(ub):
+            for h, pages in enumerate(rows):
+                out[bi, h] = _slow.tokens_of(_slow.top(pages, self.budget // self.page, [len(pages) - 1]), self.page,
+                                             step.n)
+        return out
 
     def page_scores(self, step: Step) -> torch.Tensor:
         """``[b, hk, pages]``: max over the group's query heads of the page upper bound; -inf for padding pages."""

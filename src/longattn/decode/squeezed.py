@@ -15,6 +15,7 @@ Departures: a fixed token budget instead of the paper's calibrated softmax thres
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,7 +24,8 @@ import torch
 from ..cache.state import DecodeState
 from ..checks import check_float, check_int
 from ..registry import register
-from .base import DecodeSelector, Step, top_with_forced
+from . import _slow
+from .base import DecodeSelector, Step
 
 __all__ = ["Squeezed", "SqueezedState", "kmeans"]
 
@@ -125,6 +127,29 @@ class Squeezed(DecodeSelector):
             s = s.masked_fill(~torch.gather(best, -1, st.parent), float("-inf"))
         return s
 
+    def reference_select(self, step: Step, prefill_q=None) -> dict:
+        """Loop by loop, from the layer's clusters (k-means of the context, tested on its own): a cluster scores
+        the best q . centroid over the group (``levels=2``: only inside the best ``coarse_keep`` coarse
+        clusters); the ``budget`` context tokens of the best clusters, plus every token appended since."""
+        st = step.state["squeezed"]
+        b, hq = step.q.shape[:2]
+        hk, n = step.k.shape[1], step.n
+        g, nc = hq // hk, st.n
+        out = {}
+        for bi in range(b):
+            for h in range(hk):
+                qs = [step.q[bi, h * g + j, 0].double() for j in range(g)]
+                cs = [max(float(qq @ st.cent[bi, h, c].double()) for qq in qs) for c in range(st.cent.shape[2])]
+                if self.levels == 2:
+                    cc = [max(float(qq @ st.coarse[bi, h, c].double()) for qq in qs) for c in range(st.coarse.shape[2])]
+                    best = set(_slow.top(cc, max(1, round(self.coarse_keep * len(cc)))))
+                    cs = [x if int(st.parent[bi, h, c]) in best else -math.inf for c, x in enumerate(cs)]
+                tok = [cs[int(st.assign[bi, h, t])] if _slow.real(step.key_valid, bi, t) else -math.inf
+                       for t in range(nc)]
+                chosen = [t for t in _slow.top(tok, min(self.budget, nc)) if tok[t] > -math.inf]
+                out[bi, h] = set(chosen) | set(range(nc, n))
+        return out
+
     def select(self, step: Step):
         st = step.state.get("squeezed")
         if st is None:
@@ -135,7 +160,9 @@ class Squeezed(DecodeSelector):
         tok_score = torch.gather(self.cluster_scores(step, st), -1, st.assign)  # [b, hk, nc]
         if step.key_valid is not None:
             tok_score = tok_score.masked_fill(~step.key_valid[:, None, :nc], float("-inf"))
-        ctx = top_with_forced(tok_score, min(self.budget, nc))
+        # tokens of one cluster share its score: ties go to the earlier token (a stable sort), deterministically
+        ctx = torch.sort(tok_score, dim=-1, descending=True, stable=True).indices[..., : min(self.budget, nc)]
+        ctx = ctx.sort(-1).values
         valid = None
         if self.levels == 2 or step.key_valid is not None:  # slots whose token scored -inf were filler
             valid = torch.isfinite(torch.gather(tok_score, -1, ctx))

@@ -14,6 +14,7 @@ layer: TidalDecode cannot follow a KV policy that drops tokens per layer (refuse
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,6 +22,7 @@ import torch
 
 from ..checks import parse_layers
 from ..registry import register
+from . import _slow
 from .base import DecodeSelector, Step, top_with_forced
 
 __all__ = ["TidalDecode"]
@@ -67,21 +69,30 @@ class TidalDecode(DecodeSelector):
             raise ValueError(f"select_layers: layer {sparse[0]} is neither dense nor after a selection layer; "
                              f"the first selection layer must be <= {sparse[0]}")
 
+    def _probs(self, step: Step) -> torch.Tensor:
+        """``[b, hk, g, n]`` softmax attention of every query head over the real tokens."""
+        s = torch.matmul(step.grouped_q(), step.k.float().transpose(-1, -2)) * step.scale
+        if step.key_valid is not None:
+            s = s.masked_fill(~step.key_valid[:, None, None, :], float("-inf"))
+        return s.softmax(-1)
+
+    def positions(self, step: Step, p: torch.Tensor | None = None) -> torch.Tensor:
+        """At a selection layer: the ``budget`` tokens with the most attention summed over every query head
+        (``[b, 1, m]``), recorded for the following layers of this step."""
+        p = self._probs(step) if p is None else p
+        idx = top_with_forced(p.sum(dim=(1, 2)).unsqueeze(1), min(self.budget, step.n))
+        step.shared["tidal"] = (idx, step.n)
+        return idx
+
     def attend(self, step: Step, stats: dict | None = None) -> torch.Tensor:
         import time
 
         if step.layer_idx not in self.selection_layers(step.num_layers):
             return super().attend(step, stats)
         t0 = time.perf_counter()
-        q = step.grouped_q()  # [b, hk, g, d]
-        s = torch.matmul(q, step.k.float().transpose(-1, -2)) * step.scale  # [b, hk, g, n]
-        if step.key_valid is not None:
-            s = s.masked_fill(~step.key_valid[:, None, None, :], float("-inf"))
-        p = s.softmax(-1)
+        p = self._probs(step)
         out = torch.matmul(p, step.v.float())  # dense attention at the selection layer
-        score = p.sum(dim=(1, 2)).unsqueeze(1)  # [b, 1, n]: attention summed over every query head
-        idx = top_with_forced(score, min(self.budget, step.n))
-        step.shared["tidal"] = (idx, step.n)
+        idx = self.positions(step, p)
         if stats is not None:
             stats["select_s"] = stats.get("select_s", 0.0) + time.perf_counter() - t0
             stats["selected"] = stats.get("selected", 0) + idx.shape[0] * step.k.shape[1] * step.n
@@ -90,8 +101,33 @@ class TidalDecode(DecodeSelector):
         return out.reshape(b, hq, 1, d).to(step.q.dtype)
 
     def select(self, step: Step):
-        got = step.shared.get("tidal")
-        if got is None or got[1] != step.n:
-            raise RuntimeError(f"tidal_decode: layer {step.layer_idx} runs before any selection layer of this step")
-        idx = got[0]
+        if step.layer_idx in self.selection_layers(step.num_layers):
+            idx = self.positions(step)
+        else:
+            got = step.shared.get("tidal")
+            if got is None or got[1] != step.n:
+                raise RuntimeError(f"tidal_decode: layer {step.layer_idx} runs before any selection layer of this "
+                                   "step")
+            idx = got[0]
         return idx.expand(step.k.shape[0], step.k.shape[1], -1), None
+
+    def reference_select(self, step: Step, prefill_q=None) -> dict:
+        """Loop by loop at a selection layer: each query head's softmax over the real tokens, summed over every
+        head of the layer; the ``budget`` best, shared by all kv heads (and reused by the later layers)."""
+        b, hq = step.q.shape[:2]
+        hk, n = step.k.shape[1], step.n
+        g = hq // hk
+        out = {}
+        for bi in range(b):
+            tot = [0.0] * n
+            for hh in range(hq):
+                s = [float(step.q[bi, hh, 0].double() @ step.k[bi, hh // g, t].double()) * step.scale
+                     if _slow.real(step.key_valid, bi, t) else -math.inf for t in range(n)]
+                m = max(s)
+                z = sum(math.exp(x - m) for x in s)
+                for t in range(n):
+                    tot[t] += math.exp(s[t] - m) / z
+            chosen = set(_slow.top(tot, min(self.budget, n)))
+            for h in range(hk):
+                out[bi, h] = chosen
+        return out

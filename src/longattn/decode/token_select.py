@@ -17,6 +17,7 @@ its group only (``vote=group``: each kv head gets its own selection).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from ..cache.state import DecodeState
 from ..checks import check_float, check_int
 from ..padding import sink_tokens
 from ..registry import register
+from . import _slow
 from .base import DecodeSelector, Step, top_with_forced
 
 __all__ = ["TokenSelect", "TokenSelectState"]
@@ -68,6 +70,30 @@ class TokenSelect(DecodeSelector):
             raise ValueError(f"vote must be one of {', '.join(VOTES)}, got {self.vote!r}")
         if self.budget < self.sink + self.recent + 1:
             raise ValueError(f"budget ({self.budget}) must exceed sink + recent ({self.sink + self.recent})")
+
+    def reference_select(self, step: Step, prefill_q=None) -> dict:
+        """Loop by loop (a fresh selection): each query head's softmax over the real tokens of q . k * scale,
+        summed over the layer's heads (``vote=layer``, one set) or the kv head's group (``vote=group``); the first
+        ``sink`` real and last ``recent`` tokens, then the best others, ``budget`` in all."""
+        b, hq = step.q.shape[:2]
+        hk, n = step.k.shape[1], step.n
+        g = hq // hk
+        out = {}
+        for bi in range(b):
+            for h in range(hk):
+                heads = range(hq) if self.vote == "layer" else range(h * g, (h + 1) * g)
+                votes = [0.0] * n
+                for hh in heads:
+                    s = [float(step.q[bi, hh, 0].double() @ step.k[bi, hh // g, t].double()) * step.scale
+                         if _slow.real(step.key_valid, bi, t) else -math.inf for t in range(n)]
+                    m = max(s)
+                    z = sum(math.exp(x - m) for x in s)
+                    for t in range(n):
+                        votes[t] += math.exp(s[t] - m) / z
+                f = _slow.first_real(step.key_valid, bi)
+                forced = list(range(f, min(f + self.sink, n))) + list(range(max(n - self.recent, 0), n))
+                out[bi, h] = set(_slow.top(votes, min(self.budget, n), forced))
+        return out
 
     def token_scores(self, step: Step) -> torch.Tensor:
         """Soft-vote scores ``[b, 1 or hk, n]``: per-head softmax of ``q . k`` summed over heads."""
