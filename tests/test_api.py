@@ -121,11 +121,21 @@ def test_nested_apply_refused():
 
 
 def test_unsupported_model_type():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """Support is by capability: a bidirectional encoder is refused by what it is, before any work (a GPT-2, whose
+    attention is causal like the others, runs)."""
+    from transformers import BertConfig, BertModel
 
-    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64))
-    with pytest.raises(ValueError, match="model: unsupported model type 'gpt2'; supported: llama, mistral, qwen2"):
+    m = BertModel(BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                             vocab_size=64)).eval()
+    with pytest.raises(ValueError, match="model: 'bert' has non-causal attention"):
         with longattn.apply(m, "dense"):
+            pass
+    m.train()
+    from longattn.models import tiny_model
+
+    t = tiny_model("llama").train()
+    with pytest.raises(ValueError, match="call model.eval"):
+        with longattn.apply(t, "dense"):
             pass
 
 

@@ -47,16 +47,28 @@ def _kept(idx, lengths):
     return [[set(idx[bi, h, : int(lengths[bi, h])].tolist()) for h in range(idx.shape[1])] for bi in range(idx.shape[0])]
 
 
+class _Layer:
+    """What a policy reads off the attention module: layer index, scale, softcap, sinks (Gemma 2 / gpt-oss)."""
+
+    def __init__(self, features: bool):
+        self.layer_idx = 1
+        if features:
+            self.scaling, self.attn_logit_softcapping = 0.29, 2.5
+            self.sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
+
+
 @pytest.mark.parametrize("e,ex", list(_cases()))
-@pytest.mark.parametrize("ratio", [0.4, 0.75])
-def test_kept_tokens_equal_the_reference(e, ex, ratio, tmp_path):
+@pytest.mark.parametrize("ratio,features", [(0.4, False), (0.75, False), (0.6, True)],
+                         ids=["0.4", "0.75", "0.6-softcap-sinks"])
+def test_kept_tokens_equal_the_reference(e, ex, ratio, features, tmp_path):
     kw = {k: (e.cls.write_example_profile(tmp_path / "p.json", num_layers=2, num_heads=4, num_kv_heads=2)
               if v == EXAMPLE else v) for k, v in ex.items()}
     pol = e.cls(ratio=ratio, **kw)
     q, k, v, kv = _qkv()
+    module = _Layer(features)
     with torch.no_grad():
-        got = _kept(*pol.keep(q, k, v, kv, None, 1, 2))
-        want = pol.reference_keep(q, k, v, kv, None, 1, 2)
+        got = _kept(*pol.keep(q, k, v, kv, module, 1, 2))
+        want = pol.reference_keep(q, k, v, kv, module, 1, 2)
     for bi in range(2):
         for h in range(2):
             assert got[bi][h] == want[bi][h], (

@@ -13,15 +13,15 @@ in ``ops/``.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicLayer as BaseLayer
 
-__all__ = ["NAME", "SUPPORTED_MODEL_TYPES", "BaseLayer", "activate", "adopt_cache", "cache_kwarg_name",
+__all__ = ["NAME", "BaseLayer", "Features", "call_features", "kv_heads", "layer_kinds", "module_logits", "activate", "adopt_cache", "cache_kwarg_name",
            "check_model", "deactivate", "install_cache_hook", "mask_query_length", "register", "set_prefill_chunk"]
 
 NAME = "longattn"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # id(module) -> the active Session of the model that module belongs to (every submodule of an applied model), so
 # the registered attention function never mixes up two models, even two that share one config object
@@ -42,11 +42,98 @@ def register() -> None:
     _REGISTERED = True
 
 
+@dataclass(frozen=True)
+class Features:
+    """The attention features of one call: sliding ``window``, logit ``softcap``, per-head ``sinks``."""
+
+    window: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+
+# what transformers hands the attention function: the features longattn honours, and the arguments it may ignore
+# (they carry no attention semantics); anything else is refused by name, never ignored
+FEATURE_ARGS = ("scaling", "dropout", "sliding_window", "softcap", "s_aux", "output_attentions")
+IGNORED_ARGS = ("position_ids", "use_cache", "output_router_logits", "cache_position", "position_embeddings",
+                "output_hidden_states", "return_dict")
+LAYER_KINDS = ("full_attention", "sliding_attention")
+
+
+def call_features(module, kwargs: dict) -> Features:
+    """The features of one attention call (``ValueError`` naming any argument longattn would otherwise ignore)."""
+    unknown = sorted(set(kwargs) - set(FEATURE_ARGS) - set(IGNORED_ARGS))
+    if unknown:
+        raise ValueError(f"model: {type(module).__name__} passes the attention argument(s) {', '.join(unknown)}, "
+                         f"which longattn does not honour (it honours {', '.join(FEATURE_ARGS)})")
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions=True is not supported by longattn (no N x N weights are formed)")
+    if kwargs.get("dropout"):
+        raise ValueError(f"model: attention dropout {kwargs['dropout']} (training mode) is not supported by longattn; "
+                         "call model.eval()")
+    sinks = kwargs.get("s_aux")
+    return Features(kwargs.get("sliding_window"), kwargs.get("softcap"), None if sinks is None else sinks.detach())
+
+
+def module_logits(module, head_dim: int):
+    """``(scale, softcap, sinks)`` of an attention module, read from the attributes transformers' attention
+    modules pass to the attention function (``scaling``, ``attn_logit_softcapping``, ``sinks``); ``(1/sqrt(d),
+    None, None)`` without a module. KV policies score with these, so their attention is the layer's own."""
+    import math
+
+    if module is None:
+        return 1.0 / math.sqrt(head_dim), None, None
+    scale = getattr(module, "scaling", None)
+    sinks = getattr(module, "sinks", None)
+    return (1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+            getattr(module, "attn_logit_softcapping", None),
+            None if not isinstance(sinks, torch.Tensor) else sinks.detach())
+
+
+def text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
+
+
+def layer_kinds(model) -> list[tuple[str, int | None]]:
+    """``(kind, window)`` of every decoder layer, from the config as transformers reads it (``layer_types``, or
+    ``sliding_window`` / ``use_sliding_window`` / ``max_window_layers`` where there is none)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, kwargs = get_layer_types_and_kwargs(text_config(model.config))
+    return [(t, kw.get("sliding_window")) for t, kw in zip(types, kwargs)]
+
+
+def kv_heads(config) -> int:
+    """Key/value heads of a config (``num_attention_heads`` where there is no ``num_key_value_heads``: MHA)."""
+    cfg = text_config(config)
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
 def check_model(model) -> None:
-    """Refuse, before any work, a model whose attention longattn does not honour."""
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model: unsupported model type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    """Refuse, before any work, a model whose attention longattn does not honour: every decoder layer must be a
+    full or sliding-window causal attention layer (other kinds, encoder-decoders, training mode are named)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"model: expected a Hugging Face transformers model, got {type(model).__name__}")
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(f"model: {cfg.model_type!r} is an encoder-decoder; longattn runs decoder-only models")
+    try:
+        kinds = layer_kinds(model)
+    except Exception as e:  # noqa: BLE001 - a config transformers cannot read layer types from
+        raise ValueError(f"model: cannot read the layer kinds of {cfg.model_type!r} ({e})") from None
+    bad = sorted({k for k, _ in kinds if k not in LAYER_KINDS})
+    if bad:
+        raise ValueError(f"model: {cfg.model_type!r} has layers of kind {', '.join(bad)}, which longattn does not "
+                         f"support (it runs {', '.join(LAYER_KINDS)})")
+    if getattr(text_config(cfg), "attention_chunk_size", None):
+        raise ValueError(f"model: {cfg.model_type!r} uses chunked attention (attention_chunk_size), which longattn "
+                         "does not support")
+    bidirectional = sorted({type(m).__name__ for m in model.modules() if getattr(m, "is_causal", True) is False})
+    if bidirectional:
+        raise ValueError(f"model: {cfg.model_type!r} has non-causal attention ({', '.join(bidirectional)}); longattn "
+                         "runs causal decoder attention")
+    if model.training:
+        raise ValueError("model: call model.eval() first (longattn runs inference; dropout would be ignored)")
 
 
 def cache_kwarg_name(model) -> str:
@@ -116,16 +203,14 @@ def _mask(*args, attention_mask: torch.Tensor | None = None, kv_length: int | No
     return m
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     session = _SESSIONS.get(id(module))
     if session is None:
         raise RuntimeError(
             "the 'longattn' attention implementation is only usable inside `with longattn.apply(model, recipe):` "
             "(this module's model is not inside one; did two models share one config object?)"
         )
-    if kwargs.get("output_attentions"):
-        raise ValueError("output_attentions=True is not supported by longattn (no N x N weights are formed)")
-    out = session.attend(module, query, key, value, attention_mask, scaling, window=kwargs.get("sliding_window"))
+    out = session.attend(module, query, key, value, attention_mask, scaling, call_features(module, kwargs))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -145,7 +230,7 @@ def install_cache_hook(model, on_cache):
             if given is not None and given is not kwargs[other]:
                 raise ValueError(f"{name} and {other}: two different caches given; pass one")
             given = kwargs.pop(other)
-        cache = adopt_cache(given, use_cache, name)
+        cache = adopt_cache(given, use_cache, name, model.config)
         if cache is not None:
             kwargs[name] = cache
         on_cache(cache)
@@ -154,16 +239,17 @@ def install_cache_hook(model, on_cache):
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def adopt_cache(cache, use_cache: bool = True, name: str = "cache"):
-    """The cache a forward will use, its layers made ``LongattnLayer``s: a new ``DynamicCache`` when the call
-    has none and caches, the caller's own otherwise (uncompressed ``DynamicLayer``s are taken over without a
-    copy); anything else is refused by name."""
-    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+def adopt_cache(cache, use_cache: bool = True, name: str = "cache", config=None):
+    """The cache a forward will use, its layers made ``LongattnLayer``s: a new ``DynamicCache`` (built from the
+    model's config, so sliding-window layers hold their window as in plain transformers) when the call has none
+    and caches, the caller's own otherwise (``DynamicLayer`` and ``DynamicSlidingWindowLayer`` are taken over
+    without a copy); any other layer type is refused by name."""
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
     from .cache import LongattnLayer
 
     if cache is None and use_cache:
-        cache = DynamicCache()
+        cache = DynamicCache(config=config) if config is not None else DynamicCache()
     if cache is None:
         return None
     if not isinstance(cache, Cache):
@@ -174,14 +260,11 @@ def adopt_cache(cache, use_cache: bool = True, name: str = "cache"):
         if isinstance(layer, LongattnLayer):
             layer.detached = False  # a compressed cache is valid again inside an apply() block
             continue
-        if type(layer) is not DynamicLayer and layer.get_seq_length() > 0:
-            raise ValueError(
-                f"{name}: cannot adopt a filled {type(layer).__name__} (layer {i}); start from an empty "
-                "cache or a DynamicCache"
-            )
-        if not isinstance(layer, DynamicLayer):
-            raise ValueError(
-                f"{name}: unsupported cache layer {type(layer).__name__}; use DynamicCache (the default)"
-            )
-        cache.layers[i] = LongattnLayer.adopt(layer)
+        if type(layer) is DynamicSlidingWindowLayer:
+            cache.layers[i] = LongattnLayer.adopt(layer, window=layer.sliding_window)
+        elif type(layer) is DynamicLayer:
+            cache.layers[i] = LongattnLayer.adopt(layer)
+        else:
+            raise ValueError(f"{name}: unsupported cache layer {type(layer).__name__} (layer {i}); use "
+                             "DynamicCache (the default)")
     return cache

@@ -7,7 +7,10 @@ Queries are aligned to the *end* of the keys: query ``i`` sits at absolute posit
 (self-attention when ``q_len == kv_len``; a chunk of new tokens over a cache otherwise). ``causal`` lets a
 query see keys at positions ``<=`` its own; ``window`` (sliding window) further restricts it to the last
 ``window`` positions. ``mask`` (bool, True = attend) is broadcast to ``[batch, q_heads, q_len, kv_len]``
-and intersected with the above. A query row that sees no key gets output 0 and lse ``-inf``.
+and intersected with the above. ``softcap`` (Gemma 2) caps the scaled logits: ``softcap * tanh(x / softcap)``.
+``sinks`` (gpt-oss ``s_aux``, one logit per query head) join each row's softmax as one more entry with no value:
+``p_j = e^{x_j} / (sum_i e^{x_i} + e^{s_h})``; the returned lse is over the keys and the sink. A query row that
+sees no key (and has no sink) gets output 0 and lse ``-inf``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def attention(
     window: int | None = None,
     scale: float | None = None,
     float64: bool = True,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(out [b, hq, nq, d] in q's dtype, lse [b, hq, nq] float32 (float64 with float64=True))``.
 
@@ -82,11 +87,18 @@ def attention(
     kk = k.to(ct).repeat_interleave(group, dim=1)
     vv = v.to(ct).repeat_interleave(group, dim=1)
     s = torch.matmul(q.to(ct), kk.transpose(-1, -2)) * scale  # [b, hq, nq, nk]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     allowed = dense_mask(nq, nk, causal=causal, window=window, device=q.device)[None, None]
     if mask is not None:
         allowed = allowed & mask.to(torch.bool)
     allowed = allowed.expand(b, hq, nq, nk)
     s = s.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:  # one more softmax entry per head, with no value
+        sink = sinks.to(ct).view(1, hq, 1, 1).expand(b, hq, nq, 1)
+        s = torch.cat([s, sink], -1)
+        allowed = torch.cat([allowed, torch.ones_like(allowed[..., :1])], -1)
+        vv = torch.cat([vv, torch.zeros_like(vv[:, :, :1])], 2)
     lse = torch.logsumexp(s, dim=-1)  # -inf for empty rows
     p = torch.exp(s - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
     p = p.masked_fill(~allowed, 0.0)

@@ -162,8 +162,13 @@ class Session:
         self._caches.clear()
 
     # ---- the attention function ---------------------------------------------------------------------------
-    def attend(self, module, query, key, value, key_valid, scaling, window=None):
-        """Attention output ``[b, hq, nq, d]`` of one layer's call (see the module docstring for the order)."""
+    def attend(self, module, query, key, value, key_valid, scaling, features=None):
+        """Attention output ``[b, hq, nq, d]`` of one layer's call (see the module docstring for the order).
+        ``features``: the call's sliding window, softcap and sinks (``hf.Features``). Methods run on full
+        attention layers; a sliding-window layer attends densely inside its window (its cache already holds at
+        most the window), and is compressed only while the whole prompt fits in the window."""
+        f = features if features is not None else hf.Features()
+        window = f.window
         layer_idx = getattr(module, "layer_idx", 0)
         scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         layer = self._layer(layer_idx)
@@ -172,37 +177,36 @@ class Session:
             for obs in self._observers:
                 obs(layer_idx, query, key, value, key_valid)
         policy, sel = self.recipe.kv, self.recipe.decode
-        if nq == 1 and layer is not None and sel is not None:
-            return self._decode_select(layer, layer_idx, query, key, value, key_valid, scale, window)
+        if nq == 1 and layer is not None and sel is not None and window is None:
+            return self._decode_select(layer, layer_idx, query, key, value, key_valid, scale, f)
         if nq == 1 and layer is not None and policy is not None and policy.acts_at_decode and layer.prefix is None:
             t0 = time.perf_counter()
-            out = policy.decode_attend(layer, query, key_valid, scale)
+            out = policy.decode_attend(layer, query, key_valid, scale, f)
             self._method_s += time.perf_counter() - t0
             return out
         if layer is not None and layer.compressed:
-            if window is not None:
-                raise ValueError("sliding-window layers cannot be combined with a KV policy in longattn")
-            out = attend_compressed(layer, query, key_valid, scale)
+            out = attend_compressed(layer, query, key_valid, scale, f.softcap, f.sinks, window)
             k0 = layer.prefix_physical_len
             self._maybe_compress(layer, layer_idx, module, query, layer.keys[..., k0:, :], layer.values[..., k0:, :],
                                  key_valid)
-            self._selector_prefill(layer, layer_idx, query, key_valid)
+            self._selector_prefill(layer, layer_idx, query, key_valid, window)
             return out
 
         pattern = self.recipe.prefill
         if nq > 1 and self._override is not None:
             out = self._override(layer_idx, query, key, value, key_valid, scale)
-        elif nq > 1 and pattern is not None:
+        elif nq > 1 and pattern is not None and window is None:
             stats: dict = {}
             # the model is causal whatever the pattern's own default (2-D forms are non-causal)
             out = pattern.for_layer(layer_idx).attend(
-                query, key, value, scale=scale, key_valid=key_valid, window=window, causal=True, stats=stats,
+                query, key, value, scale=scale, key_valid=key_valid, causal=True, stats=stats, softcap=f.softcap,
+                sinks=f.sinks,
             )
             self._method_s += stats.get("est_s", 0.0)
         else:
-            out = dense_attention(query, key, value, key_valid, scale, window)
+            out = dense_attention(query, key, value, key_valid, scale, window, f.softcap, f.sinks)
         self._maybe_compress(layer, layer_idx, module, query, key, value, key_valid)
-        self._selector_prefill(layer, layer_idx, query, key_valid)
+        self._selector_prefill(layer, layer_idx, query, key_valid, window)
         return out
 
     def _layer(self, layer_idx: int):
@@ -214,30 +218,29 @@ class Session:
         layer = cache.layers[layer_idx]
         return layer if isinstance(layer, LongattnLayer) else None
 
-    def _selector_prefill(self, layer, layer_idx, query, key_valid) -> None:
+    def _selector_prefill(self, layer, layer_idx, query, key_valid, window=None) -> None:
         """Let the decode selector see a multi-token forward (its representatives, clusters) once the layer holds
-        what the KV policy kept."""
+        what the KV policy kept (full attention layers only: selectors select inside full layers)."""
         sel = self.recipe.decode
-        if sel is None or layer is None or query.shape[2] <= 1 or layer.prefix is not None:
+        if sel is None or layer is None or query.shape[2] <= 1 or layer.prefix is not None or window is not None:
             return
         t0 = time.perf_counter()
         sel.on_prefill(layer, layer_idx, query, layer.keys, layer.physical_key_valid(key_valid))
         self._method_s += time.perf_counter() - t0
 
-    def _decode_select(self, layer, layer_idx, query, key, value, key_valid, scale, window):
+    def _decode_select(self, layer, layer_idx, query, key, value, key_valid, scale, f):
         """One decode step through the recipe's selector (dense on its ``dense_layers``)."""
         from .decode.base import Step
 
         sel = self.recipe.decode
-        if window is not None:
-            raise ValueError(f"decode: {sel.name} cannot run on sliding-window layers")
         if layer.prefix is not None:
             raise ValueError(f"decode: {sel.name} needs every kv head to hold the same tokens count; the KV policy "
                              f"{self.recipe.kv.name} kept per-head budgets (ragged cache)")
         kv_phys = layer.physical_key_valid(key_valid)
         if sel.is_dense(layer_idx):
-            return dense_attention(query, key, value, kv_phys, scale, None)
-        step = Step(query, key, value, kv_phys, layer, layer_idx, self.num_layers, scale, self._decode_shared)
+            return dense_attention(query, key, value, kv_phys, scale, None, f.softcap, f.sinks)
+        step = Step(query, key, value, kv_phys, layer, layer_idx, self.num_layers, scale, self._decode_shared,
+                    f.softcap, f.sinks)
         before = self._decode_stats.get("select_s", 0.0)
         out = sel.attend(step, self._decode_stats)
         self._method_s += self._decode_stats.get("select_s", 0.0) - before

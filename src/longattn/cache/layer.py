@@ -33,10 +33,18 @@ class LongattnLayer(BaseLayer):
       by plain SDPA. ``kept_positions [b, h, n]`` (int32) say where the kept tokens were;
     - compressed, per-head budgets: ``prefix`` is a packed ``RaggedKV``; ``keys``/``values`` hold only the
       tokens appended since (the uniform tail).
+
+    ``window`` (a sliding-window layer of a hybrid model): uncompressed, the layer holds at most the last
+    ``window - 1`` tokens, as transformers' ``DynamicSlidingWindowLayer`` (``dropped`` counts those gone; the
+    current forward still sees its full states). A KV policy compresses a sliding layer only when nothing has
+    left its window yet (the prompt fits in it); attention over a compressed sliding layer then applies the
+    window by the kept tokens' original positions (departure: those tokens stay stored until the cache ends).
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, window: int | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.window = window
+        self.dropped = 0  # tokens that left an uncompressed sliding window (logical start of physical token 0)
         self.prefix: RaggedKV | None = None  # ragged compressed prefix
         self.kept_positions: torch.Tensor | None = None  # uniform compressed prefix: [b, h, n] int32
         self.prefix_logical_len = 0  # tokens of the prefix before compression (0 if uncompressed)
@@ -56,13 +64,20 @@ class LongattnLayer(BaseLayer):
             meta = self.decode_state[key] = PageMeta(page_size)
         return meta.update(self.keys)
 
+    @property
+    def is_sliding(self) -> bool:  # read by transformers' mask creation
+        return self.window is not None
+
     @classmethod
-    def adopt(cls, layer: BaseLayer) -> LongattnLayer:
-        """Take over an uncompressed DynamicLayer's tensors (no copy)."""
-        new = cls()
+    def adopt(cls, layer: BaseLayer, window: int | None = None) -> LongattnLayer:
+        """Take over a transformers layer's tensors (no copy): a ``DynamicLayer`` or, with ``window``, a
+        ``DynamicSlidingWindowLayer`` (whose ``cumulative_length`` says how many tokens left the window)."""
+        new = cls(window=window)
         if layer.is_initialized:
             new.lazy_initialization(layer.keys, layer.values)
             new.keys, new.values = layer.keys, layer.values
+            if window is not None:
+                new.dropped = max(int(getattr(layer, "cumulative_length", 0)) - new.physical_len, 0)
         return new
 
     # --- sizes ---------------------------------------------------------------------------------------
@@ -89,10 +104,14 @@ class LongattnLayer(BaseLayer):
 
     def get_seq_length(self) -> int:
         """The logical length: every token seen, kept or dropped (positions and masks follow it)."""
-        return self.prefix_logical_len + self.tail_len if self.compressed else self.physical_len
+        return self.prefix_logical_len + self.tail_len if self.compressed else self.dropped + self.physical_len
 
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
-        return self.get_seq_length() + mask_query_length(query_length), 0
+        q = mask_query_length(query_length)
+        if self.window is not None and not self.compressed:  # as DynamicSlidingWindowLayer
+            past = self.get_seq_length()
+            return min(past, self.window - 1) + q, max(past - (self.window - 1), 0)
+        return self.get_seq_length() + q, 0
 
     def held_tensors(self) -> list:
         """The key/value storage and its bookkeeping (not the decode selector's state: ``decode_state``)."""
@@ -181,7 +200,7 @@ class LongattnLayer(BaseLayer):
             raise ValueError("physical_positions: per-head ragged layers have no uniform keys")
         b, h = self.keys.shape[:2]
         dev = self.keys.device
-        start = self.prefix_logical_len if self.compressed else 0
+        start = self.prefix_logical_len if self.compressed else self.dropped
         tail = (torch.arange(self.tail_len, device=dev, dtype=torch.int32) + start).expand(b, h, -1)
         if self.kept_positions is None:
             return tail
@@ -232,7 +251,15 @@ class LongattnLayer(BaseLayer):
             raise ValueError("this cache was compressed inside `with longattn.apply(...)` (per-head budgets, logical "
                              "positions) and is only valid there; use it inside an apply() block, or keep a plain "
                              "DynamicCache for use outside")
-        return super().update(key_states, value_states, *args, **kwargs)
+        full_k, full_v = super().update(key_states, value_states, *args, **kwargs)
+        if self.window is not None and not self.compressed and self.physical_len > self.window - 1:
+            cut = self.physical_len - (self.window - 1)  # keep the last window - 1 tokens, as transformers does
+            self.keys, self.values = full_k[..., cut:, :], full_v[..., cut:, :]
+            if cut > self.physical_len:  # a long forward (the prefill): do not keep its whole storage alive
+                self.keys, self.values = self.keys.clone(), self.values.clone()
+            self.dropped += cut
+            self.decode_state.clear()
+        return full_k, full_v
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.compressed and tokens_to_remove < 0 and -tokens_to_remove > self.tail_len:
@@ -285,6 +312,7 @@ class LongattnLayer(BaseLayer):
 
     def reset(self) -> None:
         self.detached = False
+        self.dropped = 0
         self.prefix = None
         self.kept_positions = None
         self.scores = None

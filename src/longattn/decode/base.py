@@ -34,6 +34,8 @@ class Step:
     num_layers: int
     scale: float
     shared: dict = field(default_factory=dict)  # per forward (step) state shared across layers
+    softcap: float | None = None  # the layer's logit softcap (Gemma 2)
+    sinks: torch.Tensor | None = None  # the layer's per-head attention sinks (gpt-oss), [hq]
 
     @property
     def state(self) -> dict:
@@ -124,7 +126,7 @@ class DecodeSelector:
             stats["selected"] = stats.get("selected", 0) + (idx.numel() if valid is None else int(valid.sum()))
             stats["possible"] = stats.get("possible", 0) + idx.shape[0] * idx.shape[1] * step.n
         out, _ = gather_attention(step.q, step.k, step.v, idx, valid=valid, key_valid=step.key_valid,
-                                  scale=step.scale, splits=self.splits)
+                                  scale=step.scale, splits=self.splits, softcap=step.softcap, sinks=step.sinks)
         return out
 
 

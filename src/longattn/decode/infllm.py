@@ -225,7 +225,7 @@ class InfLLM(DecodeSelector):
     def _attend_offloaded(self, step: Step, stats: dict | None) -> torch.Tensor:
         import time
 
-        from ..ops.core import masked_attention
+        from ..ops.core import add_sinks, masked_attention
         from ..ops.merge import merge_attention
 
         t0 = time.perf_counter()
@@ -269,7 +269,7 @@ class InfLLM(DecodeSelector):
             layer.keep_tokens(torch.nonzero(~drop).flatten())
         qg = step.grouped_q()  # [b, hk, g, d]
         outs, lses = [], []
-        o, lz = masked_attention(qg, layer.keys, layer.values, None, step.scale)  # sinks + local window
+        o, lz = masked_attention(qg, layer.keys, layer.values, None, step.scale, step.softcap)  # sinks + local window
         outs.append(o)
         lses.append(lz)
         selected = layer.keys.shape[2] * b * hk
@@ -285,11 +285,12 @@ class InfLLM(DecodeSelector):
             g_idx = slot[blocks][..., None, None].expand(-1, -1, -1, bs, d)
             km = kk.gather(2, g_idx).flatten(2, 3)
             vm = vv.gather(2, g_idx).flatten(2, 3)
-            o, lz = masked_attention(qg, km, vm, None, step.scale)
+            o, lz = masked_attention(qg, km, vm, None, step.scale, step.softcap)
             outs.append(o)
             lses.append(lz)
             selected += blocks.numel() * bs
-        out, _ = merge_attention(outs, lses)
+        out, lse = merge_attention(outs, lses)
+        out, _ = add_sinks(out, lse, None if step.sinks is None else step.sinks.float().view(1, hk, -1))
         if stats is not None:
             stats["select_s"] = stats.get("select_s", 0.0) + time.perf_counter() - t0
             stats["selected"] = stats.get("selected", 0) + selected

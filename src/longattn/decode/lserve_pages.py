@@ -22,6 +22,7 @@ import torch
 
 from ..cache.state import DecodeState
 from ..checks import check_float, check_int
+from ..hf import kv_heads
 from ..padding import first_real
 from ..profiles import load_profile
 from ..registry import register
@@ -78,7 +79,7 @@ class LServePages(DecodeSelector):
         super().prepare(model)
         if self.streaming > 0:
             cfg = model.config
-            self._profile.check(cfg.num_hidden_layers, cfg.num_key_value_heads, "lserve_pages")
+            self._profile.check(cfg.num_hidden_layers, kv_heads(cfg), "lserve_pages")
 
     def streaming_heads(self, layer_idx: int) -> list[int]:
         """kv heads of ``layer_idx`` that stream: the ``streaming`` fraction of lowest-scored heads model-wide."""

@@ -70,11 +70,18 @@ class TidalDecode(DecodeSelector):
                              f"the first selection layer must be <= {sparse[0]}")
 
     def _probs(self, step: Step) -> torch.Tensor:
-        """``[b, hk, g, n]`` softmax attention of every query head over the real tokens."""
-        s = torch.matmul(step.grouped_q(), step.k.float().transpose(-1, -2)) * step.scale
+        """``[b, hk, g, n]`` softmax attention of every query head over the real tokens (softcap and sinks as the
+        layer's: a sink takes its share of every row)."""
+        from ..ops.core import capped
+
+        s = capped(torch.matmul(step.grouped_q(), step.k.float().transpose(-1, -2)) * step.scale, step.softcap)
         if step.key_valid is not None:
             s = s.masked_fill(~step.key_valid[:, None, None, :], float("-inf"))
-        return s.softmax(-1)
+        if step.sinks is None:
+            return s.softmax(-1)
+        b, hk, g, n = s.shape
+        sink = step.sinks.float().view(1, hk, g, 1).expand(b, hk, g, 1)
+        return torch.cat([s, sink], -1).softmax(-1)[..., :n]
 
     def positions(self, step: Step, p: torch.Tensor | None = None) -> torch.Tensor:
         """At a selection layer: the ``budget`` tokens with the most attention summed over every query head

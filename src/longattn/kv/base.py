@@ -75,8 +75,9 @@ class KVPolicy:
         idx, lengths = self.keep(q, k, v, key_valid, module, layer_idx, num_layers)
         layer.compress(idx, lengths)
 
-    def decode_attend(self, layer, q, key_valid, scale):  # pragma: no cover - only where acts_at_decode
-        """One decode step ``q [b, hq, 1, d]`` over ``layer`` when ``acts_at_decode``: ``[b, hq, 1, d]``."""
+    def decode_attend(self, layer, q, key_valid, scale, features=None):  # pragma: no cover - where acts_at_decode
+        """One decode step ``q [b, hq, 1, d]`` over ``layer`` when ``acts_at_decode``: ``[b, hq, 1, d]``
+        (``features``: the call's softcap and sinks, ``hf.Features``)."""
         raise NotImplementedError
 
     def budgets(self, valid_len: torch.Tensor, kv_heads: int, layer_idx: int = 0, num_layers: int = 1):
@@ -194,31 +195,42 @@ class Wrapper(KVPolicy):
         return self.policy.keep(q, k, v, key_valid, module, layer_idx, num_layers)
 
 
-def slow_probs(q, k, key_valid, bi: int, h: int, i: int) -> dict[int, float]:
+def slow_probs(q, k, key_valid, bi: int, h: int, i: int, module=None) -> dict[int, float]:
     """Reference helper: the softmax attention of query ``i`` of query head ``h`` (row ``bi``) over the real keys
-    it can see (causal, queries aligned to the end), computed from the dot products one by one in float64."""
+    it can see (causal, queries aligned to the end), computed from the dot products one by one in float64, with
+    the layer's scale, softcap and sink (``module``)."""
     import math
+
+    from ..hf import module_logits
 
     nq, n, d = q.shape[2], k.shape[2], q.shape[-1]
     g = q.shape[1] // k.shape[1]
+    scale, softcap, sinks = module_logits(module, d)
     qp = i + n - nq
     keys = [j for j in range(qp + 1) if key_valid is None or bool(key_valid[bi, j])]
-    logits = [float(q[bi, h, i].double() @ k[bi, h // g, j].double()) / math.sqrt(d) for j in keys]
+    logits = [float(q[bi, h, i].double() @ k[bi, h // g, j].double()) * scale for j in keys]
+    if softcap is not None:
+        logits = [softcap * math.tanh(x / softcap) for x in logits]
     if not logits:
         return {}
-    m = max(logits)
+    extra = [] if sinks is None else [float(sinks[h])]
+    m = max(logits + extra)
     e = [math.exp(x - m) for x in logits]
-    z = sum(e)
+    z = sum(e) + sum(math.exp(x - m) for x in extra)
     return {j: x / z for j, x in zip(keys, e)}
 
 
-def attention_to_keys(q, k, key_valid, queries: int | None = None, chunk: int = 512, normalize: bool = True):
+def attention_to_keys(q, k, key_valid, queries: int | None = None, chunk: int = 512, normalize: bool = True,
+                      module=None):
     """Mean softmax attention that each key receives from the last ``queries`` queries (all if None),
     ``[b, kv_heads, n]``: summed over queries in chunks (no N x N tensor), averaged over the query heads of the
-    GQA group and, with ``normalize``, divided by the number of queries that can see the key (causal)."""
-    import math
+    GQA group and, with ``normalize``, divided by the number of queries that can see the key (causal). The
+    logits are the layer's (``module``: its scale, softcap and sink)."""
+    from ..hf import module_logits
+    from ..ops.core import capped
 
     b, hq, nq, d = q.shape
+    scale, softcap, sinks = module_logits(module, d)
     hk, n = k.shape[1], k.shape[2]
     g = hq // hk
     w = nq if queries is None else min(queries, nq)
@@ -230,7 +242,7 @@ def attention_to_keys(q, k, key_valid, queries: int | None = None, chunk: int = 
     for c0 in range(nq - w, nq, chunk):
         c1 = min(nq, c0 + chunk)
         qc = q[:, :, c0:c1].float().reshape(b, hk, g, c1 - c0, d)
-        s = torch.matmul(qc, kf.transpose(-1, -2)) / math.sqrt(d)  # [b, hk, g, c, n]
+        s = capped(torch.matmul(qc, kf.transpose(-1, -2)) * scale, softcap)  # [b, hk, g, c, n]
         qpos = torch.arange(c0, c1, device=k.device) + (n - nq)
         allowed = kpos[None, :] <= qpos[:, None]  # [c, n]
         if kv_ok is not None:
@@ -240,7 +252,12 @@ def attention_to_keys(q, k, key_valid, queries: int | None = None, chunk: int = 
             allowed = (allowed & q_ok[:, :, None])[:, None, None]
         else:
             seen += allowed.sum(0).float()[None]
-        p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+        s = s.masked_fill(~allowed, float("-inf"))
+        if sinks is not None:  # the layer's sink takes its share of each query's attention
+            sink = sinks.float().view(1, hk, g, 1, 1).expand(b, hk, g, c1 - c0, 1)
+            p = torch.cat([s, sink], -1).softmax(-1)[..., :n].nan_to_num(0.0)
+        else:
+            p = s.softmax(-1).nan_to_num(0.0)
         acc += p.sum(dim=(2, 3))
     acc = acc / g
     if normalize:

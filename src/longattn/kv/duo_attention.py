@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_int
+from ..hf import kv_heads
 from ..profiles import load_profile
 from ..registry import register
 from .base import KVPolicy, mask_padding, valid_lengths
@@ -42,7 +43,7 @@ class DuoAttention(KVPolicy):
 
     def prepare(self, model) -> None:
         cfg = model.config
-        self._profile.check(cfg.num_hidden_layers, cfg.num_key_value_heads, "duo_attention")
+        self._profile.check(cfg.num_hidden_layers, kv_heads(cfg), "duo_attention")
 
     def reference_keep(self, q, k, v, key_valid=None, module=None, layer_idx: int = 0, num_layers: int = 1):
         """Loop by loop (DuoAttention): streaming heads keep the first ``sink`` and the last ``recent`` real

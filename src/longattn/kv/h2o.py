@@ -68,16 +68,24 @@ class H2O(KVPolicy):
                              "or equal lengths")
         layer.scores = torch.gather(sc, -1, idx[..., : layer.physical_len])
 
-    def decode_attend(self, layer, q, key_valid, scale):
+    def decode_attend(self, layer, q, key_valid, scale, features=None):
         """One decode step that also adds each kept token's attention to its score, then evicts down to
         ``decode_budget`` (the ``recent`` newest, at least 1, protected)."""
+        from ..ops.core import capped
+
         b, hq, _, d = q.shape
         hk = layer.keys.shape[1]
+        g = hq // hk
         kv_phys = layer.physical_key_valid(key_valid)
-        s = torch.matmul(q.reshape(b, hk, hq // hk, d).float(), layer.keys.float().transpose(-1, -2)) * scale
+        softcap = getattr(features, "softcap", None)
+        sinks = getattr(features, "sinks", None)
+        s = capped(torch.matmul(q.reshape(b, hk, g, d).float(), layer.keys.float().transpose(-1, -2)) * scale, softcap)
         if kv_phys is not None:
             s = s.masked_fill(~kv_phys[:, None, None, :], float("-inf"))
-        p = s.softmax(-1)  # [b, hk, g, physical]: the step's attention, kept for the scores
+        n = s.shape[-1]
+        if sinks is not None:  # a sink takes its share of the row (and of no token's score)
+            s = torch.cat([s, sinks.float().view(1, hk, g, 1).expand(b, hk, g, 1)], -1)
+        p = s.softmax(-1)[..., :n]  # [b, hk, g, physical]: the step's attention, kept for the scores
         out = torch.matmul(p, layer.values.float())
         if layer.scores is not None:
             prev = layer.scores
@@ -100,7 +108,7 @@ class H2O(KVPolicy):
                     if key_valid is not None and not bool(key_valid[bi, i + n - nq]):
                         continue  # a padded query does not vote
                     for hh in range(h * g, (h + 1) * g):
-                        probs = slow_probs(q, k, key_valid, bi, hh, i)
+                        probs = slow_probs(q, k, key_valid, bi, hh, i, module)
                         for j, p in probs.items():
                             acc[j] += p
                             seen[j] += hh == h * g  # queries that can see j, counted once per query
@@ -111,7 +119,7 @@ class H2O(KVPolicy):
         return out
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
-        s = attention_to_keys(q, k, key_valid)
+        s = attention_to_keys(q, k, key_valid, module=module)
         if self.recent:
             n = k.shape[2]
             r = min(self.recent, n)

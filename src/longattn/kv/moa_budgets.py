@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hf import kv_heads
 from ..profiles import load_profile
 from ..registry import register
 from .base import Wrapper, mask_padding, valid_lengths
@@ -83,7 +84,7 @@ class MoABudgets(Wrapper):
 
     def prepare(self, model) -> None:
         cfg = model.config
-        self._profile.check(cfg.num_hidden_layers, cfg.num_key_value_heads, "moa_budgets")
+        self._profile.check(cfg.num_hidden_layers, kv_heads(cfg), "moa_budgets")
 
     def head_budgets(self, n: int) -> list[list[int]]:
         p = self._profile

@@ -10,13 +10,14 @@ stays unrepeated.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..checks import check_int, check_odd
+from ..hf import module_logits
+from ..ops.core import capped
 from ..registry import register
 from .base import KVPolicy, slow_probs
 
@@ -62,7 +63,7 @@ class SnapKV(KVPolicy):
                 raw = [0.0] * n
                 for hh in range(h * g, (h + 1) * g):
                     for i in range(nq - w, nq):
-                        for j, p in slow_probs(q, k, key_valid, bi, hh, i).items():
+                        for j, p in slow_probs(q, k, key_valid, bi, hh, i, module).items():
                             raw[j] += p / (w * g)
                 for j in range(n):
                     near = [t for t in range(max(0, j - r), min(n, j + r + 1)) if ok[t]]
@@ -77,12 +78,18 @@ class SnapKV(KVPolicy):
         g = hq // hk
         w = min(self.obs_window, nq, n)
         qw = q[:, :, -w:].float().view(b, hk, g, w, d)
-        s = torch.matmul(qw, k.float().unsqueeze(2).transpose(-1, -2)) / math.sqrt(d)  # [b, hk, g, w, n]
+        scale, softcap, sinks = module_logits(module, d)
+        s = capped(torch.matmul(qw, k.float().unsqueeze(2).transpose(-1, -2)) * scale, softcap)  # [b, hk, g, w, n]
         qpos = torch.arange(n - w, n, device=k.device)
         allowed = torch.arange(n, device=k.device)[None, :] <= qpos[:, None]
         if key_valid is not None:
             allowed = allowed & key_valid.to(torch.bool)[:, None, None, None, :]
-        s = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+        s = s.masked_fill(~allowed, float("-inf"))
+        if sinks is not None:  # the layer's sink takes its share of each window query's attention
+            sink = sinks.float().view(1, hk, g, 1, 1).expand(b, hk, g, w, 1)
+            s = torch.cat([s, sink], -1).softmax(-1)[..., :n].nan_to_num(0.0)
+        else:
+            s = s.softmax(-1).nan_to_num(0.0)
         sc = s.mean(dim=(2, 3))  # [b, hk, n]
         if self.kernel > 1:
             # average over the real neighbours only (left padding and the sequence ends are not neighbours)

@@ -37,7 +37,7 @@ class TOVA(KVPolicy):
         for bi in range(b):
             acc = [0.0] * n
             for hh in range(hq):
-                for j, p in slow_probs(q, k, key_valid, bi, hh, nq - 1).items():
+                for j, p in slow_probs(q, k, key_valid, bi, hh, nq - 1, module).items():
                     acc[j] += p / hq
             for h in range(hk):
                 for j in range(n):
@@ -46,7 +46,7 @@ class TOVA(KVPolicy):
         return out
 
     def score(self, q, k, v, key_valid, module=None) -> torch.Tensor:
-        s = attention_to_keys(q, k, key_valid, queries=1, normalize=False)  # [b, hk, n]
+        s = attention_to_keys(q, k, key_valid, queries=1, normalize=False, module=module)  # [b, hk, n]
         s = s.mean(1, keepdim=True).expand_as(s).clone()
         s[..., -1] = float("inf")
         return s

@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..checks import check_int
-from .core import masked_attention
+from .core import add_sinks, grouped_sinks, masked_attention
 from .merge import merge_attention
 
 __all__ = ["split_k_attention", "gather_attention", "split_bounds"]
@@ -63,8 +63,11 @@ def split_k_attention(
     splits: int = 4,
     key_valid: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q`` over all of ``k, v`` computed in ``splits`` kv parts merged by lse.
+    """Attention of ``q`` over all of ``k, v`` computed in ``splits`` kv parts merged by lse (``softcap`` and
+    ``sinks [hq]`` as in ``reference.attention``).
 
     Returns ``(out [b, hq, nq, d] in q's dtype, lse [b, hq, nq] float32)``; rows with no valid key: 0, -inf."""
     b, hq, hk, nq, n, d = _check(q, k, v)
@@ -76,10 +79,11 @@ def split_k_attention(
     outs, lses = [], []
     for s, e in split_bounds(n, splits):
         allowed = None if key_valid is None else key_valid[:, None, None, s:e]
-        o, lse = masked_attention(qg, k[:, :, s:e], v[:, :, s:e], allowed, scale)
+        o, lse = masked_attention(qg, k[:, :, s:e], v[:, :, s:e], allowed, scale, softcap)
         outs.append(o)
         lses.append(lse)
     out, lse = merge_attention(outs, lses)
+    out, lse = add_sinks(out, lse, grouped_sinks(sinks, hk, g, nq))
     return out.reshape(b, hq, nq, d).to(q.dtype), lse.reshape(b, hq, nq).float()
 
 
@@ -93,6 +97,8 @@ def gather_attention(
     key_valid: torch.Tensor | None = None,
     scale: float | None = None,
     splits: int = 1,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the keys at ``idx [b, hs, m]`` (``hs`` = kv heads: shared by the query heads of
     the group; ``hs`` = q heads: one set per query head). ``valid [b, hs, m]`` masks unused slots (indices there
@@ -119,8 +125,12 @@ def gather_attention(
     outs, lses = [], []
     for s, e in split_bounds(m, splits):
         a = None if allowed is None else allowed[..., s:e]
-        o, lse = masked_attention(qs, kg[:, :, s:e], vg[:, :, s:e], a, scale)
+        o, lse = masked_attention(qs, kg[:, :, s:e], vg[:, :, s:e], a, scale, softcap)
         outs.append(o)
         lses.append(lse)
     out, lse = merge_attention(outs, lses)
+    sink = None
+    if sinks is not None:  # rows are (kv head, group member, query) or (query head, query)
+        sink = grouped_sinks(sinks, hk, g, nq) if hs == hk else sinks.float().view(1, hq, 1)
+    out, lse = add_sinks(out, lse, sink)
     return out.reshape(b, hq, nq, d).to(q.dtype), lse.reshape(b, hq, nq).float()

@@ -7,24 +7,28 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import BlockLayout
+from .core import add_sinks, grouped_sinks, masked_attention
 
-__all__ = ["NAME", "can_run", "dense_attention", "dense_layout_attention"]
+__all__ = ["NAME", "can_run", "dense_attention", "dense_layout_attention", "masked_grouped"]
 
 NAME = "dense"
 
 
-def can_run(q, k, v, layout, *, return_lse: bool = False) -> tuple[bool, str]:
+def can_run(q, k, v, layout, *, return_lse: bool = False, sinks: bool = False) -> tuple[bool, str]:
     if return_lse:
         return False, "dense (SDPA) backend does not return the log-sum-exp"
     return True, ""
 
 
-def dense_attention(q, k, v, key_valid, scale, window):
-    """Dense SDPA of ``q`` over ``k, v`` (queries aligned to the end of the keys, causal), the same call
-    transformers' ``sdpa`` path makes when nothing is padded; ``key_valid [b, nk]`` masks padding, ``window``
-    is a sliding window. Rows that see no key come out as 0."""
+def dense_attention(q, k, v, key_valid, scale, window, softcap=None, sinks=None):
+    """Dense attention of ``q`` over ``k, v`` (queries aligned to the end of the keys, causal): the SDPA call
+    transformers' ``sdpa`` path makes when nothing is padded; ``key_valid [b, nk]`` masks padding, ``window`` is a
+    sliding window; ``softcap`` / ``sinks`` (which SDPA cannot apply) go through the explicit float32 path. Rows
+    that see no key come out as 0."""
     nq, nk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if softcap is not None or sinks is not None:
+        return _explicit(q, k, v, key_valid, scale, window, softcap, sinks)
     if key_valid is None and window is None and (nq == nk or nq == 1):
         return F.scaled_dot_product_attention(q, k, v, is_causal=nq > 1, scale=scale, enable_gqa=gqa)
     qpos = torch.arange(nk - nq, nk, device=q.device)[:, None]
@@ -39,9 +43,38 @@ def dense_attention(q, k, v, key_valid, scale, window):
     return torch.where(m.any(-1, keepdim=True), out, torch.zeros_like(out))
 
 
-def dense_layout_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid, window):
-    m = layout.to_dense_mask(causal=causal, window=window)
+def _explicit(q, k, v, key_valid, scale, window, softcap, sinks):
+    """Float32 attention with softcap and sinks: causal (aligned to the end), padding, sliding window."""
+    b, hq, nq, _ = q.shape
+    nk = k.shape[2]
+    qpos = torch.arange(nk - nq, nk, device=q.device)[:, None]
+    kpos = torch.arange(nk, device=q.device)[None, :]
+    m = kpos <= qpos
+    if window is not None:
+        m = m & (qpos - kpos < window)
+    m = m[None, None].expand(b, hq, nq, nk)
+    if key_valid is not None:
+        m = m & key_valid[:, None, None, :]
+    return masked_grouped(q, k, v, m, scale, softcap, sinks)
+
+
+def masked_grouped(q, k, v, mask, scale, softcap=None, sinks=None):
+    """``q [b, hq, nq, d]`` over ``k, v [b, hk, nk, d]`` (GQA unrepeated) under ``mask [b, hq, nq, nk]``, float32,
+    with softcap and sinks; rows with no allowed key (and no sink) give 0."""
+    b, hq, nq, d = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    g = hq // hk
+    qg = q.reshape(b, hk, g * nq, d)
+    out, lse = masked_attention(qg, k, v, mask.expand(b, hq, nq, nk).reshape(b, hk, g * nq, nk), scale, softcap)
+    out, _ = add_sinks(out, lse, grouped_sinks(sinks, hk, g, nq))
+    return out.reshape(b, hq, nq, d).to(q.dtype)
+
+
+def dense_layout_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid, window, softcap=None, sinks=None):
+    m = layout.to_dense_mask(causal=causal, window=window, heads=q.shape[1])
     if key_valid is not None:
         m = m & key_valid.to(torch.bool)[:, None, None, :]
+    if softcap is not None or sinks is not None:
+        return masked_grouped(q, k, v, m, scale, softcap, sinks)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return torch.where(m.any(-1, keepdim=True), out, torch.zeros_like(out))

@@ -39,18 +39,20 @@ def can_run(
     layout: BlockLayout,
     *,
     return_lse: bool = False,
+    sinks: bool = False,
 ) -> tuple[bool, str]:
-    """Whether ``backend`` can compute this call, and if not, why."""
+    """Whether ``backend`` can compute this call (``sinks``: with attention sinks), and if not, why."""
     if backend not in _BACKENDS:
         return False, f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}"
-    return _BACKENDS[backend].can_run(q, k, v, layout, return_lse=return_lse)
+    return _BACKENDS[backend].can_run(q, k, v, layout, return_lse=return_lse, sinks=sinks)
 
 
 def choose_backend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *, return_lse: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *, return_lse: bool = False,
+    sinks: bool = False,
 ) -> tuple[str, str]:
     """Automatic choice: ``(backend, reason)``."""
-    ok, why = can_run("flex", q, k, v, layout, return_lse=return_lse)
+    ok, why = can_run("flex", q, k, v, layout, return_lse=return_lse, sinks=sinks)
     if ok and q.shape[2] >= FLEX_MIN_Q:
         return "flex", "flex can run"
     if ok:
@@ -70,10 +72,13 @@ def block_sparse_attention(
     window: int | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Attention of ``q [b, hq, nq, d]`` over ``k, v [b, hkv, nk, d]`` restricted to ``layout``'s blocks.
 
-    ``key_valid [b, nk]`` bool masks padded keys; ``window`` is a sliding window (token level). Returns the
+    ``key_valid [b, nk]`` bool masks padded keys; ``window`` is a sliding window (token level); ``softcap`` caps
+    the logits (Gemma 2) and ``sinks [hq]`` adds one value-less softmax entry per head (gpt-oss). Returns the
     output ``[b, hq, nq, d]`` (and the lse ``[b, hq, nq]`` float32 with ``return_lse=True``).
     """
     b, hq, hk, nq, nk, d = check_qkv(q, k, v)
@@ -87,11 +92,13 @@ def block_sparse_attention(
         raise ValueError(f"key_valid must be [batch, kv_len] = [{b}, {nk}], got {tuple(key_valid.shape)}")
     if causal and nq > nk:
         raise ValueError(f"causal attention needs q_len <= kv_len, got {nq} > {nk}")
+    if sinks is not None and tuple(sinks.shape) != (hq,):
+        raise ValueError(f"sinks must be one logit per query head [{hq}], got {tuple(sinks.shape)}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if backend == "auto":
-        backend, _ = choose_backend(q, k, v, layout, return_lse=return_lse)
+        backend, _ = choose_backend(q, k, v, layout, return_lse=return_lse, sinks=sinks is not None)
     else:
-        ok, why = can_run(backend, q, k, v, layout, return_lse=return_lse)
+        ok, why = can_run(backend, q, k, v, layout, return_lse=return_lse, sinks=sinks is not None)
         if not ok:
             raise ValueError(f"backend={backend!r} cannot run here: {why}")
     if layout.batch != b or layout.heads != hq:
@@ -101,8 +108,9 @@ def block_sparse_attention(
             layout.block_size, nq, nk, layout.rule, layout.full,
         )
     if backend == "gather":
-        out, lse = gather_block_attention(q, k, v, layout, causal, scale, key_valid, window, need_lse=return_lse)
+        out, lse = gather_block_attention(q, k, v, layout, causal, scale, key_valid, window, need_lse=return_lse,
+                                          softcap=softcap, sinks=sinks)
         return (out, lse) if return_lse else out
     if backend == "dense":
-        return dense_layout_attention(q, k, v, layout, causal, scale, key_valid, window)
-    return flex_block_attention(q, k, v, layout, causal, scale, key_valid, window)
+        return dense_layout_attention(q, k, v, layout, causal, scale, key_valid, window, softcap, sinks)
+    return flex_block_attention(q, k, v, layout, causal, scale, key_valid, window, softcap, sinks)

@@ -66,7 +66,7 @@ def _run_flex(kind: tuple, *args, **kwargs):
     return _flex(False)(*args, **kwargs)
 
 
-def can_run(q, k, v, layout, *, return_lse: bool = False) -> tuple[bool, str]:
+def can_run(q, k, v, layout, *, return_lse: bool = False, sinks: bool = False) -> tuple[bool, str]:
     """Whether the compiled FlexAttention can compute this call, and if not, why."""
     try:
         from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
@@ -78,6 +78,8 @@ def can_run(q, k, v, layout, *, return_lse: bool = False) -> tuple[bool, str]:
         return False, "FlexAttention compiled on CPU supports inference only (run under torch.no_grad())"
     if on_cpu and return_lse:
         return False, "FlexAttention compiled on CPU cannot return the log-sum-exp"
+    if on_cpu and sinks:
+        return False, "attention sinks need the log-sum-exp, which FlexAttention compiled on CPU cannot return"
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False, f"FlexAttention needs float32/bfloat16/float16, got {q.dtype}"
     if q.shape[-1] < 16 or q.shape[-1] & (q.shape[-1] - 1):
@@ -85,7 +87,7 @@ def can_run(q, k, v, layout, *, return_lse: bool = False) -> tuple[bool, str]:
     return True, ""
 
 
-def flex_block_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid, window):
+def flex_block_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid, window, softcap=None, sinks=None):
     from torch.nn.attention.flex_attention import BlockMask
 
     b, hq, nq, _ = q.shape
@@ -157,8 +159,24 @@ def flex_block_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid,
     )
     with torch.no_grad() if q.device.type == "cpu" else _null():
         kind = (q.device.type, q.dtype, causal, window is not None, key_valid is not None, layout.rule is not None,
-                hq, k.shape[1], q.shape[-1])
-        out = _run_flex(kind, q, k, v, block_mask=bm, scale=scale, enable_gqa=hq != k.shape[1])
+                hq, k.shape[1], q.shape[-1], softcap is not None, sinks is not None)
+        extra = {}
+        if softcap is not None:
+            cap = torch.tensor(float(softcap), device=dev)
+
+            def score_mod(score, bb, hh, qi, ki):
+                return cap * torch.tanh(score / cap)
+
+            extra["score_mod"] = score_mod
+        if sinks is not None:
+            extra["return_lse"] = True
+        out = _run_flex(kind, q, k, v, block_mask=bm, scale=scale, enable_gqa=hq != k.shape[1], **extra)
+        if sinks is not None:
+            from .core import add_sinks
+
+            out, lse = out
+            out, _ = add_sinks(out.float(), lse.float(), sinks.view(1, hq, 1))
+            out = out.to(q.dtype)
     if key_valid is not None or window is not None or layout.rule is not None:
         # rows that see no key at all (e.g. padded queries) come out as 0 (not NaN) to match the reference
         out = torch.nan_to_num(out, nan=0.0)

@@ -8,19 +8,23 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import BlockLayout
-from .core import masked_attention
+from .core import add_sinks, masked_attention
 
 __all__ = ["NAME", "can_run", "gather_block_attention"]
 
 NAME = "gather"
 
 
-def can_run(q, k, v, layout, *, return_lse: bool = False) -> tuple[bool, str]:
+def can_run(q, k, v, layout, *, return_lse: bool = False, sinks: bool = False) -> tuple[bool, str]:
     """Always: the gather backend has no limits (autograd, lse, any dtype)."""
     return True, ""
 
 
-def gather_block_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid, window, need_lse=True):
+def gather_block_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid, window, need_lse=True,
+                           softcap=None, sinks=None):
+    """``(out, lse or None)``; with ``softcap`` or ``sinks`` the explicit float32 path runs (the fused SDPA can
+    apply neither) and the returned lse includes the sink."""
+    explicit = need_lse or softcap is not None or sinks is not None
     b, hq, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     group = hq // hk
@@ -41,7 +45,7 @@ def gather_block_attention(q, k, v, layout: BlockLayout, causal, scale, key_vali
     hi = (torch.arange(hq, device=dev) // group).view(1, hq, 1, 1)
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty(b, hq, nqb * bs, d, dtype=ct, device=dev)
-    lse = torch.empty(b, hq, nqb * bs, dtype=ct, device=dev) if need_lse else None
+    lse = torch.empty(b, hq, nqb * bs, dtype=ct, device=dev) if explicit else None
     within = torch.arange(bs, device=dev)
     hq_idx = torch.arange(hq, device=dev).view(1, hq, 1, 1, 1)
     budget = 128 << 20  # bound the transient scores tensor to ~128 MiB
@@ -73,8 +77,8 @@ def gather_block_attention(q, k, v, layout: BlockLayout, causal, scale, key_vali
             allowed = allowed & (qpos - kpos.unsqueeze(-2) < window)
         if layout.rule is not None:
             allowed = allowed & layout.rule(bi.unsqueeze(-1), hq_idx, qpos, kpos.unsqueeze(-2))
-        if need_lse:
-            o, l_ = masked_attention(qp[:, :, c0:c1], kg, vg, allowed, scale)
+        if explicit:
+            o, l_ = masked_attention(qp[:, :, c0:c1], kg, vg, allowed, scale, softcap)
             lse[:, :, c0 * bs : c1 * bs] = l_.reshape(b, hq, c * bs)
         else:
             # fused SDPA over the gathered blocks (flash kernel on CPU); rows with no key come out as 0 below
@@ -88,4 +92,7 @@ def gather_block_attention(q, k, v, layout: BlockLayout, causal, scale, key_vali
                 o = torch.where(allowed.any(-1, keepdim=True), o, torch.zeros_like(o))
         out[:, :, c0 * bs : c1 * bs] = o.reshape(b, hq, c * bs, d).to(ct)
         c0 = c1
-    return out[:, :, :nq].to(q.dtype), (lse[:, :, :nq].float() if need_lse else None)
+    out, lse = out[:, :, :nq], (lse[:, :, :nq] if explicit else None)
+    if sinks is not None:
+        out, lse = add_sinks(out, lse, sinks.view(1, hq, 1))
+    return out.to(q.dtype), (lse.float() if need_lse else None)

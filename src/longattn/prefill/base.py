@@ -77,9 +77,12 @@ class PrefillPattern:
         layout: BlockLayout | None = None,
         causal: bool | None = None,
         stats: dict | None = None,
+        softcap: float | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sparse attention output ``[b, hq, nq, d]`` (layout computed unless given). ``causal`` defaults to
-        ``is_causal()``; ``stats["est_s"]`` accumulates the estimation (layout) seconds."""
+        ``is_causal()``; ``stats["est_s"]`` accumulates the estimation (layout) seconds; ``softcap`` / ``sinks`` are
+        the layer's (applied by the kernel; the estimate ranks raw logits, which the monotonic softcap keeps)."""
         import time
 
         from ..ops.dispatch import block_sparse_attention
@@ -91,7 +94,7 @@ class PrefillPattern:
                 stats["est_s"] = stats.get("est_s", 0.0) + time.perf_counter() - t0
         return block_sparse_attention(
             q, k, v, layout, causal=self.is_causal() if causal is None else causal, scale=scale,
-            key_valid=key_valid, window=window, backend=self.backend,
+            key_valid=key_valid, window=window, backend=self.backend, softcap=softcap, sinks=sinks,
         )
 
 

@@ -91,7 +91,8 @@ class CoreContext(PrefillPattern):
         cv = (w.unsqueeze(-1) * vg).sum(3).to(v.dtype)
         return ck, cv, vmask[:, 0, 0].any(-1)
 
-    def attend(self, q, k, v, *, scale=None, key_valid=None, window=None, layout=None, causal=None, stats=None):
+    def attend(self, q, k, v, *, scale=None, key_valid=None, window=None, layout=None, causal=None, stats=None,
+               softcap=None, sinks=None):
         from ..ops.dispatch import block_sparse_attention
 
         if window is not None:
@@ -127,7 +128,8 @@ class CoreContext(PrefillPattern):
         lay = BlockLayout.from_block_mask(m, block_size=bs, q_len=nq, kv_len=ngp + nk, rule=TokenRule(fn=fn))
         if stats is not None:
             stats["est_s"] = stats.get("est_s", 0.0) + time.perf_counter() - t0
-        return block_sparse_attention(q, k2, v2, lay, causal=False, scale=scale, key_valid=kv2, backend=self.backend)
+        return block_sparse_attention(q, k2, v2, lay, causal=False, scale=scale, key_valid=kv2, backend=self.backend,
+                                      softcap=softcap, sinks=sinks)
 
     examples = ({"group": 8, "window": 40, "block_size": 16},)
     full_example = {"window": 200, "block_size": 16}

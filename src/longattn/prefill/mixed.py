@@ -32,21 +32,18 @@ from .base import Geometry, PrefillPattern
 __all__ = ["Mixed", "FORMAT", "write_mixed"]
 
 
-def _dense(q, k, v, scale, key_valid, window, causal):
-    """Dense SDPA for the heads of a mixture that use no pattern (rows with no visible key give 0)."""
-    import torch.nn.functional as F
-
+def _dense(q, k, v, scale, key_valid, window, causal, softcap=None, sinks=None):
+    """Dense attention for the heads of a mixture that use no pattern (rows with no visible key give 0)."""
+    from ..ops.dense import dense_attention, masked_grouped
     from ..reference import dense_mask
 
-    nq, nk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    if key_valid is None and window is None and causal and nq == nk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    m = dense_mask(nq, nk, causal=causal, window=window, device=q.device)[None, None]
+    if causal:
+        return dense_attention(q, k, v, key_valid, scale, window, softcap, sinks)
+    m = dense_mask(q.shape[2], k.shape[2], causal=False, window=window, device=q.device)[None, None]
     if key_valid is not None:
         m = m & key_valid.to(torch.bool)[:, None, None, :]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=gqa)
-    return torch.where(m.any(-1, keepdim=True), o, torch.zeros_like(o))
+    return masked_grouped(q, k, v, m.expand(q.shape[0], q.shape[1], -1, -1), scale, softcap, sinks)
+
 
 FORMAT = "longattn.mixed/1"
 # built-in profiles shipped with the package, by name (made by `longattn profile search`)
@@ -174,10 +171,11 @@ class MixedLayer(PrefillPattern):
             out.setdefault(p, []).append(h)
         return list(out.items())
 
-    def attend(self, q, k, v, *, scale=None, key_valid=None, window=None, layout=None, causal=None, stats=None):
+    def attend(self, q, k, v, *, scale=None, key_valid=None, window=None, layout=None, causal=None, stats=None,
+               softcap=None, sinks=None):
         if layout is not None:
             return super().attend(q, k, v, scale=scale, key_valid=key_valid, window=window, layout=layout,
-                                  causal=causal, stats=stats)
+                                  causal=causal, stats=stats, softcap=softcap, sinks=sinks)
         b, hq, nq, _ = q.shape
         hk = k.shape[1]
         if len(self.heads) != hq:
@@ -193,17 +191,18 @@ class MixedLayer(PrefillPattern):
             else:
                 kv_idx = idx // g
             qs, ks, vs = q[:, idx], k[:, kv_idx], v[:, kv_idx]
+            ss = None if sinks is None else sinks[idx]
             if p is None:
-                o = _dense(qs, ks, vs, scale, key_valid, window, causal)
+                o = _dense(qs, ks, vs, scale, key_valid, window, causal, softcap, ss)
             elif getattr(p, "head_dependent", False):  # its rule depends on the head's index among all heads
                 from ..ops.dispatch import block_sparse_attention
 
                 lay = p.layout(q, k, key_valid).select_heads(idx)
                 o = block_sparse_attention(qs, ks, vs, lay, causal=causal, scale=scale, key_valid=key_valid,
-                                           window=window, backend=p.backend)
+                                           window=window, backend=p.backend, softcap=softcap, sinks=ss)
             else:
                 o = p.attend(qs, ks, vs, scale=scale, key_valid=key_valid, window=window, causal=causal,
-                             stats=stats)
+                             stats=stats, softcap=softcap, sinks=ss)
             out[:, idx] = o.to(out.dtype)
         return out
 

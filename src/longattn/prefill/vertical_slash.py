@@ -126,7 +126,8 @@ class VerticalSlash(PrefillPattern):
         return BlockLayout.from_block_mask(m, block_size=self.block_size, q_len=q_len, kv_len=kv_len, rule=rule)
 
     # ---- kernel ------------------------------------------------------------------------------------------
-    def attend(self, q, k, v, *, scale=None, key_valid=None, window=None, layout=None, causal=None, stats=None):
+    def attend(self, q, k, v, *, scale=None, key_valid=None, window=None, layout=None, causal=None, stats=None,
+               softcap=None, sinks=None):
         from ..ops.dispatch import block_sparse_attention
 
         if window is not None:
@@ -195,7 +196,7 @@ class VerticalSlash(PrefillPattern):
         if stats is not None:
             stats["est_s"] = stats.get("est_s", 0.0) + time.perf_counter() - t0
         return block_sparse_attention(q, k2, v2, lay, causal=False, scale=scale, key_valid=kv2,
-                                      backend=self.backend)
+                                      backend=self.backend, softcap=softcap, sinks=sinks)
 
     examples = ({"vertical": 12, "slash": 9, "obs_window": 16, "sink": 3, "window": 4, "block_size": 16},)
     full_example = {"vertical": 200, "slash": 1, "block_size": 16}

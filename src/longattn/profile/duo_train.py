@@ -17,6 +17,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from ..hf import kv_heads
+
 __all__ = ["multi_passkey_sample", "train_gates", "mixed_attention"]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -67,7 +69,7 @@ def train_gates(model, tokenizer, *, steps: int = 60, length: int = 1024, keys: 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     cfg = model.config
-    L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
+    L, H = cfg.num_hidden_layers, kv_heads(cfg)
     gates = torch.nn.Parameter(torch.ones(L, H))
     opt = torch.optim.Adam([gates], lr=lr)
     frozen = [(p, p.requires_grad) for p in model.parameters()]

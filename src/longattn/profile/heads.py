@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..hf import kv_heads
+
 __all__ = ["retrieval_scores", "write_profile"]
 
 
@@ -36,7 +38,7 @@ def retrieval_scores(model, tokenizer, samples: int = 8, length: int = 1024, see
     from ..bench.tasks.passkey import Passkey
 
     cfg = model.config
-    L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
+    L, H = cfg.num_hidden_layers, kv_heads(cfg)
     acc = torch.zeros(L, H, dtype=torch.float64)
     count = 0
     task = Passkey()
