@@ -208,3 +208,14 @@ def test_fuzz_decode_ops(i):
         ref, ref_lse = reference.attention(q, k, v, causal=False, mask=mask)
         torch.testing.assert_close(out.float(), ref.float(), **_tol(c["dtype"]), msg=str(c))
         torch.testing.assert_close(lse, ref_lse.float(), **_tol(c["dtype"]), msg=str(c))
+
+
+@pytest.mark.slow
+def test_flex_stays_exact_across_head_counts_in_one_process():
+    """Regression: with every dimension dynamic, torch 2.13's CPU inductor reused a FlexAttention kernel compiled
+    for 2 query heads on a later call with 4 and returned wrong outputs without an error (a mixed per-head profile
+    calls flex on head subsets of every size). Only the sequence lengths are dynamic now."""
+    import test_prefill_patterns as tp
+
+    _check_against_reference(FLEX[1], "flex")  # 2 query heads / 1 kv head
+    tp.test_output_equals_reference_under_its_mask("bilevel_routing-0", "flex")  # 4 / 2, a token rule, padding

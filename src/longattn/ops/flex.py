@@ -51,6 +51,13 @@ def _run_flex(kind: tuple, *args, **kwargs):
     dynamic compilation fails or whose dynamic kernel trips its own bounds check (torch 2.13's CPU inductor has
     bugs for some masks) is compiled statically, per shape, from then on (a compilation per new length)."""
     if kind not in _STATIC_ONLY:
+        import torch._dynamo
+
+        # only the sequence lengths are dynamic: batch, heads and head dim stay static. (With every dim dynamic,
+        # torch 2.13's CPU inductor reused a kernel across head counts and returned wrong outputs, silently.)
+        for t in args[:3]:
+            for dim in (0, 1, 3):
+                torch._dynamo.mark_static(t, dim)
         try:
             return _flex(True)(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - inductor raises several exception types
