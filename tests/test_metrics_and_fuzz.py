@@ -114,7 +114,8 @@ def _fuzz_case(rng: random.Random):
     pad = rng.random() < 0.5
     window = rng.choice([None, None, rng.randint(1, 80)])
     return dict(b=b, hq=hq, hk=hk, nq=nq, nk=nk, d=d, bs=bs, dtype=dtype, causal=causal, pad=pad, window=window,
-                density=rng.uniform(0.1, 1.0), seed=rng.randint(0, 10**6))
+                density=rng.uniform(0.1, 1.0), seed=rng.randint(0, 10**6),
+                softcap=rng.choice([None, None, rng.uniform(1.0, 5.0)]), sinks=rng.random() < 0.3)
 
 
 def _inputs(c):
@@ -133,16 +134,21 @@ def _tol(dtype):
     return dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=4e-2)
 
 
+def _sinks(c):
+    return None if not c.get("sinks") else torch.randn(c["hq"], generator=torch.Generator().manual_seed(c["seed"]))
+
+
 def _check_against_reference(c, backend):
     q, k, v, kv = _inputs(c)
     lay = _random_layout(c["b"], c["hq"], c["nq"], c["nk"], c["bs"], c["density"], c["seed"])
+    sinks = _sinks(c)
     with torch.no_grad():
         out = block_sparse_attention(q, k, v, lay, causal=c["causal"], key_valid=kv, window=c["window"],
-                                     backend=backend)
+                                     backend=backend, softcap=c.get("softcap"), sinks=sinks)
     mask = lay.to_dense_mask(causal=c["causal"], window=c["window"], heads=c["hq"])
     if kv is not None:
         mask = mask & kv[:, None, None, :]
-    ref, _ = reference.attention(q, k, v, mask=mask, causal=False)
+    ref, _ = reference.attention(q, k, v, mask=mask, causal=False, softcap=c.get("softcap"), sinks=sinks)
     rows = mask.any(-1, keepdim=True)
     torch.testing.assert_close(out.float() * rows, ref.float() * rows, **_tol(c["dtype"]), msg=str(c))
 
@@ -159,7 +165,7 @@ def test_fuzz_block_sparse_backends(i, backend):
 
 
 FLEX = [dict(b=2, hq=4, hk=2, nq=96, nk=96, d=16, bs=32, dtype=torch.float32, causal=True, pad=True, window=None,
-             density=0.5, seed=5),
+             density=0.5, seed=5, softcap=2.5),
         dict(b=1, hq=2, hk=1, nq=64, nk=128, d=32, bs=32, dtype=torch.float32, causal=True, pad=False, window=40,
              density=0.6, seed=6),
         dict(b=1, hq=3, hk=3, nq=80, nk=80, d=16, bs=16, dtype=torch.bfloat16, causal=False, pad=False, window=None,
@@ -181,9 +187,11 @@ def test_fuzz_decode_ops(i):
     q, k, v, kv = _inputs(c)
     rng = random.Random(c["seed"])
     splits = rng.randint(1, 6)
+    softcap, sinks = c.get("softcap"), _sinks(c)
     with torch.no_grad():
-        out, lse = split_k_attention(q, k, v, splits=splits, key_valid=kv)
-        ref, ref_lse = reference.attention(q, k, v, causal=False, mask=None if kv is None else kv[:, None, None, :])
+        out, lse = split_k_attention(q, k, v, splits=splits, key_valid=kv, softcap=softcap, sinks=sinks)
+        ref, ref_lse = reference.attention(q, k, v, causal=False, mask=None if kv is None else kv[:, None, None, :],
+                                           softcap=softcap, sinks=sinks)
         torch.testing.assert_close(out.float(), ref.float(), **_tol(c["dtype"]), msg=str(c))
         torch.testing.assert_close(lse, ref_lse.float(), **_tol(c["dtype"]), msg=str(c))
         hs = rng.choice([c["hk"], c["hq"]])
@@ -195,7 +203,8 @@ def test_fuzz_decode_ops(i):
                                         for _ in range(hs)]) for _ in range(c["b"])])
         valid = torch.rand(c["b"], hs, m, generator=g) > 0.2
         valid[..., 0] = True
-        out, lse = gather_attention(q, k, v, idx, valid=valid, key_valid=kv, splits=splits)
+        out, lse = gather_attention(q, k, v, idx, valid=valid, key_valid=kv, splits=splits, softcap=softcap,
+                                    sinks=sinks)
         mask = torch.zeros(c["b"], c["hq"], 1, c["nk"], dtype=torch.bool)
         g_ = c["hq"] // c["hk"]
         for bi in range(c["b"]):
@@ -205,7 +214,7 @@ def test_fuzz_decode_ops(i):
                     t = int(idx[bi, row, j])
                     if valid[bi, row, j] and (kv is None or kv[bi, t]):
                         mask[bi, h, 0, t] = True
-        ref, ref_lse = reference.attention(q, k, v, causal=False, mask=mask)
+        ref, ref_lse = reference.attention(q, k, v, causal=False, mask=mask, softcap=softcap, sinks=sinks)
         torch.testing.assert_close(out.float(), ref.float(), **_tol(c["dtype"]), msg=str(c))
         torch.testing.assert_close(lse, ref_lse.float(), **_tol(c["dtype"]), msg=str(c))
 
@@ -219,3 +228,23 @@ def test_flex_stays_exact_across_head_counts_in_one_process():
 
     _check_against_reference(FLEX[1], "flex")  # 2 query heads / 1 kv head
     tp.test_output_equals_reference_under_its_mask("bilevel_routing-0", "flex")  # 4 / 2, a token rule, padding
+
+
+@pytest.mark.parametrize("softcap,sinks", [(None, False), (3.0, True)], ids=["plain", "softcap-sinks"])
+def test_long_sliding_window_layers_run_block_sparse_and_exact(softcap, sinks, monkeypatch):
+    """A sliding-window layer over a long prompt goes through the blocks its window reaches (no nq x nk mask);
+    the output is the dense windowed attention's."""
+    from longattn.ops import dense
+
+    monkeypatch.setattr(dense, "WINDOWED_BLOCKS_ABOVE", 0)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 300, 16, generator=g)
+    k, v = torch.randn(2, 2, 300, 16, generator=g), torch.randn(2, 2, 300, 16, generator=g)
+    kv = torch.ones(2, 300, dtype=torch.bool)
+    kv[1, :37] = False
+    s = torch.randn(4, generator=g) if sinks else None
+    with torch.no_grad():
+        out = dense.dense_attention(q, k, v, kv, 0.25, 50, softcap, s)
+    ref, _ = reference.attention(q, k, v, mask=kv[:, None, None, :], window=50, scale=0.25, softcap=softcap, sinks=s)
+    rows = kv[:, None, :, None]
+    torch.testing.assert_close(out * rows, ref.float() * rows, rtol=0, atol=1e-5)

