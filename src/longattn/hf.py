@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer as BaseLayer
 
-__all__ = ["NAME", "BaseLayer", "Features", "call_features", "kv_heads", "layer_kinds", "module_logits", "activate", "adopt_cache", "cache_kwarg_name",
+__all__ = ["NAME", "BaseLayer", "Features", "call_features", "kv_heads", "layer_kinds", "module_logits", "plain_cache_bytes", "activate", "adopt_cache", "cache_kwarg_name",
            "check_model", "deactivate", "install_cache_hook", "mask_query_length", "register", "set_prefill_chunk"]
 
 NAME = "longattn"
@@ -101,6 +101,21 @@ def layer_kinds(model) -> list[tuple[str, int | None]]:
 
     types, kwargs = get_layer_types_and_kwargs(text_config(model.config))
     return [(t, kw.get("sliding_window")) for t, kw in zip(types, kwargs)]
+
+
+def plain_cache_bytes(model, n_tokens: int, batch: int = 1) -> tuple[int, int]:
+    """``(all layers, full-attention layers)``: bytes of keys and values the *plain* model's cache holds after
+    ``n_tokens`` (transformers' DynamicCache from the config: a sliding layer keeps its last ``window - 1``
+    tokens). What a recipe saves is measured against this, and against its compressible (full-layer) part."""
+    cfg = text_config(model.config)
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * batch * kv_heads(cfg) * d * next(model.parameters()).element_size()
+    total = full = 0
+    for kind, window in layer_kinds(model):
+        held = n_tokens if kind == "full_attention" else min(n_tokens, window - 1)
+        total += held * per_token
+        full += held * per_token if kind == "full_attention" else 0
+    return total, full
 
 
 def kv_heads(config) -> int:

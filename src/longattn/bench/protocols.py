@@ -40,6 +40,14 @@ def _stats(session) -> dict:
             "decode_density": (d["selected"] / d["possible"]) if d.get("possible") else None}
 
 
+def _plain(model, n_tokens: int) -> dict:
+    """What the plain model's cache holds for the same tokens (and its full-attention, compressible part)."""
+    from ..hf import plain_cache_bytes
+
+    total, full = plain_cache_bytes(model, n_tokens)
+    return {"plain_bytes": total, "plain_full_bytes": full}
+
+
 def _eos(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) if tokenizer is not None else set()
 
@@ -82,7 +90,7 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
         "kv_cache_bytes": kv_bytes, "kv_cache_bytes_end": kv_bytes_end, "peak_bytes": peak, "prefill_s": prefill_s,
         "decode_s": decode_s, "decode_tok_s": _tok_s(max(len(gen) - 1, 0), decode_s), "kl": kl, "top1_agree": top1,
         "answer_ids": gen, "ref_logits": tf, "protocol": "query_aware" if query_aware else "question_agnostic",
-        "recall": recall, **_stats(session),
+        "recall": recall, **_stats(session), **_plain(model, len(ctx) + (len(rest) if query_aware else 0)),
     }
 
 
@@ -115,7 +123,7 @@ def run_perplexity(model, tokenizer, recipe, sample: Sample, max_new_tokens: int
         "decode_tok_s": n_eval / eval_s if recipe.decode is not None and eval_s > 0 else None,
         "kl": kl, "top1_agree": top1, "answer_ids": [], "ref_logits": tf,
         "protocol": "perplexity", "recall": recall, "nll": nll, "ppl": float(torch.exp(torch.tensor(nll))),
-        **_stats(session),
+        **_stats(session), **_plain(model, split),
     }
 
 
@@ -183,7 +191,7 @@ def run_turns(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref
         "kv_cache_bytes": kv_bytes, "kv_cache_bytes_end": kv_bytes_end, "peak_bytes": peak, "prefill_s": prefill_s,
         "decode_s": decode_s, "decode_tok_s": _tok_s(steps, decode_s), "kl": kl, "top1_agree": top1,
         "answer_ids": gens[0], "turn_answer_ids": gens, "ref_logits": tf, "protocol": f"shared_context:{sample.mode}",
-        "recall": recall, **_stats(session),
+        "recall": recall, **_stats(session), **_plain(model, len(ctx)),
     }
 
 

@@ -156,6 +156,7 @@ def make_record(*, task: str, method: str, recipe, length: int, sample_obj, res:
         "kv_cache_bytes_end": res["kv_cache_bytes_end"], "prediction": res["prediction"],
         "answer": sample_obj.answers[0] if sample_obj.answers else None,
         "protocol": res["protocol"], "recall": res["recall"], "decode_density": res["decode_density"],
+        "plain_bytes": res.get("plain_bytes"), "plain_full_bytes": res.get("plain_full_bytes"),
         "settings": {} if peer else method_settings(recipe), "sample_id": sample_obj.id,
         "context_sha": hashlib.sha256(sample_obj.context.encode()).hexdigest()[:16],
         "run_id": run_id, **env, "key": key,

@@ -45,6 +45,12 @@ def paired_ratio(records: list[dict], field: str, dense_over_method: bool = True
     return {g: num[g] / den[g] for g in num if den[g] > 0}
 
 
+def _ratio_mean(rs: list[dict], num: str, den: str):
+    pairs = [(r.get(num), r.get(den)) for r in rs]
+    pairs = [(a, b) for a, b in pairs if a is not None and b]
+    return sum(a for a, _ in pairs) / sum(b for _, b in pairs) if pairs else None
+
+
 def bench_table(records: list[dict]) -> str:
     """One row per (task, method, length): accuracy with n and its 95% interval, cache MiB, compression vs dense,
     prefill s and speed-up vs dense prefill (same run), decode tok/s and its ratio to dense (same run), method s,
@@ -56,7 +62,7 @@ def bench_table(records: list[dict]) -> str:
                    for (t, n, m), rs in groups.items() if m == "dense"}
     prefill_x = paired_ratio(records, "prefill_s")
     decode_x = paired_ratio(records, "decode_tok_s", dense_over_method=False)
-    head = ["task", "length", "method", "acc", "n", "95% CI", "kv MiB", "kv/dense", "peak MiB", "prefill s",
+    head = ["task", "length", "method", "acc", "n", "95% CI", "kv MiB", "kv/dense", "kv/plain", "peak MiB", "prefill s",
             "prefill x", "decode tok/s", "decode x", "method s", "recall", "KL", "top1"]
     rows = []
     for (t, n, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "dense",
@@ -71,6 +77,7 @@ def bench_table(records: list[dict]) -> str:
             "-" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}",
             _fmt(kvb / 2**20 if kvb is not None else None, ".1f"),
             _fmt(kvb / db if (db and kvb is not None) else None, ".2f"),
+            _fmt(_ratio_mean(rs, "kv_cache_bytes", "plain_bytes"), ".2f"),
             _fmt(peak / 2**20 if peak is not None else None, ".0f"),
             _fmt(_mean([r["prefill_s"] for r in rs]), ".2f"),
             _fmt(prefill_x.get((t, n, m)), ".2f"),
