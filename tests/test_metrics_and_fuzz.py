@@ -248,3 +248,30 @@ def test_long_sliding_window_layers_run_block_sparse_and_exact(softcap, sinks, m
     ref, _ = reference.attention(q, k, v, mask=kv[:, None, None, :], window=50, scale=0.25, softcap=softcap, sinks=s)
     rows = kv[:, None, :, None]
     torch.testing.assert_close(out * rows, ref.float() * rows, rtol=0, atol=1e-5)
+
+
+def test_decode_and_ragged_ops_in_bfloat16_within_twice_the_dense_error():
+    """In the model's dtype: each decode / compressed-cache op in bfloat16 stays within twice the error that dense
+    SDPA makes in bfloat16 against the float64 reference."""
+    import torch.nn.functional as F
+
+    from longattn.cache import LongattnLayer
+    from longattn.ops.ragged import attend_compressed
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 8, 1, 64, generator=g).bfloat16()
+    k, v = torch.randn(2, 2, 300, 64, generator=g).bfloat16(), torch.randn(2, 2, 300, 64, generator=g).bfloat16()
+    ref, _ = reference.attention(q, k, v, causal=False)
+    dense = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    bound = 2 * (dense.double() - ref.double()).abs().max() + 1e-6
+    out, _ = split_k_attention(q, k, v, splits=4)
+    assert (out.double() - ref.double()).abs().max() <= bound
+    idx = torch.arange(300).expand(2, 2, -1)
+    out, _ = gather_attention(q, k, v, idx, splits=3)
+    assert (out.double() - ref.double()).abs().max() <= bound
+    layer = LongattnLayer()
+    layer.update(k, v)
+    lengths = torch.tensor([[300, 300], [300, 300]])
+    layer.compress(idx, lengths)  # a ragged-capable compressed layer keeping everything
+    out = attend_compressed(layer, q, None, 64**-0.5)
+    assert out.dtype == torch.bfloat16 and (out.double() - ref.double()).abs().max() <= bound

@@ -52,6 +52,8 @@ def _build() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--extrapolate", action="store_true",
                    help="allow a prompt longer than the model's trained positions")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype (methods run in it; default float32)")
 
     b = sub.add_parser("bench", help="tasks x lengths x methods on a real model")
     b.add_argument("--model", default="smollm2-135m",
@@ -78,6 +80,8 @@ def _build() -> argparse.ArgumentParser:
                    help="--task custom: how predictions are scored")
     b.add_argument("--extrapolate", action="store_true",
                    help="allow lengths beyond the model's trained positions (refused otherwise)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype (methods run in it; default float32)")
 
     r = sub.add_parser("report", help="re-render the table, plots and report.html of a bench --out DIR")
     r.add_argument("dir", help="a directory written by bench --out")
@@ -171,7 +175,7 @@ def _cmd_generate(a) -> int:
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     text = read_text(a.prompt_file, "--prompt-file")
-    model, tok = models.load(a.model)
+    model, tok = models.load(a.model, dtype=getattr(torch, a.dtype))
     if getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
@@ -251,7 +255,7 @@ def _cmd_bench(a) -> int:
     cfg = BenchConfig(model=a.model, tasks=tuple(a.task), lengths=tuple(a.lengths), samples=a.samples,
                       methods=tuple(a.methods) if a.methods is not None else DEFAULT_METHODS, seed=a.seed,
                       json_path=a.json_path, out_dir=a.out, resume=a.resume, overwrite=a.overwrite,
-                      extrapolate=a.extrapolate, data=a.data, scorer=a.scorer, peer=a.peer)
+                      extrapolate=a.extrapolate, data=a.data, scorer=a.scorer, peer=a.peer, dtype=a.dtype)
     if a.config:
         conf = _load_config(a.config)
         for k, v in conf.items():

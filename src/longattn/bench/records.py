@@ -4,7 +4,7 @@
   contract's fields plus what a reader needs to trust it later (run id, commit, resolved method settings,
   versions, machine, a hash of the context text).
 - ``record_key`` is everything that defines a record: the task and its arguments, the target length, the sample,
-  the method (canonical spec), the model, the seed and the protocol. ``--resume`` skips exactly those.
+  the method (canonical spec), the model and its dtype, the seed and the protocol. ``--resume`` skips exactly those.
 - ``ResultsFile`` owns ``DIR/results.jsonl``: an exclusive lock (a second concurrent run is refused), an
   existing file is never deleted without ``--overwrite``, and a torn last line (a crash mid-write) is moved
   aside to ``results.jsonl.torn`` before appending.
@@ -72,6 +72,7 @@ def record_key(r: dict) -> tuple:
     """What defines a record. Records written before keys existed fall back to their visible fields."""
     k = r.get("key")
     if isinstance(k, dict):
+        k = {"dtype": "float32", **k}  # keys written before the dtype was part of them
         return tuple(sorted((a, json.dumps(b, sort_keys=True)) for a, b in k.items()))
     return ("legacy", r["task"], r["method"], int(r["length"]), int(r["sample"]), r.get("model"), r.get("seed"))
 
@@ -151,7 +152,7 @@ def make_record(*, task: str, method: str, recipe, length: int, sample_obj, res:
         "correct": task_obj.correct(score), "score": score,
         **{k: res[k] for k in ("kv_cache_bytes", "peak_bytes", "prefill_s", "decode_tok_s", "method_s", "kl",
                                "top1_agree")},
-        "model": key["model"], "seed": key["seed"],
+        "model": key["model"], "seed": key["seed"], "dtype": key.get("dtype", "float32"),
         "target_length": key["length"], "decode_s": res["decode_s"], "n_tokens": res["n_tokens"],
         "kv_cache_bytes_end": res["kv_cache_bytes_end"], "prediction": res["prediction"],
         "answer": sample_obj.answers[0] if sample_obj.answers else None,

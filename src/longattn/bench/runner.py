@@ -45,6 +45,7 @@ class BenchConfig:
     resume: bool = False
     overwrite: bool = False  # replace an existing --json file / --out results.jsonl
     extrapolate: bool = False  # allow lengths beyond the model's trained positions
+    dtype: str = "float32"  # the model's dtype: float32, bfloat16, float16
     progress: bool = True
     data: str | None = None  # --task custom: the JSONL file
     scorer: str = "contains"  # --task custom: contains | exact | rouge
@@ -75,6 +76,8 @@ class BenchConfig:
             api.parse(m)
         if self.resume and not self.out_dir:
             raise ValueError("--resume needs --out DIR (it skips the records already in DIR/results.jsonl)")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be one of float32, bfloat16, float16; got {self.dtype!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite: choose one (continue the results, or replace them)")
         if self.peer is not None:
@@ -155,7 +158,7 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
     records: list[dict] = []
     with results if results is not None else _Nothing():
         if model is None:
-            model, tokenizer = models.load(cfg.model)
+            model, tokenizer = models.load(cfg.model, dtype=getattr(torch, cfg.dtype))
         _check_lengths(cfg, plan, tokenizer, limit)  # custom samples: their token counts
         with torch.no_grad():  # warm-up, so the first record does not pay for first-touch allocations
             model(input_ids=torch.ones(1, 64, dtype=torch.long, device=model.device))
@@ -220,7 +223,7 @@ def _identity(method: str, recipe, is_peer: bool, task, task_key: str, length: i
     protocol."""
     qa = recipe.kv is not None and recipe.kv.query_aware and not is_peer
     return {"task": task_key, "method": method if is_peer else recipe_key(recipe), "length": length,
-            "sample": sample, "model": cfg.model, "seed": cfg.seed,
+            "sample": sample, "model": cfg.model, "dtype": cfg.dtype, "seed": cfg.seed,
             "protocol": f"{task.runs_as}/{'query_aware' if qa else 'question_agnostic'}"}
 
 
