@@ -48,12 +48,27 @@ def _build() -> argparse.ArgumentParser:
     g.add_argument("--model", default="smollm2-135m",
                    help="embedded model name (smollm2-135m) or a local Hugging Face model directory")
     g.add_argument("--recipe", default="dense", help="methods joined by +, e.g. vertical_slash+snapkv:ratio=0.5")
-    g.add_argument("--prompt-file", required=True, help="UTF-8 text file holding the prompt")
+    g.add_argument("--prompt-file", required=True,
+                   help="UTF-8 text file holding the prompt (with --context: the question asked of the saved context)")
+    g.add_argument("--context", help="a saved compressed context (longattn compress --out CTX): answer from it "
+                   "instead of prefilling a context again")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--extrapolate", action="store_true",
                    help="allow a prompt longer than the model's trained positions")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the model's dtype (methods run in it; default float32)")
+
+    c = sub.add_parser("compress", help="prefill and compress a context once and save it for later questions")
+    c.add_argument("--model", default="smollm2-135m",
+                   help="embedded model name (smollm2-135m, gemma3-270m) or a local Hugging Face model directory")
+    c.add_argument("--recipe", required=True, help="the recipe that compresses (and later decodes) the context")
+    c.add_argument("--context-file", required=True, help="UTF-8 text file holding the context")
+    c.add_argument("--out", required=True, help="the saved context to write (.safetensors)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype (default float32)")
+    c.add_argument("--extrapolate", action="store_true",
+                   help="allow a context longer than the model's trained positions")
 
     b = sub.add_parser("bench", help="tasks x lengths x methods on a real model")
     b.add_argument("--model", default="smollm2-135m",
@@ -166,34 +181,108 @@ def _cmd_list(a) -> int:
     return 0
 
 
+def _prompt_ids(tok, context: str, question: str | None):
+    """``(context ids, question ids)`` as the bench encodes a sample (chat template where the model has one); with
+    no question, the whole prompt is the context."""
+    from .bench.prompts import encode
+    from .bench.tasks.base import Sample
+
+    if question is None:
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": context}], add_generation_prompt=True,
+                                          tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        else:
+            ids = tok(context)["input_ids"]
+        return list(ids), []
+    return encode(tok, Sample("cli", context, question, "", []))
+
+
+def _check_positions(model, n: int, flag: str, extrapolate: bool, name: str) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and n > limit and not extrapolate:
+        raise ValueError(f"{flag}: {n} tokens exceed the model's {limit} positions ({name}); add --extrapolate to run "
+                         "past them anyway")
+
+
 def _cmd_generate(a) -> int:
     import torch
 
     from . import api, models
+    from .bench.decoding import forward, greedy_model
 
-    recipe = api.parse(a.recipe)
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     text = read_text(a.prompt_file, "--prompt-file")
+    header = None
+    if a.context:
+        from .context import read_header
+
+        header = read_header(a.context)  # a bad file fails before the model loads
+    recipe = api.parse(a.recipe if a.recipe != "dense" or header is None else header["recipe"])
     model, tok = models.load(a.model, dtype=getattr(torch, a.dtype))
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tok(text, return_tensors="pt")["input_ids"]
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and ids.shape[1] + a.max_new_tokens > limit and not a.extrapolate:
-        raise ValueError(f"--prompt-file: {ids.shape[1]} prompt tokens + {a.max_new_tokens} new exceed the model's "
-                         f"{limit} positions ({a.model}); add --extrapolate to run past them anyway")
+    eos = set(tok.all_special_ids)
     from .cache import cache_nbytes
 
-    with torch.no_grad(), api.apply(model, recipe) as s:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
-                             do_sample=False)
-        nbytes = cache_nbytes(s.cache) if s.cache is not None else 0
-    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    print(f"[longattn] recipe={recipe} prompt_tokens={ids.shape[1]} kv_cache_bytes={nbytes} "
+    if header is not None:
+        from .context import load_context
+
+        cache, header = load_context(a.context, model, recipe)
+        _, rest = _prompt_ids(tok, "x", text)
+        _check_positions(model, header.get("n_tokens", 0) + len(rest) + a.max_new_tokens, "--prompt-file",
+                         a.extrapolate, a.model)
+        with torch.no_grad(), api.apply(model, recipe) as s:
+            s.set_compression(False)  # the context was compressed once; the question never is
+            logits = forward(model, rest, cache, s.cache_kwarg)[0, -1]
+            gen, _ = greedy_model(model, logits, cache, s.cache_kwarg, a.max_new_tokens, eos)
+            nbytes = cache_nbytes(cache)
+        n_prompt = header.get("n_tokens", 0) + len(rest)
+    else:
+        ids, _ = _prompt_ids(tok, text, None)
+        _check_positions(model, len(ids) + a.max_new_tokens, "--prompt-file", a.extrapolate, a.model)
+        x = torch.tensor([ids])
+        with torch.no_grad(), api.apply(model, recipe) as s:
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=a.max_new_tokens,
+                                 do_sample=False)
+            nbytes = cache_nbytes(s.cache) if s.cache is not None else 0
+        gen, n_prompt = out[0, x.shape[1]:].tolist(), x.shape[1]
+    print(tok.decode(gen, skip_special_tokens=True))
+    print(f"[longattn] recipe={recipe} prompt_tokens={n_prompt} kv_cache_bytes={nbytes} "
           f"method_s={s.method_s:.3f}", file=sys.stderr)
+    return 0
+
+
+def _cmd_compress(a) -> int:
+    import time
+
+    import torch
+    from transformers import DynamicCache
+
+    from . import api, models
+    from .bench.decoding import forward
+    from .cache import cache_nbytes
+    from .context import save_context
+    from .outputs import check_output_file
+
+    recipe = api.parse(a.recipe)
+    if recipe.kv is not None and recipe.kv.query_aware:
+        raise ValueError("--recipe: a query-aware policy compresses after one question; a saved context is "
+                         "compressed once for every later question (use the question-agnostic policy)")
+    check_output_file(a.out, "--out", overwrite=a.overwrite)
+    text = read_text(a.context_file, "--context-file")
+    model, tok = models.load(a.model, dtype=getattr(torch, a.dtype))
+    ctx, _ = _prompt_ids(tok, text, "?")
+    _check_positions(model, len(ctx), "--context-file", a.extrapolate, a.model)
+    with torch.no_grad(), api.apply(model, recipe) as s:
+        cache = DynamicCache(config=model.config)
+        t0 = time.perf_counter()
+        forward(model, ctx, cache, s.cache_kwarg)
+        prefill_s = time.perf_counter() - t0
+        cache = s.cache
+    save_context(a.out, cache, model, recipe, n_tokens=len(ctx), meta={"model_name": a.model,
+                                                                        "prefill_s": prefill_s})
+    print(f"wrote {a.out}: {len(ctx)} context tokens, {cache_nbytes(cache)} cache bytes, prefill {prefill_s:.2f} s",
+          file=sys.stderr)
     return 0
 
 
@@ -458,7 +547,8 @@ def _cmd_dist_bench(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = _build().parse_args(argv)
-    handlers = {"list": _cmd_list, "generate": _cmd_generate, "bench": _cmd_bench, "report": _cmd_report,
+    handlers = {"list": _cmd_list, "generate": _cmd_generate, "compress": _cmd_compress, "bench": _cmd_bench,
+                "report": _cmd_report,
                 "ops-bench": _cmd_ops_bench, "profile": _cmd_profile, "dist-bench": _cmd_dist_bench}
     try:
         return handlers[a.cmd](a)
