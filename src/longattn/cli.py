@@ -233,7 +233,7 @@ def _cmd_generate(a) -> int:
                          a.extrapolate, a.model)
         with torch.no_grad(), api.apply(model, recipe) as s:
             s.set_compression(False)  # the context was compressed once; the question never is
-            logits = forward(model, rest, cache, s.cache_kwarg)[0, -1]
+            logits = forward(model, rest, cache, s.cache_kwarg, last=True)[0, -1]
             gen, _ = greedy_model(model, logits, cache, s.cache_kwarg, a.max_new_tokens, eos)
             nbytes = cache_nbytes(cache)
         n_prompt = header.get("n_tokens", 0) + len(rest)
@@ -276,7 +276,7 @@ def _cmd_compress(a) -> int:
     with torch.no_grad(), api.apply(model, recipe) as s:
         cache = DynamicCache(config=model.config)
         t0 = time.perf_counter()
-        forward(model, ctx, cache, s.cache_kwarg)
+        forward(model, ctx, cache, s.cache_kwarg, last=True)
         prefill_s = time.perf_counter() - t0
         cache = s.cache
     save_context(a.out, cache, model, recipe, n_tokens=len(ctx), meta={"model_name": a.model,

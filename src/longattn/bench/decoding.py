@@ -16,9 +16,18 @@ __all__ = ["RECALL_ROWS", "forward", "prefill", "greedy", "greedy_model", "teach
 RECALL_ROWS = 32  # query rows per layer on which a prefill pattern's attention recall is measured
 
 
-def forward(model, ids: list[int] | torch.Tensor, cache, kw: str):
+def _keeps_logits(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def forward(model, ids: list[int] | torch.Tensor, cache, kw: str, last: bool = False):
+    """The logits of ``ids`` fed after ``cache``; ``last``: only the last position's (a long prefill would
+    otherwise materialise ``tokens x vocab`` logits: 8.6 GB at 8K tokens for Gemma's 262K vocabulary)."""
     x = ids if torch.is_tensor(ids) else torch.tensor([ids], device=model.device)
-    return model(input_ids=x, use_cache=True, **{kw: cache}).logits
+    extra = {"logits_to_keep": 1} if last and _keeps_logits(model) else {}
+    return model(input_ids=x, use_cache=True, **{kw: cache}, **extra).logits
 
 
 def prefill(model, session, recipe, ids: list[int], cache, kw: str):
@@ -42,7 +51,7 @@ def prefill(model, session, recipe, ids: list[int], cache, kw: str):
         t0 = time.perf_counter()
         size = chunk or len(ids)
         for s0 in range(0, len(ids), size):
-            logits = forward(model, ids[s0 : s0 + size], cache, kw)[0, -1]
+            logits = forward(model, ids[s0 : s0 + size], cache, kw, last=True)[0, -1]
         prefill_s = time.perf_counter() - t0 - obs_s[0]  # the recall's time is excluded
     return logits, prefill_s, pm.peak_bytes, (sum(recalls) / len(recalls)) if recalls else None
 
@@ -62,7 +71,7 @@ def greedy(logits, feed, max_new_tokens: int, eos: set[int]) -> tuple[list[int],
 
 
 def greedy_model(model, logits, cache, kw: str, max_new_tokens: int, eos: set[int]) -> tuple[list[int], float]:
-    return greedy(logits, lambda tok: forward(model, [tok], cache, kw)[0, -1], max_new_tokens, eos)
+    return greedy(logits, lambda tok: forward(model, [tok], cache, kw, last=True)[0, -1], max_new_tokens, eos)
 
 
 def teacher(model, cache, kw: str, head: torch.Tensor | None, rest: list[int], answer: list[int],
@@ -70,7 +79,7 @@ def teacher(model, cache, kw: str, head: torch.Tensor | None, rest: list[int], a
     """Teacher-forced next-token logits over ``answer``: the logits after ``rest`` (or ``head`` when ``rest`` is
     empty), then after each answer token but the last. With a decode selector the answer tokens go one at a
     time, so the selector is what produces those logits."""
-    parts = [head[None] if not rest else forward(model, rest, cache, kw)[0, -1:]]
+    parts = [head[None] if not rest else forward(model, rest, cache, kw, last=True)[0, -1:]]
     feed = answer[:-1]
     if feed and one_by_one:
         parts += [forward(model, [t], cache, kw)[0] for t in feed]

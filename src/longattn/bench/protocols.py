@@ -75,7 +75,7 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
         # the fidelity pass continues from a copy of this cache (selector state included): no crop, exact
         snapshot = copy.deepcopy(cache)
         if not query_aware:
-            logits = forward(model, rest, cache, kw)[0, -1]
+            logits = forward(model, rest, cache, kw, last=True)[0, -1]
         tf_first = logits.clone()
         gen, decode_s = greedy_model(model, logits, cache, kw, max_new_tokens, eos)
         kv_bytes_end = cache_nbytes(cache)
@@ -163,7 +163,7 @@ def run_turns(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref
                 else:
                     rest = followup_ids(tokenizer, sample, history, q, prefix)
                 if answers_given is None:
-                    logits = forward(model, rest, work, kw)[0, -1]
+                    logits = forward(model, rest, work, kw, last=True)[0, -1]
                     gen, sec = greedy_model(model, logits, work, kw, max_new_tokens, eos)
                     dec_s, steps = dec_s + sec, steps + max(len(gen) - 1, 0)
                     out.append((gen, None))
@@ -172,7 +172,7 @@ def run_turns(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref
                     out.append((gen, teacher(model, work, kw, None, rest, gen, one_by_one)))
                 if multi_turn and i + 1 < len(queries):
                     if gen and gen[-1] not in eos:  # complete the history in the cache with the last token
-                        forward(model, [gen[-1]], work, kw)
+                        forward(model, [gen[-1]], work, kw, last=True)
                     history.append((q, prefix + tokenizer.decode(gen, skip_special_tokens=True)))
             return out, dec_s, steps
 
