@@ -97,9 +97,17 @@ def text_config(config):
 def layer_kinds(model) -> list[tuple[str, int | None]]:
     """``(kind, window)`` of every decoder layer, from the config as transformers reads it (``layer_types``, or
     ``sliding_window`` / ``use_sliding_window`` / ``max_window_layers`` where there is none)."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    types, kwargs = get_layer_types_and_kwargs(text_config(model.config))
+    cfg = text_config(model.config)
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # transformers < 5.3: the config's own fields, read as those versions' DynamicCache does
+        types = getattr(cfg, "layer_types", None)
+        window = getattr(cfg, "sliding_window", None)
+        if types is None:
+            sliding = window is not None and getattr(cfg, "use_sliding_window", True) is not False
+            types = ["sliding_attention" if sliding else "full_attention"] * cfg.num_hidden_layers
+        return [(t, window if t == "sliding_attention" else None) for t in types]
+    types, kwargs = get_layer_types_and_kwargs(cfg)
     return [(t, kw.get("sliding_window")) for t, kw in zip(types, kwargs)]
 
 
