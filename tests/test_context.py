@@ -10,17 +10,18 @@ import longattn
 from _helpers import ids_batch
 from longattn.bench.decoding import forward, greedy_model
 from longattn.context import FORMAT, load_context, read_header, save_context
-from longattn.models import tiny_model
+from longattn.models import tiny_model, tiny_tokenizer
 
 RECIPES = ["snapkv:ratio=0.5:obs_window=8", "adaptive_heads:ratio=0.6:inner=snapkv/obs_window=8",
            "snapkv:ratio=0.5:obs_window=8+quest:budget=32:page=16:dense_layers=",
            "squeezed:budget=48:cluster_tokens=8", "h2o:ratio=0.5:decode_budget=40:recent=4",
-           "sink_window:sink=4:window=32:block_size=16+knorm:ratio=0.5"]
+           "sink_window:sink=4:window=32:block_size=16+knorm:ratio=0.5", "kvzip:ratio=0.6:chunk=64"]
+TOK = tiny_tokenizer()  # KVzip's reconstruction prompt
 
 
 def _answer(m, recipe, ctx, rest, cache=None, path=None, eos=frozenset()):
     """Greedy answer to ``rest`` after ``ctx``: prefilled now (saving to ``path``), or from a loaded ``cache``."""
-    with torch.no_grad(), longattn.apply(m, recipe) as s:
+    with torch.no_grad(), longattn.apply(m, recipe, tokenizer=TOK) as s:
         kw = s.cache_kwarg
         if cache is None:
             cache = DynamicCache(config=m.config)

@@ -10,10 +10,11 @@ from longattn import api, registry
 from longattn.cache import cache_nbytes
 from longattn.kv import Novelty, PyramidKV
 from longattn.kv.moa_budgets import distribute
-from longattn.models import tiny_model
+from longattn.models import tiny_model, tiny_tokenizer
 from longattn.profiles import EXAMPLE
 
 L, H = 2, 2  # tiny model: layers, kv heads
+TOK = tiny_tokenizer()  # for policies that encode text of their own (KVzip)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_ratio_zero_gives_identical_logits(name, tiny_profile):
     ids, am = _ids()
     with torch.no_grad():
         ref = m(ids, attention_mask=am).logits
-        with longattn.apply(m, _spec(name, 0.0, tiny_profile)) as s:
+        with longattn.apply(m, _spec(name, 0.0, tiny_profile), tokenizer=TOK) as s:
             out = m(ids, attention_mask=am, use_cache=True).logits
             gen = m.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False)
         gen_ref = m.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False)
@@ -57,7 +58,7 @@ def test_ratio_zero_gives_identical_logits(name, tiny_profile):
 def test_generate_batch2_left_padding_gqa_frees_memory(name, arch, tiny_profile):
     m = tiny_model(arch)
     ids, am = _ids(b=2, n=128, pad=(0, 21))
-    with torch.no_grad(), longattn.apply(m, _spec(name, 0.5, tiny_profile)) as s:
+    with torch.no_grad(), longattn.apply(m, _spec(name, 0.5, tiny_profile), tokenizer=TOK) as s:
         full = DynamicCache()
         s.set_compression(False)
         m(ids, attention_mask=am, use_cache=True, **{s.cache_kwarg: full})

@@ -153,17 +153,18 @@ def parse(spec: str | Recipe | None) -> Recipe:
 
 
 @contextlib.contextmanager
-def apply(model, recipe: str | Recipe | None = None):
+def apply(model, recipe: str | Recipe | None = None, tokenizer=None):
     """Run ``model`` (forward / ``generate``) with ``recipe`` inside the block; restore it exactly on exit.
 
     Yields the session (``session.method_s``: seconds spent inside the methods; ``session.cache``: the last
-    cache the model used)."""
+    cache the model used). ``tokenizer``: for methods that run the model on text of their own (KVzip's
+    reconstruction prompt)."""
     from .hf import check_model
     from .session import Session
 
     recipe = parse(recipe)
     check_model(model)
-    session = Session(model, recipe)
+    session = Session(model, recipe, tokenizer)
     try:
         session.install()
     except BaseException:

@@ -231,7 +231,7 @@ def _cmd_generate(a) -> int:
         _, rest = _prompt_ids(tok, "x", text)
         _check_positions(model, header.get("n_tokens", 0) + len(rest) + a.max_new_tokens, "--prompt-file",
                          a.extrapolate, a.model)
-        with torch.no_grad(), api.apply(model, recipe) as s:
+        with torch.no_grad(), api.apply(model, recipe, tokenizer=tok) as s:
             s.set_compression(False)  # the context was compressed once; the question never is
             logits = forward(model, rest, cache, s.cache_kwarg, last=True)[0, -1]
             gen, _ = greedy_model(model, logits, cache, s.cache_kwarg, a.max_new_tokens, eos)
@@ -241,7 +241,7 @@ def _cmd_generate(a) -> int:
         ids, _ = _prompt_ids(tok, text, None)
         _check_positions(model, len(ids) + a.max_new_tokens, "--prompt-file", a.extrapolate, a.model)
         x = torch.tensor([ids])
-        with torch.no_grad(), api.apply(model, recipe) as s:
+        with torch.no_grad(), api.apply(model, recipe, tokenizer=tok) as s:
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=a.max_new_tokens,
                                  do_sample=False)
             nbytes = cache_nbytes(s.cache) if s.cache is not None else 0
@@ -273,7 +273,7 @@ def _cmd_compress(a) -> int:
     model, tok = models.load(a.model, dtype=getattr(torch, a.dtype))
     ctx, _ = _prompt_ids(tok, text, "?")
     _check_positions(model, len(ctx), "--context-file", a.extrapolate, a.model)
-    with torch.no_grad(), api.apply(model, recipe) as s:
+    with torch.no_grad(), api.apply(model, recipe, tokenizer=tok) as s:
         cache = DynamicCache(config=model.config)
         t0 = time.perf_counter()
         forward(model, ctx, cache, s.cache_kwarg, last=True)

@@ -238,9 +238,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs
 
 
 # ---- cache adoption -------------------------------------------------------------------------------------------
-def install_cache_hook(model, on_cache):
+def install_cache_hook(model, on_cache, on_end=None):
     """A forward pre-hook on ``model`` that hands every forward a cache of ``LongattnLayer``s (``adopt_cache``)
-    and tells ``on_cache(cache)``; returns the hook handle."""
+    and tells ``on_cache(cache, inputs)`` (``inputs``: the forward's ``input_ids``, ``attention_mask`` and
+    ``position_ids``, None where not given); with ``on_end``, a forward hook that calls ``on_end()`` when the
+    forward returns. Returns the hook handles."""
     name = cache_kwarg_name(model)
     other = "past_key_values" if name == "cache" else "cache"
 
@@ -256,10 +258,14 @@ def install_cache_hook(model, on_cache):
         cache = adopt_cache(given, use_cache, name, model.config)
         if cache is not None:
             kwargs[name] = cache
-        on_cache(cache)
+        on_cache(cache, {"input_ids": kwargs.get("input_ids", args[0] if args else None),
+                         "attention_mask": kwargs.get("attention_mask"), "position_ids": kwargs.get("position_ids")})
         return args, kwargs
 
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [model.register_forward_pre_hook(hook, with_kwargs=True)]
+    if on_end is not None:
+        handles.append(model.register_forward_hook(lambda module, args, kwargs, out: on_end(), with_kwargs=True))
+    return handles
 
 
 def adopt_cache(cache, use_cache: bool = True, name: str = "cache", config=None):

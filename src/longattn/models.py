@@ -340,3 +340,28 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     impl = "eager" if TINY_CONFIGS[arch][0] in EAGER_ONLY else "sdpa"
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, dtype=dtype)
     return model.eval()
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def tiny_tokenizer(chat_template: bool = False):
+    """A character-level tokenizer for the tiny models (printable ASCII and newline, ids 4..99; ``<pad>`` 0,
+    ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3), built in memory: for methods that encode text of their own (KVzip)
+    in tests. ``chat_template``: with a small chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tk_models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    core = Tokenizer(tk_models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    if chat_template:
+        tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok

@@ -32,9 +32,10 @@ __all__ = ["Session"]
 class Session:
     """State of one ``apply()``: the recipe, the model's cache, timers and hooks."""
 
-    def __init__(self, model, recipe) -> None:
+    def __init__(self, model, recipe, tokenizer=None) -> None:
         self.model = model
         self.recipe = recipe
+        self.tokenizer = tokenizer
         self.num_layers = getattr(model.config, "num_hidden_layers", 1)
         self.prev_impl = None  # the attention implementation to restore (set by hf.activate)
         self._cache = None
@@ -49,6 +50,8 @@ class Session:
         self._hook = None
         self._cache_kw = hf.cache_kwarg_name(model)
         self._caches: list = []  # weak references to every cache this session adopted
+        self._inputs: dict = {}  # the running forward's input_ids, attention_mask and position_ids
+        self._scoring = False  # a method's own scoring forward (KVzip's reconstruction): dense, nothing compressed
 
     # ---- public, read-only -------------------------------------------------------------------------------
     @property
@@ -131,11 +134,13 @@ class Session:
         hf.activate(self)
         if kv is not None and kv.repeat:
             self._undo_chunk = hf.set_prefill_chunk(self.model, kv.chunk)
-        self._hook = hf.install_cache_hook(self.model, self._on_cache)
+        self._hook = hf.install_cache_hook(self.model, self._on_cache,
+                                           self._on_forward_end if kv is not None and kv.model_pass else None)
 
     def remove(self) -> None:
         if self._hook is not None:
-            self._hook.remove()
+            for h in self._hook:
+                h.remove()
             self._hook = None
         self._detach_caches()
         hf.deactivate(self)
@@ -143,10 +148,35 @@ class Session:
             self._undo_chunk()
             self._undo_chunk = None
 
-    def _on_cache(self, cache) -> None:
+    def _on_cache(self, cache, inputs: dict | None = None) -> None:
         self._cache = cache
+        self._inputs = inputs or {}
         if cache is not None and not any(r() is cache for r in self._caches):
             self._caches.append(weakref.ref(cache))
+
+    @contextlib.contextmanager
+    def scoring_pass(self):
+        """Forwards inside the block are a method's own scoring passes (KVzip's context reconstruction): dense
+        attention, nothing compressed, no selector state built; observers still see them."""
+        prev, self._scoring = self._scoring, True
+        try:
+            yield self
+        finally:
+            self._scoring = prev
+
+    def _on_forward_end(self) -> None:
+        """After a model forward: a policy that scores with forwards of its own (``model_pass``) compresses the
+        cache once the prefill is in."""
+        policy, cache, ids = self.recipe.kv, self._cache, self._inputs.get("input_ids")
+        if self._scoring or not self._compress or policy.is_noop or cache is None or ids is None:
+            return
+        if ids.shape[-1] <= 1 or getattr(cache, "_longattn_scored", False):
+            return
+        t0 = time.perf_counter()
+        policy.after_prefill(self, ids, self._inputs.get("attention_mask"), self._inputs.get("position_ids"))
+        cache._longattn_scored = True
+        self._compressions += sum(1 for layer in cache.layers if getattr(layer, "compressed", False))
+        self._method_s += time.perf_counter() - t0
 
     def _detach_caches(self) -> None:
         """A compressed layer (per-head budgets, logical positions) is valid only inside apply(): mark the layers
@@ -176,6 +206,8 @@ class Session:
         if nq > 1:
             for obs in self._observers:
                 obs(layer_idx, query, key, value, key_valid)
+        if self._scoring:
+            return dense_attention(query, key, value, key_valid, scale, window, f.softcap, f.sinks)
         policy, sel = self.recipe.kv, self.recipe.decode
         if nq == 1 and layer is not None and sel is not None and window is None:
             return self._decode_select(layer, layer_idx, query, key, value, key_valid, scale, f)
@@ -251,7 +283,7 @@ class Session:
         every forward of a chunked policy) and compression is on."""
         policy = self.recipe.kv
         nq = query.shape[2]
-        if layer is None or policy is None or policy.is_noop or not self._compress or nq <= 1:
+        if layer is None or policy is None or policy.is_noop or not self._compress or nq <= 1 or policy.model_pass:
             return
         if layer.tail_len != nq or (layer.compressed and not policy.repeat):
             return

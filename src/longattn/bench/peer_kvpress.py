@@ -45,14 +45,29 @@ def peer_method(method: str) -> str | None:
     table = presses()
     if r.kv is None or r.prefill is not None or r.decode is not None or r.kv.name not in table or r.kv.is_noop:
         return None
-    return f"kvpress:{table[r.kv.name]}:ratio={r.kv.ratio}"
+    extra = r.kv.kvpress_kwargs()
+    if extra is None:
+        return None
+    return ":".join([f"kvpress:{table[r.kv.name]}:ratio={r.kv.ratio}"] + [f"{k}={v}" for k, v in extra.items()])
+
+
+def _value(text: str):
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def make_press(peer: str):
+    """The press of a peer row's name (``kvpress:<Press>:ratio=R[:arg=value...]``)."""
     kvpress = require_kvpress()
-    _, cls, ratio = peer.split(":")
-    ratio = float(ratio.split("=")[1])
-    kw = {"compression_ratio": ratio}
+    _, cls, *args = peer.split(":")
+    kw = {}
+    for arg in args:
+        name, _, value = arg.partition("=")
+        kw["compression_ratio" if name == "ratio" else name] = _value(value)
     if cls == "RandomPress":
         kw["seed"] = 0
     return getattr(kvpress, cls)(**kw)

@@ -64,7 +64,7 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
     eos = _eos(tokenizer)
     recipe = api.parse(recipe)
     query_aware = bool(recipe.kv is not None and recipe.kv.query_aware)
-    with torch.no_grad(), api.apply(model, recipe) as session:
+    with torch.no_grad(), api.apply(model, recipe, tokenizer=tokenizer) as session:
         kw = session.cache_kwarg
         cache = DynamicCache()
         # question-agnostic: prefill (and compress) the context alone; query-aware: context + question
@@ -104,7 +104,7 @@ def run_perplexity(model, tokenizer, recipe, sample: Sample, max_new_tokens: int
     n_eval = sample.meta["eval_tokens"]
     split = len(ids) - n_eval
     recipe = api.parse(recipe)
-    with torch.no_grad(), api.apply(model, recipe) as session:
+    with torch.no_grad(), api.apply(model, recipe, tokenizer=tokenizer) as session:
         kw = session.cache_kwarg
         cache = DynamicCache()
         logits, prefill_s, peak, recall = decoding.prefill(model, session, recipe, ids[:split], cache, kw)
@@ -142,7 +142,7 @@ def run_turns(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref
     eos = _eos(tokenizer)
     one_by_one = recipe.decode is not None
     multi_turn = sample.mode == "multi_turn"
-    with torch.no_grad(), api.apply(model, recipe) as session:
+    with torch.no_grad(), api.apply(model, recipe, tokenizer=tokenizer) as session:
         kw = session.cache_kwarg
         cache = DynamicCache()
         _, prefill_s, peak, recall = decoding.prefill(model, session, recipe, ctx, cache, kw)

@@ -44,12 +44,25 @@ class KVPolicy:
     #: the class itself (None: no equivalent)
     kvpress_press: ClassVar[str | None] = None
 
+    def kvpress_kwargs(self) -> dict | None:
+        """The press's arguments besides ``compression_ratio`` that make it this policy's setting (None: these
+        settings have no kvpress equivalent)."""
+        return {}
+
     @classmethod
     def write_example_profile(cls, path, **shape) -> str:
         """The head profile an example's ``profile="<profile>"`` stands for (policies that read one)."""
         from ..profiles import write_example_profile
 
         return write_example_profile(path, **shape)
+
+    #: the policy scores with forwards of its own after the prefill (KVzip): ``after_prefill`` compresses every
+    #: layer at once, instead of ``compress_layer`` inside each layer's prefill
+    model_pass: ClassVar[bool] = False
+
+    def after_prefill(self, session, input_ids, attention_mask=None, position_ids=None) -> None:  # pragma: no cover - only where model_pass
+        """Called once the prefill forward returned (``model_pass`` policies): score and compress the cache."""
+        raise NotImplementedError
 
     #: compress every multi-token forward's new tokens (chunked prefill), not only the first forward
     repeat = False
