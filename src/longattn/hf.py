@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer as BaseLayer
 
-__all__ = ["NAME", "BaseLayer", "Features", "call_features", "kv_heads", "layer_kinds", "module_logits", "plain_cache_bytes", "activate", "adopt_cache", "cache_kwarg_name",
+__all__ = ["NAME", "BaseLayer", "Features", "call_features", "kv_heads", "layer_kinds", "module_logits", "plain_cache_bytes", "Rope", "rope_of", "query_positions", "activate", "adopt_cache", "cache_kwarg_name",
            "check_model", "deactivate", "install_cache_hook", "mask_query_length", "register", "set_prefill_chunk"]
 
 NAME = "longattn"
@@ -87,6 +87,94 @@ def module_logits(module, head_dim: int):
     return (1.0 / math.sqrt(head_dim) if scale is None else float(scale),
             getattr(module, "attn_logit_softcapping", None),
             None if not isinstance(sinks, torch.Tensor) else sinks.detach())
+
+
+class Rope:
+    """The rotary position embedding of one attention layer, exactly as transformers applies it there (its
+    rotary module and its modeling file's ``apply_rotary_pos_emb``: rotate-half or interleaved, partial rotary
+    dims, scaled frequencies); for methods that reason about queries before RoPE (Expected Attention)."""
+
+    def __init__(self, rotary, apply_fn, layer_type: str | None) -> None:
+        self.rotary, self.apply_fn, self.layer_type = rotary, apply_fn, layer_type
+        self._whole: bool | None = None  # the apply function takes the whole head (else only the rotary dims)
+
+    def cos_sin(self, positions: torch.Tensor, like: torch.Tensor):
+        """``(cos, sin)`` ``[b, n, rot]`` at ``positions [b, n]`` (``like``: dtype and device)."""
+        kw = {"layer_type": self.layer_type} if self.layer_type is not None else {}
+        with torch.no_grad():
+            return self.rotary(like, positions.to(like.device), **kw)
+
+    def rotate(self, x: torch.Tensor, cos, sin) -> torch.Tensor:
+        """``x [b, h, n, d]`` rotated to the positions of ``cos, sin`` (as the layer rotates its queries; partial
+        rotary: the first ``cos.shape[-1]`` dims, the rest passed through)."""
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        rot = cos.shape[-1]
+        if rot < x.shape[-1] and self._whole is None:
+            # cos narrower than the head: either the function splits off the rotary dims itself (GPT-NeoX) or
+            # uses half-size tables (gpt-oss), or the layer splits them before calling it (StableLM): probe once
+            probe = x[..., :1, :].new_zeros(1, 1, 1, x.shape[-1])
+            try:
+                self.apply_fn(probe, probe, cos[..., :1, :].reshape(1, 1, rot), sin[..., :1, :].reshape(1, 1, rot))
+                self._whole = True
+            except RuntimeError:
+                self._whole = False
+        if rot < x.shape[-1] and not self._whole:  # the layer splits off its rotary dims before applying RoPE
+            head = self.apply_fn(x[..., :rot], x[..., :rot], cos, sin)[0]
+            return torch.cat([head, x[..., rot:]], -1)
+        return self.apply_fn(x, x, cos, sin)[0]
+
+    def unrotate(self, x: torch.Tensor, cos, sin) -> torch.Tensor:
+        """The inverse of ``rotate``: a rotation by minus the angle, divided by the square of the tables'
+        attention scaling (``cos^2 + sin^2``; YaRN-style rotaries scale them)."""
+        out = self.rotate(x, cos, -sin)
+        s2 = (cos.float() ** 2 + sin.float() ** 2).mean(-1)[:, None, :, None].to(out.dtype)  # [b, 1, n, 1]
+        if cos.shape[-1] < x.shape[-1] and not self._whole:
+            rot = cos.shape[-1]
+            return torch.cat([out[..., :rot] / s2, out[..., rot:]], -1)
+        return out / s2
+
+    def mean_rotation(self, positions: torch.Tensor, dim: int, dtype=torch.float32) -> torch.Tensor:
+        """``M [d, d]`` with ``x @ M`` = the rotation of ``x`` averaged over ``positions [m]`` (a vector's
+        expected direction at a random one of those positions)."""
+        eye = torch.eye(dim, dtype=dtype, device=positions.device)
+        cos, sin = self.cos_sin(positions.view(1, -1), eye)
+        basis = eye.view(1, dim, 1, dim).expand(1, dim, positions.numel(), dim)  # every basis vector at every position
+        return self.rotate(basis, cos, sin).mean(2)[0]  # [d (basis), d]
+
+
+def rope_of(module) -> Rope | None:
+    """The ``Rope`` of attention ``module`` in a model inside ``apply()`` (None: no session, or a model without
+    rotary embeddings)."""
+    import inspect
+    import sys
+
+    session = _SESSIONS.get(id(module))
+    apply_fn = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
+    if session is None or apply_fn is None:
+        return None
+    rotary = getattr(module, "rotary_emb", None)
+    if rotary is None:
+        rotary = next((m for m in session.model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+    if rotary is None:
+        return None
+    layer_type = None
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        types = getattr(text_config(session.model.config), "layer_types", None)
+        layer_type = types[module.layer_idx] if types else None
+    return Rope(rotary, apply_fn, layer_type)
+
+
+def query_positions(module, nq: int, n_keys: int, key_valid: torch.Tensor | None, device) -> torch.Tensor:
+    """``[b, nq]`` positions of the last ``nq`` queries of the running forward: the forward's ``position_ids``
+    where it was given them (``generate`` does), else counted over the real tokens of ``key_valid`` (from 0), else
+    the last ``nq`` of the keys."""
+    session = _SESSIONS.get(id(module))
+    pos = (getattr(session, "_inputs", None) or {}).get("position_ids") if session is not None else None
+    if pos is not None and pos.shape[-1] == nq:
+        return pos.to(device).long()
+    if key_valid is not None:
+        return (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -nq:].to(device)
+    return torch.arange(n_keys - nq, n_keys, device=device).view(1, -1)
 
 
 def text_config(config):

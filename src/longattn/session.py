@@ -213,7 +213,7 @@ class Session:
             return self._decode_select(layer, layer_idx, query, key, value, key_valid, scale, f)
         if nq == 1 and layer is not None and policy is not None and policy.acts_at_decode and layer.prefix is None:
             t0 = time.perf_counter()
-            out = policy.decode_attend(layer, query, key_valid, scale, f)
+            out = policy.decode_attend(layer, query, key_valid, scale, f, module)
             self._method_s += time.perf_counter() - t0
             return out
         if layer is not None and layer.compressed:

@@ -88,9 +88,9 @@ class KVPolicy:
         idx, lengths = self.keep(q, k, v, key_valid, module, layer_idx, num_layers)
         layer.compress(idx, lengths)
 
-    def decode_attend(self, layer, q, key_valid, scale, features=None):  # pragma: no cover - where acts_at_decode
+    def decode_attend(self, layer, q, key_valid, scale, features=None, module=None):  # pragma: no cover
         """One decode step ``q [b, hq, 1, d]`` over ``layer`` when ``acts_at_decode``: ``[b, hq, 1, d]``
-        (``features``: the call's softcap and sinks, ``hf.Features``)."""
+        (``features``: the call's softcap and sinks, ``hf.Features``; ``module``: the attention module)."""
         raise NotImplementedError
 
     def budgets(self, valid_len: torch.Tensor, kv_heads: int, layer_idx: int = 0, num_layers: int = 1):

@@ -68,7 +68,7 @@ class H2O(KVPolicy):
                              "or equal lengths")
         layer.scores = torch.gather(sc, -1, idx[..., : layer.physical_len])
 
-    def decode_attend(self, layer, q, key_valid, scale, features=None):
+    def decode_attend(self, layer, q, key_valid, scale, features=None, module=None):
         """One decode step that also adds each kept token's attention to its score, then evicts down to
         ``decode_budget`` (the ``recent`` newest, at least 1, protected)."""
         from ..ops.core import capped
