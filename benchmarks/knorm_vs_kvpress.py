@@ -55,6 +55,7 @@ def ties_at_cut(keys, ratio: float, rel: float = 1e-6) -> int:
 
 def main(argv=None) -> int:
     import vs_kvpress as V
+
     from longattn import models
     from longattn.bench.prompts import encode
     from longattn.outputs import check_output_file, write_atomic

@@ -48,10 +48,15 @@ def _kept(idx, lengths):
 
 
 class _Layer:
-    """What a policy reads off the attention module: layer index, scale, softcap, sinks (Gemma 2 / gpt-oss)."""
+    """What a policy reads off the attention module: layer index, output projection, scale, softcap, sinks (Gemma 2
+    / gpt-oss)."""
 
     def __init__(self, features: bool):
         self.layer_idx = 1
+        # an output projection (CriticalKV weights values by it): hidden 12 <- 4 query heads x head dim 8
+        self.o_proj = torch.nn.Linear(32, 12, bias=False)
+        with torch.no_grad():
+            self.o_proj.weight.copy_(torch.randn(12, 32, generator=torch.Generator().manual_seed(5)))
         if features:
             self.scaling, self.attn_logit_softcapping = 0.29, 2.5
             self.sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
@@ -168,3 +173,26 @@ def test_pyramid_budgets_follow_the_paper_formula(n, ratio, layers, beta):
     assert sum(got) == layers * avg
     assert all(abs(g - p) <= 1.0 for g, p in zip(got, paper)), (got, paper)
     assert all(a >= b for a, b in zip(got, got[1:]))
+
+
+def test_critical_weights_by_the_projected_value_after_the_first_stage():
+    """Stage 1 keeps the inner scorer's best; stage 2 ranks the rest by (score + epsilon) x ||v W_O||_1: with
+    knorm scores -1 and -2 and projected values 1 and 3, epsilon 0 keeps the first, epsilon 3 the second."""
+
+    class Mod:
+        layer_idx = 0
+        o_proj = torch.nn.Linear(4, 4, bias=False)
+
+    with torch.no_grad():
+        Mod.o_proj.weight.copy_(torch.eye(4))
+    k = torch.zeros(1, 1, 4, 4)
+    v = torch.zeros(1, 1, 4, 4)
+    for j, (norm, val) in enumerate([(0.1, 1.0), (1.0, 1.0), (2.0, 3.0), (10.0, 10.0)]):
+        k[0, 0, j, 0], v[0, 0, j, 0] = norm, val
+    q = torch.zeros(1, 1, 4, 4)
+    for eps, want in [(0.0, {0, 1}), (3.0, {0, 2})]:
+        pol = api.parse(f"critical:ratio=0.5:inner=knorm:epsilon={eps}").kv
+        idx, lengths = pol.keep(q, k, v, None, Mod())
+        assert set(idx[0, 0, : int(lengths[0, 0])].tolist()) == want, f"epsilon {eps}"
+        got = pol.reference_keep(q, k, v, None, Mod())[0][0]
+        assert got == want, f"reference, epsilon {eps}"

@@ -42,13 +42,23 @@ def peer_method(method: str) -> str | None:
     from ..api import parse
 
     r = parse(method)
+    if r.kv is None or r.prefill is not None or r.decode is not None or r.kv.is_noop:
+        return None
+    args = press_args(r.kv)
+    if args is None:
+        return None
+    name, kw = args
+    return ":".join([f"kvpress:{name}:ratio={r.kv.ratio}"] + [f"{k}={v}" for k, v in kw.items()])
+
+
+def press_args(policy) -> tuple[str, dict] | None:
+    """``(press class name, its arguments besides the ratio)`` of our KV ``policy``, or None without an
+    equivalent (a nested press is written ``Press/arg=value/...``)."""
     table = presses()
-    if r.kv is None or r.prefill is not None or r.decode is not None or r.kv.name not in table or r.kv.is_noop:
+    if policy.name not in table:
         return None
-    extra = r.kv.kvpress_kwargs()
-    if extra is None:
-        return None
-    return ":".join([f"kvpress:{table[r.kv.name]}:ratio={r.kv.ratio}"] + [f"{k}={v}" for k, v in extra.items()])
+    kw = policy.kvpress_kwargs()
+    return None if kw is None else (table[policy.name], kw)
 
 
 def _value(text: str):
@@ -60,6 +70,12 @@ def _value(text: str):
         return float(text)
 
 
+def _nested(kvpress, spec: str):
+    """``Press/arg=value/...`` -> that press (its ratio is set by the wrapper)."""
+    cls, *args = spec.split("/")
+    return getattr(kvpress, cls)(**{a.split("=", 1)[0]: _value(a.split("=", 1)[1]) for a in args})
+
+
 def make_press(peer: str):
     """The press of a peer row's name (``kvpress:<Press>:ratio=R[:arg=value...]``)."""
     kvpress = require_kvpress()
@@ -67,10 +83,17 @@ def make_press(peer: str):
     kw = {}
     for arg in args:
         name, _, value = arg.partition("=")
-        kw["compression_ratio" if name == "ratio" else name] = _value(value)
+        kw["compression_ratio" if name == "ratio" else name] = _value(value) if "/" not in value and not \
+            value.endswith("Press") else _nested(kvpress, value)
     if cls == "RandomPress":
         kw["seed"] = 0
-    return getattr(kvpress, cls)(**kw)
+    press_cls = getattr(kvpress, cls)
+    ratio = kw.pop("compression_ratio")
+    if "press" in kw:  # a wrapper (CriticalKVPress): its ratio is its inner press's
+        press = press_cls(**kw)
+        press.compression_ratio = ratio
+        return press
+    return press_cls(compression_ratio=ratio, **kw)
 
 
 def _forward(model, ids, cache, start: int):

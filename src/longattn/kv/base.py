@@ -29,6 +29,11 @@ def mask_padding(scores: torch.Tensor, key_valid: torch.Tensor | None) -> torch.
     return scores.masked_fill(~key_valid.to(torch.bool)[:, None, :], float("-inf"))
 
 
+def press_changes(args: dict, defaults: dict) -> dict:
+    """The entries of ``args`` that differ from a press's ``defaults`` (a peer row's name stays short)."""
+    return {k: v for k, v in args.items() if defaults.get(k, object()) != v}
+
+
 @dataclass(frozen=True)
 class KVPolicy:
     """Base of every KV policy. ``ratio`` is the fraction of the prefill's tokens removed (0 keeps all)."""
@@ -45,9 +50,10 @@ class KVPolicy:
     kvpress_press: ClassVar[str | None] = None
 
     def kvpress_kwargs(self) -> dict | None:
-        """The press's arguments besides ``compression_ratio`` that make it this policy's setting (None: these
-        settings have no kvpress equivalent)."""
+        """The press's arguments besides ``compression_ratio`` that make it this policy's setting, those that
+        differ from the press's defaults (None: these settings have no kvpress equivalent)."""
         return {}
+
 
     @classmethod
     def write_example_profile(cls, path, **shape) -> str:

@@ -29,7 +29,7 @@ import torch
 from ..cache import DecodeState
 from ..checks import check_int
 from ..registry import register
-from .base import KVPolicy
+from .base import KVPolicy, press_changes
 
 __all__ = ["ExpectedAttention", "QueryBuffer"]
 
@@ -83,8 +83,10 @@ class ExpectedAttention(KVPolicy):
     def kvpress_kwargs(self) -> dict | None:
         if self.obs_window or self.decode_budget:
             return None  # kvpress's press uses every query, at the end of prefill only
-        return {"n_future_positions": self.future, "n_sink": self.sink, "use_covariance": self.covariance,
-                "use_vnorm": self.vnorm, "epsilon": self.epsilon}
+        return press_changes({"n_future_positions": self.future, "n_sink": self.sink, "use_covariance": self.covariance,
+                              "use_vnorm": self.vnorm, "epsilon": self.epsilon},
+                             {"n_future_positions": 512, "n_sink": 4, "use_covariance": True, "use_vnorm": True,
+                              "epsilon": 0.0})
 
     @property
     def is_noop(self) -> bool:

@@ -38,6 +38,9 @@ class H2O(KVPolicy):
     recent: int = 0  # recent tokens always kept (the paper keeps a recent window besides the heavy hitters)
     decode_budget: int = 0  # > 0: evict while generating so that each kv head holds at most this many tokens
 
+    def kvpress_kwargs(self) -> dict | None:
+        return None if self.recent or self.decode_budget else {}  # ObservedAttentionPress has neither
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int(self.recent, "recent", 0)

@@ -34,7 +34,7 @@ import torch
 
 from ..checks import check_choice, check_int
 from ..registry import register
-from .base import KVPolicy
+from .base import KVPolicy, press_changes
 
 __all__ = ["KVzip"]
 
@@ -129,7 +129,8 @@ class KVzip(KVPolicy):
     def kvpress_kwargs(self) -> dict | None:
         if self.head_level or self.budget == "head" or self.prev != 8:
             return None  # KVzipPress scores pairs (no head-level variant), by layer or globally, prev fixed at 8
-        return {"layerwise": self.budget == "layer", "n_sink": self.sink, "chunk_size": self.chunk}
+        return press_changes({"layerwise": self.budget == "layer", "n_sink": self.sink, "chunk_size": self.chunk},
+                             {"layerwise": False, "n_sink": 4, "chunk_size": 2048})
 
     def score(self, q, k, v, key_valid, module=None):  # pragma: no cover - model_pass: scored in after_prefill
         raise NotImplementedError("kvzip scores with reconstruction forwards (after_prefill), not per layer")

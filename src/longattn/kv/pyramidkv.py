@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register
+from .base import press_changes
 from .snapkv import SnapKV
 
 __all__ = ["PyramidKV"]
@@ -30,6 +31,10 @@ class PyramidKV(SnapKV):
     examples = ({"obs_window": 8},)
 
     beta: float = 20.0
+
+    def kvpress_kwargs(self) -> dict | None:
+        return press_changes({"window_size": self.obs_window, "kernel_size": self.kernel, "beta": self.beta},
+                             {"window_size": 64, "kernel_size": 5, "beta": 20})
 
     def __post_init__(self) -> None:
         super().__post_init__()

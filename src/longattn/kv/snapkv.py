@@ -19,7 +19,7 @@ from ..checks import check_int, check_odd
 from ..hf import module_logits
 from ..ops.core import capped
 from ..registry import register
-from .base import KVPolicy, slow_probs
+from .base import KVPolicy, press_changes, slow_probs
 
 __all__ = ["SnapKV"]
 
@@ -41,6 +41,10 @@ class SnapKV(KVPolicy):
 
     obs_window: int = 64
     kernel: int = 5
+
+    def kvpress_kwargs(self) -> dict | None:
+        return press_changes({"window_size": self.obs_window, "kernel_size": self.kernel},
+                             {"window_size": 64, "kernel_size": 5})
 
     def __post_init__(self) -> None:
         super().__post_init__()

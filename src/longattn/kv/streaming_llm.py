@@ -14,7 +14,7 @@ import torch
 
 from ..checks import check_int
 from ..registry import register
-from .base import KVPolicy
+from .base import KVPolicy, press_changes
 
 __all__ = ["StreamingLLM"]
 
@@ -35,6 +35,9 @@ class StreamingLLM(KVPolicy):
     examples = ({}, {"sink": 0})
 
     sink: int = 4
+
+    def kvpress_kwargs(self) -> dict | None:
+        return press_changes({"n_sink": self.sink}, {"n_sink": 4})
 
     def __post_init__(self) -> None:
         super().__post_init__()
