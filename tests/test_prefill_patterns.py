@@ -2,6 +2,7 @@
 ``reference.py`` for its output; full budgets equal dense attention; bad settings raise ValueError by name."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -91,7 +92,8 @@ def test_layouts_with_queries_over_a_longer_cache():
     """q_len < kv_len (a chunk of queries over earlier keys): the reference's end alignment."""
     q, k, _ = _qkv(nq=70, nk=150)
     for name in ("sink_window", "vertical_slash", "block_topk-0", "hierarchical", "strided_window",
-                 "shifted_groups-0", "bilevel_routing-0"):
+                 "shifted_groups-0", "bilevel_routing-0", "xattention-0", "xattention-1", "flexprefill-0",
+                 "flexprefill-2"):
         p = SLOW[name]
         got, want = torch.broadcast_tensors(p.layout(q, k).to_dense_mask(heads=4), p.reference_mask(q, k, None))
         assert torch.equal(got, want), name
@@ -312,3 +314,14 @@ def test_non_contiguous_inputs_with_whole_blocks(name):
         out = p.attend(q, k, v)
         ref = p.attend(q.contiguous(), k.contiguous(), v.contiguous())
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_flexprefill_sizes_lines_to_the_mass_gamma():
+    """The fewest entries whose sorted mass reaches gamma, plus one, in blocks (the paper code's rule)."""
+    from longattn.prefill.flexprefill import cover_blocks, js_sqrt
+
+    x = torch.tensor([[0.5, 0.3, 0.2]])
+    assert cover_blocks(x, 0.8, 3).tolist() == [2]  # 2 entries within 0.8, +1 -> 3 tokens -> 3 // 3 + 1 blocks
+    assert cover_blocks(x, 0.4, 3).tolist() == [1]
+    p, q = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert abs(float(js_sqrt(p, q)) - math.sqrt(math.log(2))) < 1e-6 and float(js_sqrt(p, p)) == 0.0

@@ -10,7 +10,8 @@ whose estimated mass reaches ``tau``, the mass of a block being estimated as sof
 visible keys in the block)). The first ``sink`` real tokens' blocks and the diagonal block are always kept.
 
 Departures: MInference pools with the kernel's 64-token blocks as here; FlexPrefill estimates from the last
-query block and XAttention from anti-diagonal sums, both replaced here by mean pooling of every query block.
+query block and XAttention from anti-diagonal sums, both replaced here by mean pooling of every query block. The
+complete methods are ``flexprefill`` (per-head pattern choice, vertical-slash lines) and ``xattention``.
 """
 
 from __future__ import annotations
