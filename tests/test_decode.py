@@ -671,3 +671,52 @@ def test_selection_equals_the_reference_beside_the_selector(e, ex, pads, tmp_pat
     assert got.keys() == want.keys()
     for key in want:
         assert got[key] == want[key], f"{e.name} {key}: {sorted(got[key] ^ want[key])[:10]} differ"
+
+
+def test_magicpig_output_is_the_importance_weighted_estimate():
+    """attend() = sum over static + sampled keys of (e^s / u) v / sum (e^s / u), u = P(Bin(L, (1-theta/pi)^K) >= m)
+    with theta the angle to the centred key (static keys weight 1), computed here loop by loop."""
+    from longattn.decode import MagicPIG
+
+    sel = MagicPIG(bits=2, tables=8, min_match=2, sink=2, recent=4)
+    step = _step(n=60, pads=(0, 9))
+    chosen = sel.reference_select(step)
+    got = sel.attend(step)
+    b, hq, _, d = step.q.shape
+    g = hq // step.k.shape[1]
+    for bi in range(b):
+        real = [j for j in range(60) if bool(step.key_valid[bi, j])]
+        static = set(real[:2]) | {j for j in real if j >= 56}
+        for h in range(hq):
+            kh = h // g
+            mean = [sum(float(step.k[bi, kh, j, t]) for j in real) / len(real) for t in range(d)]
+            qv = [float(x) for x in step.q[bi, h, 0]]
+            num, den = [0.0] * d, 0.0
+            for j in chosen[bi, h]:
+                kv = [float(x) for x in step.k[bi, kh, j]]
+                w = math.exp(sum(a * c for a, c in zip(qv, kv)) * step.scale)
+                if j not in static:
+                    kc = [kv[t] - mean[t] for t in range(d)]
+                    cos = sum(a * c for a, c in zip(qv, kc)) / (math.sqrt(sum(a * a for a in qv)) *
+                                                                 math.sqrt(sum(c * c for c in kc)))
+                    p = (1 - math.acos(max(-1.0, min(1.0, cos))) / math.pi) ** 2
+                    u = 1 - sum(math.comb(8, i) * p**i * (1 - p) ** (8 - i) for i in range(2))
+                    w /= u
+                den += w
+                for t in range(d):
+                    num[t] += w * float(step.v[bi, kh, j, t])
+            want = torch.tensor([x / den for x in num])
+            torch.testing.assert_close(got[bi, h, 0].double(), want.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_twilight_keeps_few_tokens_for_a_peaked_head_and_many_for_a_flat_one():
+    from longattn.decode import Twilight
+
+    step = _step(n=96, pads=None)
+    step.q[:, 0] = 0.0  # head 0: a flat softmax
+    step.q[:, 1, 0] = step.k[:, 0, 40] * 30.0  # head 1: all its attention on token 40
+    sel = Twilight(inner="quest/budget=96/page=16", top_p=0.9, bits=0)
+    idx, keep = sel.select(step)
+    kept = keep.sum(-1)
+    assert int(kept[0, 1]) <= 3 and 40 in idx[0, 1][keep[0, 1]].tolist()
+    assert int(kept[0, 0]) >= 0.8 * 96
