@@ -34,7 +34,8 @@ from .ops import time_ms
 __all__ = ["DecodeBenchConfig", "run_decode_ops", "DEFAULT_SELECTORS"]
 
 DEFAULT_SELECTORS = ("quest", "token_select", "tidal_decode", "infllm", "squeezed:cluster_tokens=128:iters=4",
-                     "lserve_pages", "landmark", "longheads", "split_k:splits=8")
+                     "lserve_pages", "landmark", "longheads", "twilight:inner=quest/budget=4096:top_p=0.95",
+                     "magicpig", "split_k:splits=8")
 REUSE_KEYS = ("token_select", "lserve")  # decode_state entries holding a selection reused across steps
 LAYER = 2  # the layer index the selectors see (not in any default dense_layers)
 
@@ -137,7 +138,7 @@ def run_decode_ops(cfg: DecodeBenchConfig, log=None) -> list[dict]:
     from tqdm.auto import tqdm
 
     from ..cache import LongattnLayer
-    from ..decode.base import Step
+    from ..decode.base import DecodeSelector, Step
     from ..ops.decode import gather_attention, split_k_attention
     from .ops import DTYPES
 
@@ -206,8 +207,11 @@ def run_decode_ops(cfg: DecodeBenchConfig, log=None) -> list[dict]:
                     est = time_ms(partial(sel.select, step), cfg.repeats, before=clear)
                     clear()
                     idx, valid = sel.select(step)
-                    kern = time_ms(partial(gather_attention, q, k, v, idx, valid=valid, scale=scale, splits=sel.splits),
-                                 cfg.repeats)
+                    if type(sel).attend is not DecodeSelector.attend:  # its own estimate (MagicPIG's weights)
+                        kern = max(time_ms(partial(sel.attend, step), cfg.repeats, before=clear) - est, 0.0)
+                    else:
+                        kern = time_ms(partial(gather_attention, q, k, v, idx, valid=valid, scale=scale,
+                                               splits=sel.splits), cfg.repeats)
                     used = idx.numel() if valid is None else int(valid.sum())
                     recs.append({**base, "pattern": label, "density": used / (idx.shape[0] * idx.shape[1] * n),
                                  "recall": _recall(q, k, idx, valid, scale), "setup_ms": setup_ms, "est_ms": est,

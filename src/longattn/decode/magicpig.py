@@ -35,7 +35,7 @@ __all__ = ["MagicPIG", "LSHState"]
 @dataclass
 class LSHState(DecodeState):
     """The hash planes ``[hk, d, tables * bits]``, the key mean ``[b, hk, 1, d]`` and the codes of the first
-    ``n`` keys ``[b, hk, n, tables]`` (int64)."""
+    ``n`` keys ``[b, hk, n, tables]`` (the smallest integer type that holds ``bits`` bits)."""
 
     planes: torch.Tensor
     mean: torch.Tensor
@@ -46,7 +46,19 @@ def simhash(x: torch.Tensor, planes: torch.Tensor, tables: int, bits: int) -> to
     """``x [b, h, n, d]`` -> ``[b, h, n, tables]`` codes: per table, the sign bits of ``bits`` projections."""
     proj = torch.einsum("bhnd,hdp->bhnp", x.float(), planes) >= 0  # [b, h, n, tables * bits]
     weights = 2 ** torch.arange(bits, device=x.device)
-    return (proj.view(*proj.shape[:-1], tables, bits).long() * weights).sum(-1)
+    codes = (proj.view(*proj.shape[:-1], tables, bits).long() * weights).sum(-1)
+    return codes.to(torch.int16 if bits <= 15 else torch.int32 if bits <= 31 else torch.int64)
+
+
+def collisions(codes: torch.Tensor, qcodes: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """``[b, hk, g, n]``: tables in which each key's code equals each query head's (``codes [b, hk, n, T]``,
+    ``qcodes [b, hk, g, T]``), in chunks of keys."""
+    b, hk, n, _ = codes.shape
+    out = torch.empty(b, hk, qcodes.shape[2], n, dtype=torch.int16, device=codes.device)
+    for lo in range(0, n, chunk):
+        c = codes[:, :, lo : lo + chunk]
+        out[..., lo : lo + chunk] = (c[:, :, None] == qcodes[:, :, :, None]).sum(-1, dtype=torch.int16)
+    return out
 
 
 def sample_probability(cos: torch.Tensor, tables: int, bits: int, min_match: int) -> torch.Tensor:
@@ -116,7 +128,7 @@ class MagicPIG(DecodeSelector):
         g = hq // hk
         kvh = torch.arange(hq, device=step.q.device) // g
         qh = simhash(step.q.float().view(b, hq, 1, d), st.planes[kvh], self.tables, self.bits)  # [b, hq, 1, T]
-        match = (st.codes[:, kvh] == qh).sum(-1)  # [b, hq, n]
+        match = collisions(st.codes, qh.view(b, hk, g, -1)).view(b, hq, n)
         sampled = match >= self.min_match
         kc = step.k.float()[:, kvh] - st.mean[:, kvh]
         cos = torch.einsum("bhd,bhnd->bhn", step.q[:, :, 0].float(), kc) / (
