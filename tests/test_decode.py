@@ -720,3 +720,25 @@ def test_twilight_keeps_few_tokens_for_a_peaked_head_and_many_for_a_flat_one():
     kept = keep.sum(-1)
     assert int(kept[0, 1]) <= 3 and 40 in idx[0, 1][keep[0, 1]].tolist()
     assert int(kept[0, 0]) >= 0.8 * 96
+
+
+def test_shadowkv_moves_the_chunks_out_of_the_cache_and_keeps_factors():
+    """After the first step the layer holds only the exact tokens (sinks, outlier chunks, recent, appended);
+    keys live on as rank-r factors and values in the store; full rank and budget decode as dense (generic test)."""
+    from longattn.cache import cache_nbytes
+
+    m = tiny_model("llama", num_hidden_layers=2)
+    ids, _ = ids_batch(1, 150, pad=(0,))
+    with torch.no_grad(), longattn.apply(m, "shadowkv:budget=32:chunk=8:rank=4:sink=4:recent=8:outliers=0.1") as s:
+        out = m.generate(ids, max_new_tokens=4, do_sample=False)
+        layer = s.cache.layers[1]
+        st = layer.decode_state["shadowkv"]
+        exact = layer.keys.shape[2]
+        nbytes = cache_nbytes(s.cache)
+    chunks = (150 + 1 - 8 - 4) // 8  # built at the first decode step: 151 tokens
+    outl = math.ceil(0.1 * chunks)
+    assert exact == 4 + outl * 8 + (151 - 4 - chunks * 8) + 2  # sinks, outliers, the tail, 2 appended since
+    assert st.a.shape == (1, chunks * 8, 4) and st.bmat.shape == (1, 4, 2 * 16)
+    assert len(st.store) == chunks and out.shape == (1, 154)
+    full = m(out, use_cache=True).past_key_values
+    assert nbytes < sum(la.keys.numel() * 8 for la in full.layers)

@@ -210,7 +210,7 @@ class Session:
             return dense_attention(query, key, value, key_valid, scale, window, f.softcap, f.sinks)
         policy, sel = self.recipe.kv, self.recipe.decode
         if nq == 1 and layer is not None and sel is not None and window is None:
-            return self._decode_select(layer, layer_idx, query, key, value, key_valid, scale, f)
+            return self._decode_select(layer, layer_idx, query, key, value, key_valid, scale, f, module)
         if nq == 1 and layer is not None and policy is not None and policy.acts_at_decode and layer.prefix is None:
             t0 = time.perf_counter()
             out = policy.decode_attend(layer, query, key_valid, scale, f, module)
@@ -260,7 +260,7 @@ class Session:
         sel.on_prefill(layer, layer_idx, query, layer.keys, layer.physical_key_valid(key_valid))
         self._method_s += time.perf_counter() - t0
 
-    def _decode_select(self, layer, layer_idx, query, key, value, key_valid, scale, f):
+    def _decode_select(self, layer, layer_idx, query, key, value, key_valid, scale, f, module=None):
         """One decode step through the recipe's selector (dense on its ``dense_layers``)."""
         from .decode.base import Step
 
@@ -272,7 +272,7 @@ class Session:
         if sel.is_dense(layer_idx):
             return dense_attention(query, key, value, kv_phys, scale, None, f.softcap, f.sinks)
         step = Step(query, key, value, kv_phys, layer, layer_idx, self.num_layers, scale, self._decode_shared,
-                    f.softcap, f.sinks)
+                    f.softcap, f.sinks, module)
         before = self._decode_stats.get("select_s", 0.0)
         out = sel.attend(step, self._decode_stats)
         self._method_s += self._decode_stats.get("select_s", 0.0) - before

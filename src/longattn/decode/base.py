@@ -36,6 +36,7 @@ class Step:
     shared: dict = field(default_factory=dict)  # per forward (step) state shared across layers
     softcap: float | None = None  # the layer's logit softcap (Gemma 2)
     sinks: torch.Tensor | None = None  # the layer's per-head attention sinks (gpt-oss), [hq]
+    module: Any = None  # the attention module (its RoPE, for selectors that rebuild keys: ShadowKV)
 
     @property
     def state(self) -> dict:
