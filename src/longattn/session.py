@@ -40,6 +40,7 @@ class Session:
         self.prev_impl = None  # the attention implementation to restore (set by hf.activate)
         self._cache = None
         self._method_s = 0.0  # time spent inside the methods (layouts, scoring, compression, selection)
+        self._attn_s = {"prefill": 0.0, "decode": 0.0}  # time inside full-attention layers' attention
         self._compressions = 0
         self._compress = True
         self._observers: list = []
@@ -73,6 +74,13 @@ class Session:
     def compressions(self) -> int:
         """Cache layers compressed so far (one per layer and prefill, or per chunk)."""
         return self._compressions
+
+    @property
+    def attention_seconds(self) -> dict:
+        """Seconds inside the attention of the full-attention layers (what a method can change; sliding-window
+        layers excluded), methods included: ``{"prefill": multi-token calls, "decode": one-token calls}`` (a
+        copy). A dense run's share of its prefill / decode time is the Amdahl limit's ``s``."""
+        return dict(self._attn_s)
 
     @property
     def decode_stats(self) -> dict:
@@ -193,6 +201,14 @@ class Session:
 
     # ---- the attention function ---------------------------------------------------------------------------
     def attend(self, module, query, key, value, key_valid, scaling, features=None):
+        """``_attend``, timed into ``attention_seconds`` on full-attention layers."""
+        t0 = time.perf_counter()
+        out = self._attend(module, query, key, value, key_valid, scaling, features)
+        if features is None or features.window is None:
+            self._attn_s["prefill" if query.shape[2] > 1 else "decode"] += time.perf_counter() - t0
+        return out
+
+    def _attend(self, module, query, key, value, key_valid, scaling, features=None):
         """Attention output ``[b, hq, nq, d]`` of one layer's call (see the module docstring for the order).
         ``features``: the call's sliding window, softcap and sinks (``hf.Features``). Methods run on full
         attention layers; a sliding-window layer attends densely inside its window (its cache already holds at

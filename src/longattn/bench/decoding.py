@@ -33,10 +33,13 @@ def forward(model, ids: list[int] | torch.Tensor, cache, kw: str, last: bool = F
 def prefill(model, session, recipe, ids: list[int], cache, kw: str):
     """Prefill ``ids`` into ``cache`` (in the KV policy's chunks when it has some), measuring time and peak
     memory; a prefill pattern's recall is measured on the side (its time excluded). Returns
-    ``(last logits, prefill_s, peak_bytes, recall or None)``."""
+    ``(last logits, prefill_s, peak_bytes, recall or None, extra)``; ``extra``: ``attn_prefill_s`` (seconds inside
+    the full-attention layers' attention during the prefill) and ``prefill_density`` (the pattern's share of the
+    causal pairs it computes, mean over layers; None without a pattern)."""
     kv = recipe.kv
     chunk = kv.chunk if (kv is not None and kv.repeat) else None
     recalls: list[float] = []
+    densities: list[float] = []
     obs_s = [0.0]
     pattern = recipe.prefill
 
@@ -44,16 +47,20 @@ def prefill(model, session, recipe, ids: list[int], cache, kw: str):
         t = time.perf_counter()
         lay = pattern.for_layer(layer_idx).layout(q, k, key_valid)
         recalls.append(float(attention_recall(lay, q, k, rows=RECALL_ROWS, key_valid=key_valid).mean()))
+        densities.append(float(lay.density()))
         obs_s[0] += time.perf_counter() - t
 
     watch = session.observe(observe) if pattern is not None else contextlib.nullcontext()
+    a0 = session.attention_seconds["prefill"]
     with watch, PeakMemory(model.device) as pm:
         t0 = time.perf_counter()
         size = chunk or len(ids)
         for s0 in range(0, len(ids), size):
             logits = forward(model, ids[s0 : s0 + size], cache, kw, last=True)[0, -1]
         prefill_s = time.perf_counter() - t0 - obs_s[0]  # the recall's time is excluded
-    return logits, prefill_s, pm.peak_bytes, (sum(recalls) / len(recalls)) if recalls else None
+    extra = {"attn_prefill_s": session.attention_seconds["prefill"] - a0 - obs_s[0],
+             "prefill_density": (sum(densities) / len(densities)) if densities else None}
+    return logits, prefill_s, pm.peak_bytes, (sum(recalls) / len(recalls)) if recalls else None, extra
 
 
 def greedy(logits, feed, max_new_tokens: int, eos: set[int]) -> tuple[list[int], float]:

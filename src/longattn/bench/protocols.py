@@ -68,8 +68,8 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
         kw = session.cache_kwarg
         cache = DynamicCache()
         # question-agnostic: prefill (and compress) the context alone; query-aware: context + question
-        logits, prefill_s, peak, recall = decoding.prefill(model, session, recipe, ctx + rest if query_aware else ctx,
-                                                           cache, kw)
+        logits, prefill_s, peak, recall, extra = decoding.prefill(model, session, recipe,
+                                                                  ctx + rest if query_aware else ctx, cache, kw)
         session.set_compression(False)  # the question and the answer are never compressed
         kv_bytes = cache_nbytes(cache)
         # the fidelity pass continues from a copy of this cache (selector state included): no crop, exact
@@ -77,7 +77,9 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
         if not query_aware:
             logits = forward(model, rest, cache, kw, last=True)[0, -1]
         tf_first = logits.clone()
+        a0 = session.attention_seconds["decode"]
         gen, decode_s = greedy_model(model, logits, cache, kw, max_new_tokens, eos)
+        extra["attn_decode_s"] = session.attention_seconds["decode"] - a0
         kv_bytes_end = cache_nbytes(cache)
         del cache
         # teacher-forced along the dense answer, for fidelity (dense's logits are the reference)
@@ -90,7 +92,7 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
         "kv_cache_bytes": kv_bytes, "kv_cache_bytes_end": kv_bytes_end, "peak_bytes": peak, "prefill_s": prefill_s,
         "decode_s": decode_s, "decode_tok_s": _tok_s(max(len(gen) - 1, 0), decode_s), "kl": kl, "top1_agree": top1,
         "answer_ids": gen, "ref_logits": tf, "protocol": "query_aware" if query_aware else "question_agnostic",
-        "recall": recall, **_stats(session), **_plain(model, len(ctx) + (len(rest) if query_aware else 0)),
+        "recall": recall, **_stats(session), **extra, **_plain(model, len(ctx) + (len(rest) if query_aware else 0)),
     }
 
 
@@ -107,12 +109,14 @@ def run_perplexity(model, tokenizer, recipe, sample: Sample, max_new_tokens: int
     with torch.no_grad(), api.apply(model, recipe, tokenizer=tokenizer) as session:
         kw = session.cache_kwarg
         cache = DynamicCache()
-        logits, prefill_s, peak, recall = decoding.prefill(model, session, recipe, ids[:split], cache, kw)
+        logits, prefill_s, peak, recall, extra = decoding.prefill(model, session, recipe, ids[:split], cache, kw)
         session.set_compression(False)
         kv_bytes = cache_nbytes(cache)
+        a0 = sum(session.attention_seconds.values())
         t0 = time.perf_counter()
         tf = teacher(model, cache, kw, logits, [], ids[split:], recipe.decode is not None)
         eval_s = time.perf_counter() - t0
+        extra["attn_decode_s"] = sum(session.attention_seconds.values()) - a0
         kv_bytes_end = cache_nbytes(cache)
     target = torch.tensor(ids[split:], device=tf.device)
     nll = float(torch.nn.functional.cross_entropy(tf.float(), target))
@@ -123,7 +127,7 @@ def run_perplexity(model, tokenizer, recipe, sample: Sample, max_new_tokens: int
         "decode_tok_s": n_eval / eval_s if recipe.decode is not None and eval_s > 0 else None,
         "kl": kl, "top1_agree": top1, "answer_ids": [], "ref_logits": tf,
         "protocol": "perplexity", "recall": recall, "nll": nll, "ppl": float(torch.exp(torch.tensor(nll))),
-        **_stats(session), **_plain(model, split),
+        **_stats(session), **extra, **_plain(model, split),
     }
 
 
@@ -145,7 +149,7 @@ def run_turns(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref
     with torch.no_grad(), api.apply(model, recipe, tokenizer=tokenizer) as session:
         kw = session.cache_kwarg
         cache = DynamicCache()
-        _, prefill_s, peak, recall = decoding.prefill(model, session, recipe, ctx, cache, kw)
+        _, prefill_s, peak, recall, extra = decoding.prefill(model, session, recipe, ctx, cache, kw)
         session.set_compression(False)
         kv_bytes = cache_nbytes(cache)
         snapshot = copy.deepcopy(cache)
@@ -176,7 +180,9 @@ def run_turns(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref
                     history.append((q, prefix + tokenizer.decode(gen, skip_special_tokens=True)))
             return out, dec_s, steps
 
+        a0 = session.attention_seconds["decode"]
         free, decode_s, steps = run(cache, snapshot, None)
+        extra["attn_decode_s"] = session.attention_seconds["decode"] - a0
         kv_bytes_end = cache_nbytes(cache)
         del cache
         gens = [g for g, _ in free]
@@ -191,7 +197,7 @@ def run_turns(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref
         "kv_cache_bytes": kv_bytes, "kv_cache_bytes_end": kv_bytes_end, "peak_bytes": peak, "prefill_s": prefill_s,
         "decode_s": decode_s, "decode_tok_s": _tok_s(steps, decode_s), "kl": kl, "top1_agree": top1,
         "answer_ids": gens[0], "turn_answer_ids": gens, "ref_logits": tf, "protocol": f"shared_context:{sample.mode}",
-        "recall": recall, **_stats(session), **_plain(model, len(ctx)),
+        "recall": recall, **_stats(session), **extra, **_plain(model, len(ctx)),
     }
 
 

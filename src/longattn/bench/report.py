@@ -51,10 +51,42 @@ def _ratio_mean(rs: list[dict], num: str, den: str):
     return sum(a for a, _ in pairs) / sum(b for _, b in pairs) if pairs else None
 
 
+def attention_share(records: list[dict]) -> dict:
+    """``{(task, length): (s_prefill, s_decode)}``: the share of dense's prefill time and decode time spent in
+    the attention of the full-attention layers (what a method can change), from the dense rows."""
+    out = {}
+    groups = defaultdict(list)
+    for r in records:
+        if r["method"] == "dense":
+            groups[(r["task"], r["length"])].append(r)
+    for g, rs in groups.items():
+        out[g] = (_ratio_mean(rs, "attn_prefill_s", "prefill_s"), _ratio_mean(rs, "attn_decode_s", "decode_s"))
+    return out
+
+
+def amdahl(share: float | None, kept: float | None) -> float | None:
+    """The end-to-end speed-up bound ``1 / ((1 - s) + s * d)`` for attention share ``s`` and kept work ``d``."""
+    if share is None or kept is None:
+        return None
+    return 1.0 / ((1.0 - share) + share * kept)
+
+
+def kept_work(rs: list[dict]) -> tuple[float | None, float | None]:
+    """A method's kept fraction of the attention work: prefill = its pattern's density (1 without a pattern),
+    decode = the selector's density, else the cache it attends over relative to the plain model's."""
+    dp = _mean([r.get("prefill_density") for r in rs])
+    dd = _mean([r.get("decode_density") for r in rs])
+    if dd is None:
+        dd = _ratio_mean(rs, "kv_cache_bytes", "plain_bytes")
+    return (1.0 if dp is None else dp), (1.0 if dd is None else min(dd, 1.0))
+
+
 def bench_table(records: list[dict]) -> str:
     """One row per (task, method, length): accuracy with n and its 95% interval, cache MiB, compression vs dense,
-    prefill s and speed-up vs dense prefill (same run), decode tok/s and its ratio to dense (same run), method s,
-    prefill attention recall, KL and top-1 agreement vs dense. Dense is the first row of each group."""
+    prefill s and speed-up vs dense prefill (same run) beside its Amdahl bound, decode tok/s and its ratio to
+    dense (same run) beside its bound, method s, prefill attention recall, KL and top-1 agreement vs dense. Dense
+    is the first row of each group. The bound is ``1 / ((1 - s) + s d)``: ``s`` the share of dense's time in the
+    full-attention layers' attention (same task and length), ``d`` the method's kept work (``kept_work``)."""
     groups = defaultdict(list)
     for r in records:
         groups[(r["task"], r["length"], r["method"])].append(r)
@@ -62,8 +94,9 @@ def bench_table(records: list[dict]) -> str:
                    for (t, n, m), rs in groups.items() if m == "dense"}
     prefill_x = paired_ratio(records, "prefill_s")
     decode_x = paired_ratio(records, "decode_tok_s", dense_over_method=False)
+    shares = attention_share(records)
     head = ["task", "length", "method", "acc", "n", "95% CI", "kv MiB", "kv/dense", "kv/plain", "peak MiB", "prefill s",
-            "prefill x", "decode tok/s", "decode x", "method s", "recall", "KL", "top1"]
+            "prefill x", "bound", "decode tok/s", "decode x", "bound", "method s", "recall", "KL", "top1"]
     rows = []
     for (t, n, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "dense",
                                                                kv[0][2])):
@@ -72,6 +105,8 @@ def bench_table(records: list[dict]) -> str:
         peak = _mean([r.get("peak_bytes") for r in rs])
         scores = [r["score"] for r in rs if r.get("score") is not None]
         ci = wilson(sum(scores), len(scores)) if scores else None
+        sp, sd = shares.get((t, n), (None, None))
+        dp, dd = kept_work(rs)
         rows.append([
             t, str(n), m, _fmt(_mean(scores), ".2f"), str(len(rs)),
             "-" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}",
@@ -81,8 +116,10 @@ def bench_table(records: list[dict]) -> str:
             _fmt(peak / 2**20 if peak is not None else None, ".0f"),
             _fmt(_mean([r["prefill_s"] for r in rs]), ".2f"),
             _fmt(prefill_x.get((t, n, m)), ".2f"),
+            _fmt(amdahl(sp, dp), ".2f"),
             _fmt(_mean([r["decode_tok_s"] for r in rs]), ".1f"),
             _fmt(decode_x.get((t, n, m)), ".2f"),
+            _fmt(amdahl(sd, dd), ".2f"),
             _fmt(_mean([r.get("method_s") for r in rs]), ".3f"),
             _fmt(_mean([r.get("recall") for r in rs]), ".3f"),
             _fmt(_mean([r["kl"] for r in rs]), ".3f"),
