@@ -396,3 +396,22 @@ def test_custom_task_arguments_in_the_spec(tmp_path):
     cfg = BenchConfig(tasks=("custom:scorer=rouge",), data=str(p))
     cfg.validate()
     assert make_task("custom:scorer=rouge", cfg).scorer == "rouge"
+
+
+def test_the_amdahl_bound_and_the_attention_share():
+    """bound = 1/((1-s)+s d); s from dense's rows (attention seconds over the prefill's), d the method's kept work;
+    the session times only full-attention layers."""
+    from longattn.bench.report import amdahl, attention_share, kept_work
+
+    assert amdahl(0.5, 0.1) == pytest.approx(1 / 0.55) and amdahl(None, 0.5) is None and amdahl(0.3, 1.0) == 1.0
+    recs = [{"task": "t", "length": 8, "method": "dense", "attn_prefill_s": 1.0, "prefill_s": 4.0, "attn_decode_s": 1.0,
+             "decode_s": 2.0}]
+    assert attention_share(recs)[("t", 8)] == (0.25, 0.5)
+    assert kept_work([{"prefill_density": 0.2, "decode_density": None, "kv_cache_bytes": 30, "plain_bytes": 100}]) \
+        == (0.2, 0.3)
+    m = tiny_model("gemma3_text", num_hidden_layers=2)  # one sliding, one full layer
+    ids, _ = ids_batch(1, 40, pad=(0,))
+    with torch.no_grad(), longattn.apply(m, "dense") as s:
+        m(ids, use_cache=True)
+        full = s.attention_seconds["prefill"]
+    assert full > 0 and s.attention_seconds["decode"] == 0.0
