@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch that this machine keeps on disk; GPU users install their own build first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install bench test lint ops-bench clean
+.PHONY: install bench test lint ops-bench clean gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ bench: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the GPU check (benchmarks/gpu_check.py): op checks, CUDA timings, one end-to-end row; one line and exit 0 without a GPU
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --out gpu_check.json
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -119,6 +119,7 @@ def _build() -> argparse.ArgumentParser:
     o.add_argument("--model", default="smollm2-135m", help="model whose q/k/v are captured")
     o.add_argument("--layer", default=14, type=int, help="layer whose q/k/v are captured")
     o.add_argument("--capture-max", default=32768, type=int, help="longest N with captured inputs")
+    o.add_argument("--device", default="cpu", help="device of the inputs and kernels: cpu (default) or cuda[:i]")
     o.add_argument("--decode", action="store_true", help="time one decode step of decode-time selectors")
     o.add_argument("--selectors", type=_csv, help="--decode: selector specs (default: all, and split_k:splits=8)")
     o.add_argument("--budget", type=int, help="--decode: tokens per head and step for selectors (default 2048)")
@@ -250,6 +251,21 @@ def _cmd_generate(a) -> int:
     print(f"[longattn] recipe={recipe} prompt_tokens={n_prompt} kv_cache_bytes={nbytes} "
           f"method_s={s.method_s:.3f}", file=sys.stderr)
     return 0
+
+
+def _device(spec: str) -> str:
+    """``--device``: cpu or an available cuda device, else one clear error."""
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be cpu or cuda[:i], got {spec!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: no CUDA device on this machine (use cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:i], got {spec!r}")
+    return str(dev)
 
 
 def _cmd_compress(a) -> int:
@@ -405,7 +421,7 @@ def _cmd_ops_bench(a) -> int:
                          dtypes=tuple(a.dtypes or ("float32", "bfloat16")), heads=_or(a.heads, 8),
                          kv_heads=_or(a.kv_heads, 0), dim=_or(a.dim, 64), backends=tuple(a.backends),
                          block_size=a.block_size, repeats=a.repeats, qk=a.qk or "captured", model=a.model,
-                         layer=a.layer, capture_max=a.capture_max)
+                         layer=a.layer, capture_max=a.capture_max, device=_device(a.device))
     recs = run_ops(cfg)
     print(ops_table(recs))
     _write_json(a.json_path, recs)
@@ -469,7 +485,8 @@ def _decode_bench(a) -> int:
                             lengths=tuple(a.lengths or (32768, 131072)), dtypes=tuple(a.dtypes or ("float32",)),
                             heads=heads, kv_heads=_or(a.kv_heads, 8 if a.heads is None else heads),
                             dim=_or(a.dim, 128), budget=_or(a.budget, 2048), repeats=a.repeats,
-                            qk=a.qk or "random", model=a.model, layer=a.layer, capture_max=a.capture_max)
+                            qk=a.qk or "random", model=a.model, layer=a.layer, capture_max=a.capture_max,
+                            device=_device(a.device))
     if cfg.budget < 1:
         raise ValueError(f"--budget must be an int >= 1, got {cfg.budget}")
     recs = run_decode_ops(cfg)

@@ -56,6 +56,7 @@ class DecodeBenchConfig:
     layer: int = 14
     capture_max: int = 32768
     progress: bool = True
+    device: str = "cpu"
     _sel: dict = field(default_factory=dict, repr=False)
 
     def validate(self) -> None:
@@ -149,6 +150,7 @@ def run_decode_ops(cfg: DecodeBenchConfig, log=None) -> list[dict]:
     with torch.no_grad():
         for n in cfg.lengths:
             (qp32, k32, v32), source = _inputs(cfg, n, model_cache, log)
+            qp32, k32, v32 = (t.to(cfg.device) for t in (qp32, k32, v32))
             combos = [(dt, s) for dt in cfg.dtypes for s in cfg.selectors]
             bar = tqdm(combos, desc=f"decode ops-bench N={n}", disable=not cfg.progress, file=sys.stderr)
             dense_ms: dict[str, float] = {}

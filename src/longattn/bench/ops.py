@@ -58,6 +58,7 @@ class OpsBenchConfig:
     capture_max: int = 32768
     recall_rows: int = 512
     progress: bool = True
+    device: str = "cpu"
     _patterns: dict = field(default_factory=dict, repr=False)
 
     def validate(self) -> None:
@@ -101,6 +102,7 @@ def pattern_of(spec: str, block_size: int | None):
 def time_ms(fn, repeats: int, before=None) -> float:
     """Median milliseconds of ``fn()`` over ``repeats`` calls after one warm-up call (and compilation);
     ``before()`` runs untimed before each call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     if before:
         before()
     fn()
@@ -108,8 +110,10 @@ def time_ms(fn, repeats: int, before=None) -> float:
     for _ in range(repeats):
         if before:
             before()
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts) * 1e3
 
@@ -168,6 +172,7 @@ def run_ops(cfg: OpsBenchConfig, log=None) -> list[dict]:
     with torch.no_grad():
         for n in cfg.lengths:
             (q32, k32, v32), source = _inputs(cfg, n, model_cache, log)
+            q32, k32, v32 = (t.to(cfg.device) for t in (q32, k32, v32))
             rows = sample_rows(n, cfg.recall_rows)
             combos = [(dt, p) for dt in cfg.dtypes for p in cfg.patterns]
             bar = tqdm(combos, desc=f"ops-bench N={n}", disable=not cfg.progress, file=sys.stderr)
