@@ -130,9 +130,10 @@ def _build() -> argparse.ArgumentParser:
     o.add_argument("--json", dest="json_path", help="write the records as one JSON list to this file")
     o.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
-    pr = sub.add_parser("profile", help="head analysis: `heads` writes a retrieval-head profile JSON")
-    pr.add_argument("what", choices=["search", "heads"],
-                    help="search: per-head prefill pattern search (mixed profile); heads: head scores")
+    pr = sub.add_parser("profile", help="head analysis: head scores, pattern search, attention sinks, heatmaps")
+    pr.add_argument("what", choices=["search", "heads", "sinks", "heatmap"],
+                    help="search: per-head prefill pattern search (mixed profile); heads: head scores; sinks: "
+                         "visible and hidden attention sinks (JSON + PNG); heatmap: one head's attention map (PNG)")
     pr.add_argument("--model", default="smollm2-135m", help="embedded model name or local model directory")
     pr.add_argument("--out", required=True, help="the JSON profile to write")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -143,6 +144,14 @@ def _build() -> argparse.ArgumentParser:
     pr.add_argument("--length", default=None, type=int, help="prompt tokens (heads: 1024, search: 4096)")
     pr.add_argument("--density", default=0.3, type=float, help="search: mean density budget over all heads")
     pr.add_argument("--candidates", default=None, type=_csv, help="search: candidate pattern specs")
+    pr.add_argument("--layer", default=None, type=int, help="heatmap: the layer")
+    pr.add_argument("--head", default=None, type=int, help="heatmap: the query head")
+    pr.add_argument("--recipe", default=None, help="heatmap: a recipe whose prefill pattern is drawn over the map")
+    pr.add_argument("--alpha", default=5.0, type=float,
+                    help="sinks: a hidden sink gets at least alpha x the uniform share of attention (default 5)")
+    pr.add_argument("--frequency", default=0.5, type=float,
+                    help="sinks: ... from at least this fraction of the queries after it (default 0.5)")
+    pr.add_argument("--png", default=None, help="sinks: the PNG to write beside the JSON (default: --out with .png)")
 
     d = sub.add_parser("dist-bench", help="sequence-parallel attention on local gloo processes vs one process")
     d.add_argument("--nproc", type=int, required=True, help="processes (ranks)")
@@ -503,6 +512,8 @@ def _cmd_profile(a) -> int:
     check_output_file(a.out, "--out", overwrite=a.overwrite)
     if a.what == "search":
         return _profile_search(a)
+    if a.what in ("sinks", "heatmap"):
+        return _profile_view(a)
     a.length = a.length or 1024
     a.samples = 8 if a.samples is None else a.samples
     if a.samples < 1 or a.length < 128:
@@ -519,6 +530,54 @@ def _cmd_profile(a) -> int:
         scores = retrieval_scores(model, tok, samples=a.samples, length=a.length)
         write_profile(a.out, scores, "retrieval_score", a.model)
     print(f"wrote {a.out}: {len(scores)} layers x {len(scores[0])} kv heads")
+    return 0
+
+
+def _profile_view(a) -> int:
+    import json
+    from pathlib import Path
+
+    from . import models
+    from .outputs import check_output_file, write_atomic
+
+    length = a.length or 1024
+    if length < 64:
+        raise ValueError(f"--length must be >= 64, got {length}")
+    if a.what == "heatmap":
+        from .profile.heatmap import attention_map, heatmap_png
+
+        if a.layer is None or a.head is None:
+            raise ValueError("heatmap: give --layer L and --head H")
+        if not a.out.endswith(".png"):
+            raise ValueError(f"--out: heatmap writes a PNG; give a .png path, got {a.out!r}")
+        if a.recipe is not None:
+            from .api import parse
+
+            if parse(a.recipe).prefill is None:
+                raise ValueError(f"--recipe {a.recipe!r} has no prefill pattern to draw")
+        model, tok = models.load(a.model)
+        m = attention_map(model, tok, a.layer, a.head, length=length, recipe=a.recipe)
+        heatmap_png(m, a.out)
+        extra = "" if m["recall"] is None else f"; {m['pattern']}: recall {m['recall']:.3f}, density {m['density']:.3f}"
+        print(f"wrote {a.out}: layer {a.layer} head {a.head}, {m['length']} tokens{extra}")
+        return 0
+    from .profile.sinks import sink_png, sink_profile
+
+    if a.alpha <= 1 or not 0 < a.frequency <= 1:
+        raise ValueError(f"--alpha must be > 1 and --frequency in (0, 1], got {a.alpha}, {a.frequency}")
+    png = a.png or str(Path(a.out).with_suffix(".png"))
+    check_output_file(png, "--png", overwrite=a.overwrite)
+    samples = 1 if a.samples is None else a.samples
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+    model, tok = models.load(a.model)
+    prof = sink_profile(model, tok, length=length, samples=samples, alpha=a.alpha, frequency=a.frequency)
+    prof["model"] = a.model
+    write_atomic(a.out, json.dumps(prof, indent=1))
+    sink_png(prof, png)
+    sm = prof["summary"]
+    print(f"wrote {a.out} and {png}: {sm['first_token_sink_heads']}/{sm['heads']} heads put >= half their attention "
+          f"on the first token; {sm['hidden_sinks']} hidden sinks, most often {sm['top_hidden_tokens'][:5]}")
     return 0
 
 
