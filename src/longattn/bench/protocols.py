@@ -66,7 +66,7 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
     query_aware = bool(recipe.kv is not None and recipe.kv.query_aware)
     with torch.no_grad(), api.apply(model, recipe, tokenizer=tokenizer) as session:
         kw = session.cache_kwarg
-        cache = DynamicCache()
+        cache = DynamicCache(config=model.config)  # sliding-window layers hold their window, as in generate()
         # question-agnostic: prefill (and compress) the context alone; query-aware: context + question
         logits, prefill_s, peak, recall, extra = decoding.prefill(model, session, recipe,
                                                                   ctx + rest if query_aware else ctx, cache, kw)
@@ -108,7 +108,7 @@ def run_perplexity(model, tokenizer, recipe, sample: Sample, max_new_tokens: int
     recipe = api.parse(recipe)
     with torch.no_grad(), api.apply(model, recipe, tokenizer=tokenizer) as session:
         kw = session.cache_kwarg
-        cache = DynamicCache()
+        cache = DynamicCache(config=model.config)  # sliding-window layers hold their window, as in generate()
         logits, prefill_s, peak, recall, extra = decoding.prefill(model, session, recipe, ids[:split], cache, kw)
         session.set_compression(False)
         kv_bytes = cache_nbytes(cache)
@@ -148,7 +148,7 @@ def run_turns(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref
     multi_turn = sample.mode == "multi_turn"
     with torch.no_grad(), api.apply(model, recipe, tokenizer=tokenizer) as session:
         kw = session.cache_kwarg
-        cache = DynamicCache()
+        cache = DynamicCache(config=model.config)  # sliding-window layers hold their window, as in generate()
         _, prefill_s, peak, recall, extra = decoding.prefill(model, session, recipe, ctx, cache, kw)
         session.set_compression(False)
         kv_bytes = cache_nbytes(cache)
