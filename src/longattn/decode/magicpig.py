@@ -121,29 +121,23 @@ class MagicPIG(DecodeSelector):
         layer.decode_state.pop("magicpig", None)  # hashed at the first decode step, over the whole prompt
 
     def _parts(self, step: Step):
-        """``(static [b, n] bool, sampled [b, hq, n] bool, u [b, hq, n])``."""
+        """``(static [b, n] bool, sampled [b, hq, n] bool)``: the exact tokens and the LSH-sampled ones."""
         st = self._state(step)
         b, hq, _, d = step.q.shape
         hk, n = step.k.shape[1], step.n
         g = hq // hk
         kvh = torch.arange(hq, device=step.q.device) // g
         qh = simhash(step.q.float().view(b, hq, 1, d), st.planes[kvh], self.tables, self.bits)  # [b, hq, 1, T]
-        match = collisions(st.codes, qh.view(b, hk, g, -1)).view(b, hq, n)
-        sampled = match >= self.min_match
-        kc = step.k.float()[:, kvh] - st.mean[:, kvh]
-        cos = torch.einsum("bhd,bhnd->bhn", step.q[:, :, 0].float(), kc) / (
-            step.q[:, :, 0].float().norm(dim=-1, keepdim=True) * kc.norm(dim=-1)).clamp_min(1e-12)
-        u = sample_probability(cos, self.tables, self.bits, self.min_match)
+        sampled = collisions(st.codes, qh.view(b, hk, g, -1)).view(b, hq, n) >= self.min_match
         pos = torch.arange(n, device=step.q.device)
         static = sink_tokens(self.sink, step.key_valid, b, n, step.q.device) | (pos >= n - self.recent)[None]
         if step.key_valid is not None:
             static = static & step.key_valid.bool()
             sampled = sampled & step.key_valid.bool()[:, None]
-        return static, sampled & ~static[:, None], u
+        return static, sampled & ~static[:, None]
 
     def select(self, step: Step):
-        static, sampled, _ = self._parts(step)
-        b, hq, n = sampled.shape
+        static, sampled = self._parts(step)
         chosen = static[:, None] | sampled
         m = max(int(chosen.sum(-1).max()), 1)
         order = torch.sort(chosen.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :m]
@@ -151,32 +145,42 @@ class MagicPIG(DecodeSelector):
         return order, valid
 
     def attend(self, step: Step, stats: dict | None = None) -> torch.Tensor:
-        """The importance-weighted estimate: logits ``s_j`` (+ ``-log u_j`` for sampled keys), softmax over the
-        static and sampled keys (and the layer's sink), times the values."""
+        """The importance-weighted estimate over the chosen keys only (gathered per query head): logits ``s_j``
+        (+ ``-log u_j`` for sampled keys), softmax over them (and the layer's sink), times the values."""
         import time
 
         from ..ops.core import capped
 
         t0 = time.perf_counter()
-        static, sampled, u = self._parts(step)
+        static, sampled = self._parts(step)
+        st = step.state["magicpig"]
         b, hq, _, d = step.q.shape
         hk, n = step.k.shape[1], step.n
         kvh = torch.arange(hq, device=step.q.device) // (hq // hk)
+        chosen = static[:, None] | sampled
+        m = max(int(chosen.sum(-1).max()), 1)
+        idx = torch.sort(chosen.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :m]
+        ok = torch.gather(chosen, 2, idx)
+        is_sampled = torch.gather(sampled, 2, idx)
+        kvi = kvh.view(1, hq, 1).expand(b, hq, m)
+        kk = step.k[torch.arange(b).view(b, 1, 1), kvi, idx].float()  # [b, hq, m, d]
+        vv = step.v[torch.arange(b).view(b, 1, 1), kvi, idx].float()
+        qf = step.q[:, :, 0].float()
+        kc = kk - st.mean[:, kvh]  # [b, hq, 1, d]
+        cos = torch.einsum("bhd,bhmd->bhm", qf, kc) / (qf.norm(dim=-1, keepdim=True) * kc.norm(dim=-1)).clamp_min(1e-12)
+        u = sample_probability(cos, self.tables, self.bits, self.min_match)
         if stats is not None:
             stats["select_s"] = stats.get("select_s", 0.0) + time.perf_counter() - t0
-            chosen = static[:, None] | sampled
-            stats["selected"] = stats.get("selected", 0) + int(chosen.sum())
+            stats["selected"] = stats.get("selected", 0) + int(ok.sum())
             stats["possible"] = stats.get("possible", 0) + b * hq * n
-        s = capped(torch.einsum("bhd,bhnd->bhn", step.q[:, :, 0].float(), step.k.float()[:, kvh]) * step.scale,
-                   step.softcap)
-        s = torch.where(sampled, s - torch.log(u), s)
-        s = s.masked_fill(~(static[:, None] | sampled), float("-inf"))
+        s = capped(torch.einsum("bhd,bhmd->bhm", qf, kk) * step.scale, step.softcap)
+        s = torch.where(is_sampled, s - torch.log(u), s).masked_fill(~ok, float("-inf"))
         if step.sinks is not None:
             s = torch.cat([s, step.sinks.float().view(1, hq, 1).expand(b, hq, 1)], -1)
-            p = s.softmax(-1)[..., :n]
+            p = s.softmax(-1)[..., :m]
         else:
             p = s.softmax(-1)
-        out = torch.einsum("bhn,bhnd->bhd", p.nan_to_num(0.0), step.v.float()[:, kvh])
+        out = torch.einsum("bhm,bhmd->bhd", p.nan_to_num(0.0), vv)
         return out.view(b, hq, 1, d).to(step.q.dtype)
 
     def reference_select(self, step: Step, prefill_q=None) -> dict:

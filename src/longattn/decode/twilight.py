@@ -87,10 +87,15 @@ class Twilight(DecodeSelector):
     def on_prefill(self, layer, layer_idx, q, k, key_valid) -> None:
         self._inner.on_prefill(layer, layer_idx, q, k, key_valid)
 
-    def estimate_keys(self, step: Step) -> torch.Tensor:
-        """The keys the estimate reads: exact, or the layer's quantized copy (extended by the new tokens)."""
+    def estimate_keys(self, step: Step, idx: torch.Tensor) -> torch.Tensor:
+        """The candidates' keys ``[b, hq, m, d]`` the estimate reads (``idx [b, hq, m]``): exact, or dequantized
+        from the layer's quantized copy (extended by the new tokens; only the candidates are dequantized)."""
+        b, hq, m = idx.shape
+        hk = step.k.shape[1]
+        rows = torch.arange(b, device=idx.device).view(b, 1, 1)
+        kvi = (torch.arange(hq, device=idx.device) // (hq // hk)).view(1, hq, 1).expand(b, hq, m)
         if not self.bits:
-            return step.k.float()
+            return step.k[rows, kvi, idx].float()
         st = step.state.get("twilight")
         n = step.n
         if st is None or st.codes.shape[2] > n:
@@ -99,7 +104,7 @@ class Twilight(DecodeSelector):
             c_new, s_new = quantize_keys(step.k[:, :, st.codes.shape[2] :], self.bits)
             codes, scale = torch.cat([st.codes, c_new], 2), torch.cat([st.scale, s_new], 2)
         step.state["twilight"] = QuantizedKeys(codes, scale)
-        return codes.float() * scale
+        return codes[rows, kvi, idx].float() * scale[rows, kvi, idx]
 
     def select(self, step: Step):
         from ..ops.core import capped
@@ -115,10 +120,7 @@ class Twilight(DecodeSelector):
             ok &= torch.gather(step.key_valid.bool()[:, None, :].expand(b, hq, -1), 2, idx)
         if self.top_p >= 1.0:
             return idx, ok
-        kq = self.estimate_keys(step)  # [b, hk, n, d]
-        kvh = torch.arange(hq, device=idx.device) // (hq // hk)
-        kg = kq[:, kvh]  # [b, hq, n, d]
-        cand = torch.gather(kg, 2, idx.unsqueeze(-1).expand(-1, -1, -1, d))  # [b, hq, m, d]
+        cand = self.estimate_keys(step, idx)  # [b, hq, m, d]
         logits = capped(torch.einsum("bhd,bhmd->bhm", step.q[:, :, 0].float(), cand) * step.scale, step.softcap)
         p = logits.masked_fill(~ok, float("-inf")).softmax(-1).nan_to_num(0.0)
         ps, order = p.sort(-1, descending=True)
