@@ -137,8 +137,11 @@ def _build() -> argparse.ArgumentParser:
     pr.add_argument("--model", default="smollm2-135m", help="embedded model name or local model directory")
     pr.add_argument("--out", required=True, help="the JSON profile to write")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    pr.add_argument("--method", default="retrieval", choices=["retrieval", "gates"],
-                    help="retrieval: training-free retrieval score; gates: DuoAttention's trained gates")
+    pr.add_argument("--method", default="retrieval",
+                    choices=["retrieval", "gates", "attention_influence", "cam", "amp"],
+                    help="heads: retrieval (training-free retrieval score), gates (DuoAttention's trained gates), "
+                         "attention_influence (loss rise when a head is masked), cam (GATEAU's contextual "
+                         "awareness), amp (AMP's projected-output norm)")
     pr.add_argument("--samples", default=None, type=int, help="prompts (heads: 8 passkey samples, search: 2)")
     pr.add_argument("--steps", default=60, type=int, help="gates: optimisation steps")
     pr.add_argument("--length", default=None, type=int, help="prompt tokens (heads: 1024, search: 4096)")
@@ -515,6 +518,7 @@ def _cmd_profile(a) -> int:
     if a.what in ("sinks", "heatmap"):
         return _profile_view(a)
     a.length = a.length or 1024
+    explicit_samples = a.samples
     a.samples = 8 if a.samples is None else a.samples
     if a.samples < 1 or a.length < 128:
         raise ValueError(f"--samples must be >= 1 and --length >= 128, got {a.samples}, {a.length}")
@@ -526,6 +530,14 @@ def _cmd_profile(a) -> int:
             raise ValueError(f"--steps must be >= 1, got {a.steps}")
         scores = train_gates(model, tok, steps=a.steps, length=a.length)
         write_profile(a.out, scores, "duo_gates", a.model)
+    elif a.method in ("attention_influence", "cam", "amp"):
+        from .profile import head_scores
+
+        fn = {"attention_influence": head_scores.attention_influence, "cam": head_scores.cam_scores,
+              "amp": head_scores.amp_scores}[a.method]
+        samples = 2 if explicit_samples is None else explicit_samples  # one forward per head and sample: 2
+        scores, per_q = fn(model, tok, samples=samples, length=a.length)
+        write_profile(a.out, scores, a.method, a.model, query_head_scores=per_q)
     else:
         scores = retrieval_scores(model, tok, samples=a.samples, length=a.length)
         write_profile(a.out, scores, "retrieval_score", a.model)

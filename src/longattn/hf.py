@@ -177,6 +177,18 @@ def query_positions(module, nq: int, n_keys: int, key_valid: torch.Tensor | None
     return torch.arange(n_keys - nq, n_keys, device=device).view(1, -1)
 
 
+def model_features(model) -> list[str]:
+    """The logit features of the model's attention that plain softmax attention would drop: ``softcap``
+    (``attn_logit_softcapping``), ``sinks`` (per-head sink logits)."""
+    cfg = text_config(model.config)
+    out = []
+    if getattr(cfg, "attn_logit_softcapping", None):
+        out.append("softcap")
+    if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):
+        out.append("sinks")
+    return out
+
+
 def text_config(config):
     get = getattr(config, "get_text_config", None)
     return get(decoder=True) if get is not None else config

@@ -119,8 +119,14 @@ class Session:
 
     @contextlib.contextmanager
     def override_attention(self, fn):
-        """Inside the block, ``fn(layer_idx, q, k, v, key_valid, scale) -> out`` replaces multi-token attention
-        (DuoAttention's gate training mixes full and streaming attention this way)."""
+        """Inside the block, ``fn(layer_idx, q, k, v, key_valid, scale) -> out`` replaces the multi-token attention
+        of the full-attention layers (sliding-window layers keep theirs; DuoAttention's gate training mixes full
+        and streaming attention this way, the head scores mask or measure heads). ``fn`` computes plain softmax
+        attention: a model with softcap or attention sinks on its full layers is refused here."""
+        feats = hf.model_features(self.model)
+        if feats:
+            raise ValueError(f"override_attention: the model's full-attention layers use {', '.join(feats)}, which "
+                             "the override would drop")
         prev, self._override = self._override, fn
         try:
             yield self
@@ -241,7 +247,7 @@ class Session:
             return out
 
         pattern = self.recipe.prefill
-        if nq > 1 and self._override is not None:
+        if nq > 1 and self._override is not None and window is None:  # full-attention layers only
             out = self._override(layer_idx, query, key, value, key_valid, scale)
         elif nq > 1 and pattern is not None and window is None:
             stats: dict = {}

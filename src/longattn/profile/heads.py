@@ -75,8 +75,13 @@ def retrieval_scores(model, tokenizer, samples: int = 8, length: int = 1024, see
     return (acc / count).tolist()
 
 
-def write_profile(path: str | Path, scores: list[list[float]], method: str, model: str) -> None:
+def write_profile(path: str | Path, scores: list[list[float]], method: str, model: str,
+                  query_head_scores: list[list[float]] | None = None) -> None:
+    """The profile JSON every head-budget method reads: ``scores [layer][kv head]`` (higher = more important),
+    and, where the method has them, the per-query-head values (``query_head_scores``)."""
     d = {"model": model, "method": method, "num_layers": len(scores), "num_kv_heads": len(scores[0]),
          "scores": [[round(x, 6) for x in row] for row in scores]}
+    if query_head_scores is not None:
+        d["query_head_scores"] = [[round(x, 6) for x in row] for row in query_head_scores]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(d, indent=1))
