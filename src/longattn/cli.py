@@ -41,7 +41,7 @@ def _build() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     ls = sub.add_parser("list", help="every registered method, task and backend")
-    ls.add_argument("--kind", choices=["prefill", "kv", "decode", "task", "backend"], help="only this kind")
+    ls.add_argument("--kind", choices=["prefill", "kv", "decode", "task", "backend", "mixer"], help="only this kind")
     ls.add_argument("--markdown", action="store_true", help="print docs/methods.md (the method catalogue) instead")
 
     g = sub.add_parser("generate", help="generate with a recipe")
@@ -156,6 +156,23 @@ def _build() -> argparse.ArgumentParser:
                     help="sinks: ... from at least this fraction of the queries after it (default 0.5)")
     pr.add_argument("--png", default=None, help="sinks: the PNG to write beside the JSON (default: --out with .png)")
 
+    tr = sub.add_parser("train", help="train a small model around a token mixer on a synthetic long-range task")
+    tr.add_argument("--task", default="mqar", help="mqar (multi-query associative recall) or selective_copy")
+    tr.add_argument("--mixer", required=True, help="mixer[:key=value...] (longattn list --kind mixer)")
+    tr.add_argument("--seq", default=256, type=int, help="sequence length (default 256)")
+    tr.add_argument("--steps", default=300, type=int, help="optimisation steps (default 300)")
+    tr.add_argument("--dim", default=64, type=int, help="model width (default 64)")
+    tr.add_argument("--layers", default=2, type=int, help="layers (default 2)")
+    tr.add_argument("--heads", default=4, type=int, help="mixer heads (default 4)")
+    tr.add_argument("--vocab", default=256, type=int, help="vocabulary size (default 256)")
+    tr.add_argument("--batch", default=32, type=int, help="batch size (default 32)")
+    tr.add_argument("--lr", default=1e-3, type=float, help="AdamW learning rate (default 1e-3)")
+    tr.add_argument("--eval-every", default=50, type=int, help="steps between evaluations (default 50)")
+    tr.add_argument("--seed", default=0, type=int, help="seed of the model and the data (default 0)")
+    tr.add_argument("--bidirectional", action="store_true", help="the mixer's bidirectional form")
+    tr.add_argument("--out", required=True, help="directory for steps.jsonl, summary.json and curves.png")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing --out directory's files")
+
     d = sub.add_parser("dist-bench", help="sequence-parallel attention on local gloo processes vs one process")
     d.add_argument("--nproc", type=int, required=True, help="processes (ranks)")
     d.add_argument("--method", required=True,
@@ -183,7 +200,7 @@ def _cmd_list(a) -> int:
 
         print(methods_markdown(), end="")
         return 0
-    kinds = [a.kind] if a.kind else ["prefill", "kv", "decode", "task", "backend"]
+    kinds = [a.kind] if a.kind else ["prefill", "kv", "decode", "task", "backend", "mixer"]
     for kind in kinds:
         if kind == "backend":
             for be in BACKENDS:
@@ -619,6 +636,29 @@ def _profile_search(a) -> int:
     return 0
 
 
+def _cmd_train(a) -> int:
+    from .outputs import check_output_dir
+    from .train import TASKS, TrainConfig, train
+
+    if a.task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {a.task!r}")
+    from pathlib import Path
+
+    done = [n for n in ("steps.jsonl", "summary.json", "curves.png") if (Path(a.out) / n).exists()]
+    if done and not a.overwrite:
+        raise ValueError(f"--out: {a.out} already holds a run ({', '.join(done)}); give --overwrite to replace it "
+                         "or another --out")
+    out = check_output_dir(a.out, "--out")
+    cfg = TrainConfig(task=a.task, mixer=a.mixer, seq=a.seq, steps=a.steps, dim=a.dim, layers=a.layers,
+                      heads=a.heads, vocab=a.vocab, batch=a.batch, lr=a.lr, eval_every=a.eval_every, seed=a.seed,
+                      causal=False if a.bidirectional else None)
+    s = train(cfg, out)
+    print(f"{a.mixer} on {a.task} (seq {a.seq}, {'causal' if s['causal'] else 'bidirectional'}): accuracy "
+          f"{s['final_acc']:.3f} (best {s['best_acc']:.3f}), {s['s_per_step'] * 1e3:.1f} ms/step, "
+          f"{s['params']} parameters; wrote {out}")
+    return 0
+
+
 def _cmd_dist_bench(a) -> int:
     _check_json(a)
     from .distributed.bench import DistBenchConfig, dist_table, run_dist_bench
@@ -637,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     a = _build().parse_args(argv)
     handlers = {"list": _cmd_list, "generate": _cmd_generate, "compress": _cmd_compress, "bench": _cmd_bench,
                 "report": _cmd_report,
-                "ops-bench": _cmd_ops_bench, "profile": _cmd_profile, "dist-bench": _cmd_dist_bench}
+                "ops-bench": _cmd_ops_bench, "profile": _cmd_profile, "dist-bench": _cmd_dist_bench,
+                "train": _cmd_train}
     try:
         return handlers[a.cmd](a)
     except ValueError as e:

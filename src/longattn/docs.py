@@ -14,7 +14,8 @@ __all__ = ["methods_markdown"]
 
 _URL = re.compile(r"(https?://\S+)")
 _TITLES = {"prefill": "Prefill patterns (`prefill` slot)", "kv": "KV-cache policies (`kv` slot)",
-           "decode": "Decode-time selectors (`decode` slot)", "task": "Bench tasks (`--task`)"}
+           "decode": "Decode-time selectors (`decode` slot)", "task": "Bench tasks (`--task`)",
+           "mixer": "Trainable token mixers (`longattn train --mixer`)"}
 
 
 def _paper(text: str) -> str:
@@ -31,6 +32,10 @@ def _paper(text: str) -> str:
 
 
 def _settings(cls) -> str:
+    if not dataclasses.is_dataclass(cls):  # a mixer: its constructor's own settings
+        from .train import mixer_settings
+
+        return ", ".join(f"`{n}={d}`" for n, (_, d) in mixer_settings(cls).items()) or "-"
     fields = [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
     parts = []
     for f in fields:
@@ -47,7 +52,7 @@ def methods_markdown() -> str:
              "Generated from the registry by `longattn list --markdown` (a test checks it is current). A recipe",
              "joins one method per slot with `+`; a method is `name[:key=value...]`. Settings are listed with their",
              "defaults; the old spellings in the last column still work with a deprecation warning.", ""]
-    for kind in ("prefill", "kv", "decode", "task"):
+    for kind in ("prefill", "kv", "decode", "task", "mixer"):
         lines += [f"## {_TITLES[kind]}", ""]
         if kind == "kv":
             lines += ["| name | paper | what it does | settings | kvpress | old names |", "|---|---|---|---|---|---|"]

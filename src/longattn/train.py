@@ -1,0 +1,235 @@
+"""``longattn train``: a small model (2-4 layers) around any mixer, trained on synthetic long-range tasks.
+
+Tasks (seeded generators, fresh batches every step, a fixed evaluation set):
+* ``mqar`` — multi-query associative recall (Zoology, Arora et al., 2023, https://arxiv.org/abs/2312.04927):
+  ``pairs`` key-value pairs, then the keys again in a shuffled order; at each queried key the model must output
+  its value (keys and values from disjoint halves of the vocabulary). The values are not in the query part, so
+  causal and bidirectional mixers train on the same inputs.
+* ``selective_copy`` — the ``tokens`` data tokens scattered among blanks, then as many markers; at the markers the
+  model outputs the data tokens in order (Mamba's selective copying, Gu & Dao, 2023,
+  https://arxiv.org/abs/2312.00752).
+
+Loss and accuracy are on the target positions only. Each run writes ``steps.jsonl`` (one line per step: loss,
+and accuracy where evaluated), ``summary.json`` (final and best accuracy, seconds and peak memory per step, the
+settings) and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["TrainConfig", "TinyModel", "make_batch", "train", "TASKS"]
+
+TASKS = ("mqar", "selective_copy")
+
+
+@dataclass
+class TrainConfig:
+    task: str = "mqar"
+    mixer: str = "softmax"
+    seq: int = 256
+    steps: int = 300
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    vocab: int = 256
+    batch: int = 32
+    lr: float = 1e-3
+    eval_every: int = 50
+    eval_batches: int = 4
+    seed: int = 0
+    causal: bool | None = None  # None: the mixer's first form (causal where it has one)
+
+
+def make_batch(task: str, batch: int, seq: int, vocab: int, g: torch.Generator):
+    """``(inputs [b, seq] long, targets [b, seq] long, -100 where nothing is asked)``."""
+    x = torch.zeros(batch, seq, dtype=torch.long)
+    y = torch.full((batch, seq), -100, dtype=torch.long)
+    if task == "mqar":
+        pairs = seq // 3
+        half = vocab // 2
+        if pairs < 1 or pairs > half - 1:
+            raise ValueError(f"--seq {seq}: mqar needs 3 <= seq and seq / 3 < vocab / 2 ({half})")
+        for b in range(batch):
+            keys = torch.randperm(half - 1, generator=g)[:pairs] + 1
+            vals = torch.randint(half, vocab, (pairs,), generator=g)
+            x[b, 0 : 2 * pairs : 2], x[b, 1 : 2 * pairs : 2] = keys, vals
+            order = torch.randperm(pairs, generator=g)
+            x[b, 2 * pairs : 3 * pairs] = keys[order]
+            y[b, 2 * pairs : 3 * pairs] = vals[order]
+    elif task == "selective_copy":
+        n_tok = max(1, seq // 8)
+        blank, marker = 1, 2
+        if seq < 2 * n_tok + 1:
+            raise ValueError(f"--seq {seq}: selective_copy needs seq >= 3")
+        for b in range(batch):
+            x[b, : seq - n_tok] = blank
+            pos = torch.randperm(seq - n_tok, generator=g)[:n_tok].sort().values
+            data = torch.randint(3, vocab, (n_tok,), generator=g)
+            x[b, pos] = data
+            x[b, seq - n_tok :] = marker
+            y[b, seq - n_tok :] = data
+    else:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    return x, y
+
+
+class TinyModel(nn.Module):
+    """Embedding, ``layers`` x (norm, mixer, residual, norm, MLP, residual), norm, head."""
+
+    def __init__(self, vocab: int, dim: int, layers: int, make_mixer) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict({
+                "n1": nn.LayerNorm(dim), "mix": make_mixer(), "n2": nn.LayerNorm(dim),
+                "mlp": nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))}))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, x, mask=None):
+        h = self.emb(x)
+        for blk in self.blocks:
+            h = h + blk["mix"](blk["n1"](h), mask)
+            h = h + blk["mlp"](blk["n2"](h))
+        return self.head(self.norm(h))
+
+
+def mixer_settings(cls) -> dict:
+    """A mixer's own settings: ``{name: (type, default)}`` from its constructor (``dim``, ``heads``, ``causal``
+    are the trainer's)."""
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(cls.__init__)
+    return {n: (hints.get(n, str), p.default) for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n not in ("self", "dim", "heads", "causal")}
+
+
+def parse_mixer(spec: str):
+    """``"titans:chunk=8"`` -> ``(Titans, {"chunk": 8})``; unknown names and arguments refused by name."""
+    from . import registry
+    from .api import _convert
+
+    name, *kvs = spec.strip().split(":")
+    if name not in registry.names("mixer"):
+        raise ValueError(f"--mixer must be one of {', '.join(registry.names('mixer'))}, got {name!r}")
+    cls = registry.get(name, "mixer").cls
+    allowed = mixer_settings(cls)
+    kw = {}
+    for item in kvs:
+        k, sep, v = (x.strip() for x in item.partition("="))
+        if not sep or k not in allowed:
+            raise ValueError(f"--mixer {name}: unknown argument {item!r}; allowed: {', '.join(allowed) or '(none)'}")
+        kw[k] = _convert(v, allowed[k][0], k, name)
+    return cls, kw
+
+
+def _mixer_factory(spec: str, dim: int, heads: int, causal: bool | None):
+    cls, kw = parse_mixer(spec)
+    name = cls.name
+    form = cls.supports_causal[0] if causal is None else causal
+    if form not in cls.supports_causal:
+        raise ValueError(f"--mixer {name}: {'causal' if form else 'bidirectional'} is not a form of this mixer")
+    return (lambda: cls(dim, heads=heads, causal=form, **kw)), form
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True, log=print) -> dict:
+    """Train and evaluate; returns the summary (written to ``out`` with the step log and the curves)."""
+    from tqdm.auto import tqdm
+
+    from .checks import check_int
+
+    for name in ("seq", "steps", "dim", "layers", "heads", "vocab", "batch", "eval_every", "eval_batches"):
+        check_int(getattr(cfg, name), f"--{name.replace('_', '-')}", 1)
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    torch.manual_seed(cfg.seed)
+    make, causal = _mixer_factory(cfg.mixer, cfg.dim, cfg.heads, cfg.causal)
+    model = TinyModel(cfg.vocab, cfg.dim, cfg.layers, make)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(cfg.seed)
+    g_eval = torch.Generator().manual_seed(cfg.seed + 10_000)
+    evals = [make_batch(cfg.task, cfg.batch, cfg.seq, cfg.vocab, g_eval) for _ in range(cfg.eval_batches)]
+    lossf = nn.CrossEntropyLoss(ignore_index=-100)
+    steps, best, spent = [], 0.0, 0.0
+    outdir = Path(out) if out is not None else None
+    logf = (outdir / "steps.jsonl").open("w") if outdir is not None else None
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"train {cfg.mixer} {cfg.task} N={cfg.seq}", disable=not progress)
+    try:
+        for step in bar:
+            model.train()
+            x, y = make_batch(cfg.task, cfg.batch, cfg.seq, cfg.vocab, g)
+            t0 = time.perf_counter()
+            loss = lossf(model(x).reshape(-1, cfg.vocab), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            spent += time.perf_counter() - t0
+            rec = {"step": step, "loss": loss.item()}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                rec["acc"] = evaluate(model, evals)
+                best = max(best, rec["acc"])
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}")
+            steps.append(rec)
+            if logf is not None:
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+    finally:
+        if logf is not None:
+            logf.close()
+    summary = {**asdict(cfg), "causal": causal, "final_acc": steps[-1]["acc"], "best_acc": best,
+               "final_loss": steps[-1]["loss"], "s_per_step": spent / cfg.steps, "peak_rss_bytes": _peak_rss(),
+               "params": sum(p.numel() for p in model.parameters())}
+    if outdir is not None:
+        (outdir / "summary.json").write_text(json.dumps(summary, indent=1))
+        curves_png(steps, outdir / "curves.png", f"{cfg.mixer} on {cfg.task}, seq {cfg.seq}")
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> float:
+    model.eval()
+    right = total = 0
+    for x, y in batches:
+        pred = model(x).argmax(-1)
+        ok = y != -100
+        right += int((pred[ok] == y[ok]).sum())
+        total += int(ok.sum())
+    return right / max(total, 1)
+
+
+def curves_png(steps: list[dict], path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="train loss", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ev = [s for s in steps if "acc" in s]
+    ax2.plot([s["step"] for s in ev], [s["acc"] for s in ev], "o-", color="C1", label="eval accuracy")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
