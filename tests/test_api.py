@@ -50,7 +50,7 @@ def test_parse_errors_name_the_argument(spec, match):
 
 def test_registry_equals_exported_api():
     exported = {getattr(longattn, n) for n in longattn.__all__}
-    for kind in ("prefill", "kv", "decode"):
+    for kind in ("prefill", "kv", "decode", "calibrate"):
         for e in registry.entries(kind):
             assert e.cls in exported, f"{e.name} ({e.cls.__name__}) is registered but not exported"
             assert e.paper and e.summary
@@ -58,7 +58,7 @@ def test_registry_equals_exported_api():
     for name in longattn.__all__:
         obj = getattr(longattn, name)
         if isinstance(obj, type) and hasattr(obj, "kind") and obj.__name__ not in ("KVPolicy", "PrefillPattern",
-                                                                                   "DecodeSelector"):
+                                                                                   "DecodeSelector", "Calibration"):
             assert registry.get(obj.name, obj.kind).cls is obj
 
 

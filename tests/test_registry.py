@@ -9,12 +9,13 @@ import pytest
 
 import longattn
 from longattn import api, registry
+from longattn.calibrate import Calibration
 from longattn.decode import DecodeSelector
 from longattn.kv import KVPolicy
 from longattn.prefill import PrefillPattern
 from longattn.profiles import EXAMPLE
 
-METHODS = [e for k in ("prefill", "kv", "decode") for e in registry.entries(k)]
+METHODS = [e for k in ("prefill", "kv", "decode", "calibrate") for e in registry.entries(k)]
 
 
 def _build(e, ex, tmp_path):
@@ -52,7 +53,7 @@ def test_decode_selectors_declare_a_full_setting(e):
 
 
 def test_family_bases_are_what_the_registry_holds():
-    bases = {"prefill": PrefillPattern, "kv": KVPolicy, "decode": DecodeSelector}
+    bases = {"prefill": PrefillPattern, "kv": KVPolicy, "decode": DecodeSelector, "calibrate": Calibration}
     for kind, base in bases.items():
         for e in registry.entries(kind):
             assert issubclass(e.cls, base), f"{e.name} is registered as {kind} but is not a {base.__name__}"

@@ -12,16 +12,18 @@ from . import registry
 
 __all__ = ["Recipe", "apply", "parse", "parse_method", "method_kwargs", "SLOTS"]
 
-SLOTS = ("prefill", "kv", "decode")
+SLOTS = ("prefill", "kv", "decode", "calibrate")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """The three slots of a method recipe; any may be None (dense there)."""
+    """The slots of a method recipe; any may be None (dense there). ``calibrate`` (ACT) changes the dense
+    attention itself, so it stands alone (with at most the no-op ``dense`` KV policy)."""
 
     prefill: Any = None
     kv: Any = None
     decode: Any = None
+    calibrate: Any = None
     spec: str = ""  # the string it was parsed from, for records
 
     def __post_init__(self) -> None:
@@ -32,6 +34,16 @@ class Recipe:
             raise ValueError(f"prefill must be a PrefillPattern or None, got {type(self.prefill).__name__}")
         if self.kv is not None and not isinstance(self.kv, KVPolicy):
             raise ValueError(f"kv must be a KVPolicy or None, got {type(self.kv).__name__}")
+        if self.calibrate is not None:
+            from .calibrate.base import Calibration
+
+            if not isinstance(self.calibrate, Calibration):
+                raise ValueError(f"calibrate must be a Calibration or None, got {type(self.calibrate).__name__}")
+            others = [m.name for m in (self.prefill, self.kv, self.decode)
+                      if m is not None and not getattr(m, "is_noop", False)]
+            if others:
+                raise ValueError(f"calibrate: {self.calibrate.name} recalibrates the dense attention of every query; "
+                                 f"it cannot be combined with {', '.join(others)} (give it alone)")
         if self.decode is not None:
             from .decode.base import DecodeSelector
 
@@ -49,7 +61,7 @@ class Recipe:
     def __str__(self) -> str:
         if self.spec:
             return self.spec
-        parts = [_spec_of(m) for m in (self.prefill, self.kv, self.decode) if m is not None]
+        parts = [_spec_of(m) for m in (self.prefill, self.kv, self.decode, self.calibrate) if m is not None]
         return "+".join(parts) or "dense"
 
 
@@ -149,7 +161,8 @@ def parse(spec: str | Recipe | None) -> Recipe:
         if slot in slots:
             raise ValueError(f"recipe {spec!r} fills the {slot} slot twice")
         slots[slot] = method
-    return Recipe(prefill=slots.get("prefill"), kv=slots.get("kv"), decode=slots.get("decode"), spec=spec.strip() or "dense")
+    return Recipe(prefill=slots.get("prefill"), kv=slots.get("kv"), decode=slots.get("decode"),
+                  calibrate=slots.get("calibrate"), spec=spec.strip() or "dense")
 
 
 @contextlib.contextmanager

@@ -41,12 +41,12 @@ def _build() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     ls = sub.add_parser("list", help="every registered method, task and backend")
-    ls.add_argument("--kind", choices=["prefill", "kv", "decode", "task", "backend", "mixer"], help="only this kind")
+    ls.add_argument("--kind", choices=["prefill", "kv", "decode", "calibrate", "task", "backend", "mixer"], help="only this kind")
     ls.add_argument("--markdown", action="store_true", help="print docs/methods.md (the method catalogue) instead")
 
     g = sub.add_parser("generate", help="generate with a recipe")
     g.add_argument("--model", default="smollm2-135m",
-                   help="embedded model name (smollm2-135m) or a local Hugging Face model directory")
+                   help="embedded model name (smollm2-135m, gemma3-270m) or a local Hugging Face model directory")
     g.add_argument("--recipe", default="dense", help="methods joined by +, e.g. vertical_slash+snapkv:ratio=0.5")
     g.add_argument("--prompt-file", required=True,
                    help="UTF-8 text file holding the prompt (with --context: the question asked of the saved context)")
@@ -72,7 +72,7 @@ def _build() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="tasks x lengths x methods on a real model")
     b.add_argument("--model", default="smollm2-135m",
-                   help="embedded model name (smollm2-135m) or a local Hugging Face model directory")
+                   help="embedded model name (smollm2-135m, gemma3-270m) or a local Hugging Face model directory")
     b.add_argument("--task", default="passkey", type=_csv,
                    help="comma-separated tasks with arguments, e.g. passkey,niah:keys=2 (longattn list --kind task)")
     b.add_argument("--lengths", default=[1024], type=_ints("--lengths"),
@@ -138,10 +138,14 @@ def _build() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="the JSON profile to write")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     pr.add_argument("--method", default="retrieval",
-                    choices=["retrieval", "gates", "attention_influence", "cam", "amp"],
+                    choices=["retrieval", "gates", "attention_influence", "cam", "amp", "act"],
                     help="heads: retrieval (training-free retrieval score), gates (DuoAttention's trained gates), "
                          "attention_influence (loss rise when a head is masked), cam (GATEAU's contextual "
-                         "awareness), amp (AMP's projected-output norm)")
+                         "awareness), amp (AMP's projected-output norm), act (ACT's head filtering: the answer's "
+                         "loss drop when ACT calibrates that head alone; for act:heads=FILE)")
+    pr.add_argument("--task", default="niah", help="heads --method act: the calibration task (default niah)")
+    pr.add_argument("--beta", default=0.4, type=float,
+                    help="heads --method act: the factor on a sink's attention (default 0.4)")
     pr.add_argument("--samples", default=None, type=int, help="prompts (heads: 8 passkey samples, search: 2)")
     pr.add_argument("--steps", default=60, type=int, help="gates: optimisation steps")
     pr.add_argument("--length", default=None, type=int, help="prompt tokens (heads: 1024, search: 4096)")
@@ -151,7 +155,8 @@ def _build() -> argparse.ArgumentParser:
     pr.add_argument("--head", default=None, type=int, help="heatmap: the query head")
     pr.add_argument("--recipe", default=None, help="heatmap: a recipe whose prefill pattern is drawn over the map")
     pr.add_argument("--alpha", default=5.0, type=float,
-                    help="sinks: a hidden sink gets at least alpha x the uniform share of attention (default 5)")
+                    help="sinks: a hidden sink gets at least alpha x the uniform share of attention; heads --method "
+                         "act: ACT's sink threshold alpha/N (default 5)")
     pr.add_argument("--frequency", default=0.5, type=float,
                     help="sinks: ... from at least this fraction of the queries after it (default 0.5)")
     pr.add_argument("--png", default=None, help="sinks: the PNG to write beside the JSON (default: --out with .png)")
@@ -200,7 +205,7 @@ def _cmd_list(a) -> int:
 
         print(methods_markdown(), end="")
         return 0
-    kinds = [a.kind] if a.kind else ["prefill", "kv", "decode", "task", "backend", "mixer"]
+    kinds = [a.kind] if a.kind else ["prefill", "kv", "decode", "calibrate", "task", "backend", "mixer"]
     for kind in kinds:
         if kind == "backend":
             for be in BACKENDS:
@@ -555,6 +560,21 @@ def _cmd_profile(a) -> int:
         samples = 2 if explicit_samples is None else explicit_samples  # one forward per head and sample: 2
         scores, per_q = fn(model, tok, samples=samples, length=a.length)
         write_profile(a.out, scores, a.method, a.model, query_head_scores=per_q)
+    elif a.method == "act":
+        from . import registry
+        from .profile import head_scores
+
+        if a.task not in registry.names("task") or a.task == "custom":
+            raise ValueError(f"--task must be one of {', '.join(n for n in registry.names('task') if n != 'custom')}, "
+                             f"got {a.task!r}")
+        if not 0 <= a.beta <= 1 or a.alpha <= 0:
+            raise ValueError(f"--beta must be in [0, 1] and --alpha > 0, got {a.beta}, {a.alpha}")
+        samples = 2 if explicit_samples is None else explicit_samples
+        scores, per_q = head_scores.act_gains(model, tok, samples=samples, length=a.length, task=a.task,
+                                              alpha=a.alpha, beta=a.beta)
+        write_profile(a.out, scores, "act_gain", a.model, query_head_scores=per_q)
+        good = sum(g > 0 for row in per_q for g in row)
+        print(f"{good} of {sum(len(r) for r in per_q)} query heads lower the answers' loss when calibrated")
     else:
         scores = retrieval_scores(model, tok, samples=a.samples, length=a.length)
         write_profile(a.out, scores, "retrieval_score", a.model)

@@ -14,7 +14,8 @@ __all__ = ["methods_markdown"]
 
 _URL = re.compile(r"(https?://\S+)")
 _TITLES = {"prefill": "Prefill patterns (`prefill` slot)", "kv": "KV-cache policies (`kv` slot)",
-           "decode": "Decode-time selectors (`decode` slot)", "task": "Bench tasks (`--task`)",
+           "decode": "Decode-time selectors (`decode` slot)",
+           "calibrate": "Attention calibration (`calibrate` slot)", "task": "Bench tasks (`--task`)",
            "mixer": "Trainable token mixers (`longattn train --mixer`)"}
 
 
@@ -52,7 +53,7 @@ def methods_markdown() -> str:
              "Generated from the registry by `longattn list --markdown` (a test checks it is current). A recipe",
              "joins one method per slot with `+`; a method is `name[:key=value...]`. Settings are listed with their",
              "defaults; the old spellings in the last column still work with a deprecation warning.", ""]
-    for kind in ("prefill", "kv", "decode", "task", "mixer"):
+    for kind in ("prefill", "kv", "decode", "calibrate", "task", "mixer"):
         lines += [f"## {_TITLES[kind]}", ""]
         if kind == "kv":
             lines += ["| name | paper | what it does | settings | kvpress | old names |", "|---|---|---|---|---|---|"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 __all__ = ["KINDS", "FAMILIES", "Entry", "register", "get", "names", "entries", "discover"]
 
-KINDS = ("prefill", "kv", "decode", "task", "backend", "mixer")
+KINDS = ("prefill", "kv", "decode", "calibrate", "task", "backend", "mixer")
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def canonical_kwargs(cls, kwargs: dict, where: str | None = None) -> dict:
 
 #: kind -> the package whose modules hold that kind's classes
 FAMILIES = {"prefill": "longattn.prefill", "kv": "longattn.kv", "decode": "longattn.decode",
-            "task": "longattn.bench.tasks", "mixer": "longattn.mixers"}
+            "calibrate": "longattn.calibrate", "task": "longattn.bench.tasks", "mixer": "longattn.mixers"}
 
 
 def discover(package: str, namespace: dict) -> list[str]:

@@ -141,6 +141,8 @@ class Session:
             kv.prepare(self.model)
         if sel is not None:
             sel.prepare(self.model)
+        if self.recipe.calibrate is not None:
+            self.recipe.calibrate.prepare(self.model)
         n_layers = getattr(pre, "num_layers", None)
         if n_layers is not None and n_layers != cfg.num_hidden_layers:
             raise ValueError(f"prefill: the mixed profile {pre.profile!r} has {n_layers} layers, the model has "
@@ -230,6 +232,10 @@ class Session:
                 obs(layer_idx, query, key, value, key_valid)
         if self._scoring:
             return dense_attention(query, key, value, key_valid, scale, window, f.softcap, f.sinks)
+        cal = self.recipe.calibrate
+        if cal is not None and window is None and self._override is None:  # full-attention layers
+            kv_phys = key_valid if layer is None else layer.physical_key_valid(key_valid)
+            return cal.attend(layer, layer_idx, query, key, value, kv_phys, scale, f.softcap)
         policy, sel = self.recipe.kv, self.recipe.decode
         if nq == 1 and layer is not None and sel is not None and window is None:
             return self._decode_select(layer, layer_idx, query, key, value, key_valid, scale, f, module)

@@ -53,8 +53,8 @@ def validate_record(r) -> None:
 def method_settings(recipe) -> dict:
     """The resolved settings of each filled slot of a recipe (defaults filled in): ``{slot: {name, ...}}``."""
     out = {}
-    for slot in ("prefill", "kv", "decode"):
-        m = getattr(recipe, slot)
+    for slot in ("prefill", "kv", "decode", "calibrate"):
+        m = getattr(recipe, slot, None)
         if m is not None:
             out[slot] = {"name": m.name, **{f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.init}}
     return out
@@ -64,7 +64,8 @@ def recipe_key(recipe) -> str:
     """A canonical spelling of a recipe (slot order, defaults dropped): two spellings of one recipe share it."""
     from ..api import _spec_of
 
-    parts = [_spec_of(m) for m in (recipe.prefill, recipe.kv, recipe.decode) if m is not None]
+    parts = [_spec_of(m) for m in (recipe.prefill, recipe.kv, recipe.decode, getattr(recipe, "calibrate", None))
+             if m is not None]
     return "+".join(parts) or "dense"
 
 

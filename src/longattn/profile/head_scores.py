@@ -17,6 +17,11 @@ beside). A kv head's score is the mean of its query heads'.
   mean L2 norm, over the tokens, of the head's output projected by its slice of ``o_proj`` (what the head adds to
   the residual stream).
 
+* ``act`` (ACT's head filtering, "Unveiling and Harnessing Hidden Attention Sinks", Yu et al., ICML 2024,
+  https://arxiv.org/abs/2406.15765): calibrate one query head alone (``calibrate/act.py``) and measure how much
+  the gold answer's loss *drops*; ``act:heads=FILE`` then calibrates the heads with a positive gain. Samples from
+  a task where dense is imperfect (``niah`` by default).
+
 Departures: the samples are our passkey task, not the papers' corpora; the influence mask zeroes the head's output
 (not its attention weights); CAM's segments are equal token spans of the context.
 """
@@ -28,14 +33,14 @@ import sys
 
 import torch
 
-__all__ = ["attention_influence", "cam_scores", "amp_scores", "spearman"]
+__all__ = ["attention_influence", "cam_scores", "amp_scores", "act_gains", "spearman"]
 
 
-def _samples(tokenizer, samples: int, length: int, seed: int):
+def _samples(tokenizer, samples: int, length: int, seed: int, task: str = "passkey"):
+    from .. import registry
     from ..bench.prompts import encode
-    from ..bench.tasks.passkey import Passkey
 
-    task = Passkey()
+    task = registry.get(task, "task").cls()
     for i in range(samples):
         s = task.make(tokenizer, length, i, seed)
         ctx, rest = encode(tokenizer, s)
@@ -192,3 +197,36 @@ def amp_scores(model, tokenizer, samples: int = 2, length: int = 1024, seed: int
             model(input_ids=torch.tensor([ctx + rest + ans], device=model.device), use_cache=False)
     per_q = acc / len(data)
     return _per_kv(per_q, hk), per_q.tolist()
+
+
+def act_gains(model, tokenizer, samples: int = 2, length: int = 1024, seed: int = 1234, task: str = "niah",
+              alpha: float = 5.0, beta: float = 0.4, progress: bool = True):
+    """Drop of the gold answer's loss when ACT calibrates each query head alone (mean over samples): ACT's head
+    filtering. One forward per query head and sample."""
+    from tqdm.auto import tqdm
+
+    from .. import api
+    from ..calibrate.act import ACT
+    from ..hf import kv_heads
+
+    cfg = model.config
+    L, hq, hk = cfg.num_hidden_layers, cfg.num_attention_heads, kv_heads(cfg)
+    acc = torch.zeros(L, hq, dtype=torch.float64)
+    data = list(_samples(tokenizer, samples, length, seed, task))
+    bar = tqdm(total=len(data) * L * hq, desc="act head filtering", disable=not progress, file=sys.stderr)
+    act = ACT(alpha=alpha, beta=beta)
+    off = [[False] * hq for _ in range(L)]
+    with torch.no_grad():
+        for ctx, rest, ans in data:
+            base = _answer_loss(model, ctx, rest, ans)
+            with api.apply(model, act):
+                for li in range(L):
+                    for h in range(hq):
+                        mask = [row[:] for row in off]
+                        mask[li][h] = True
+                        object.__setattr__(act, "_mask", mask)  # this head alone
+                        acc[li, h] += base - _answer_loss(model, ctx, rest, ans)
+                        bar.update()
+    bar.close()
+    per_q = acc / len(data)
+    return per_q.view(L, hk, hq // hk).amax(-1).tolist(), per_q.tolist()
