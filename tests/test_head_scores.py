@@ -50,3 +50,24 @@ def test_profile_heads_amp_from_the_command_line(smollm2, tmp_path):
     d = json.loads(out.read_text())
     assert d["method"] == "amp" and d["num_layers"] == 30 and d["num_kv_heads"] == 3
     assert len(d["query_head_scores"][0]) == 9
+
+
+def test_act_head_filtering_gain_is_the_loss_drop_of_one_calibrated_head():
+    """A silent head (zero o_proj) gains nothing from calibration; the gain of head (1, 1) equals the answer's
+    loss with dense minus the loss with ACT on that head alone, recomputed here by hand."""
+    from longattn import api
+    from longattn.calibrate.act import ACT
+    from longattn.profile.head_scores import _answer_loss, _samples, act_gains
+
+    m, tok = _planted(), tiny_tokenizer()
+    kv, per_q = act_gains(m, tok, samples=1, length=160, task="passkey", alpha=1.5, beta=0.2, progress=False)
+    assert per_q[1][2] == pytest.approx(0.0, abs=1e-6) and len(kv) == 2 and len(per_q[0]) == 4
+    ctx, rest, ans = next(_samples(tok, 1, 160, 1234, "passkey"))
+    with torch.no_grad():
+        base = _answer_loss(m, ctx, rest, ans)
+        act = ACT(alpha=1.5, beta=0.2)
+        with api.apply(m, act):
+            object.__setattr__(act, "_mask", [[False] * 4, [False, True, False, False]])  # head (1, 1) alone
+            one = _answer_loss(m, ctx, rest, ans)
+    assert per_q[1][1] == pytest.approx(base - one, abs=1e-6)
+    assert any(abs(x) > 1e-5 for row in per_q for x in row)
