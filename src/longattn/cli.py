@@ -131,18 +131,27 @@ def _build() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
     pr = sub.add_parser("profile", help="head analysis: head scores, pattern search, attention sinks, heatmaps")
-    pr.add_argument("what", choices=["search", "heads", "sinks", "heatmap"],
+    pr.add_argument("what", choices=["search", "heads", "sinks", "heatmap", "data"],
                     help="search: per-head prefill pattern search (mixed profile); heads: head scores; sinks: "
-                         "visible and hidden attention sinks (JSON + PNG); heatmap: one head's attention map (PNG)")
+                         "visible and hidden attention sinks (JSON + PNG); heatmap: one head's attention map (PNG); "
+                         "data: rank the samples of --data by their dependence on far context")
     pr.add_argument("--model", default="smollm2-135m", help="embedded model name or local model directory")
     pr.add_argument("--out", required=True, help="the JSON profile to write")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    pr.add_argument("--method", default="retrieval",
+    pr.add_argument("--method", default=None,
                     choices=["retrieval", "gates", "attention_influence", "cam", "amp", "act"],
                     help="heads: retrieval (training-free retrieval score), gates (DuoAttention's trained gates), "
                          "attention_influence (loss rise when a head is masked), cam (GATEAU's contextual "
                          "awareness), amp (AMP's projected-output norm), act (ACT's head filtering: the answer's "
-                         "loss drop when ACT calibrates that head alone; for act:heads=FILE)")
+                         "loss drop when ACT calibrates that head alone; for act:heads=FILE); default retrieval. "
+                         "data: attention_influence (answer-loss rise with the --profile's top heads masked) or cam "
+                         "(GATEAU's contextual awareness; the default)")
+    pr.add_argument("--data", default=None, help="data: the JSONL samples (context, question, answers per line)")
+    pr.add_argument("--profile", default=None,
+                    help="data --method attention_influence: the head profile whose top heads are masked")
+    pr.add_argument("--top", default=0.05, type=float,
+                    help="data --method attention_influence: fraction of query heads masked (default 0.05)")
+    pr.add_argument("--segments", default=8, type=int, help="cam: context segments (default 8)")
     pr.add_argument("--task", default="niah", help="heads --method act: the calibration task (default niah)")
     pr.add_argument("--beta", default=0.4, type=float,
                     help="heads --method act: the factor on a sink's attention (default 0.4)")
@@ -535,6 +544,10 @@ def _cmd_profile(a) -> int:
     from .profile import retrieval_scores, write_profile
 
     check_output_file(a.out, "--out", overwrite=a.overwrite)
+    if a.what == "data":
+        return _profile_data(a)
+    if a.method is None:
+        a.method = "retrieval"
     if a.what == "search":
         return _profile_search(a)
     if a.what in ("sinks", "heatmap"):
@@ -579,6 +592,43 @@ def _cmd_profile(a) -> int:
         scores = retrieval_scores(model, tok, samples=a.samples, length=a.length)
         write_profile(a.out, scores, "retrieval_score", a.model)
     print(f"wrote {a.out}: {len(scores)} layers x {len(scores[0])} kv heads")
+    return 0
+
+
+def _profile_data(a) -> int:
+    import json
+
+    from . import models
+    from .bench.tasks.custom import load_jsonl
+    from .outputs import write_atomic
+    from .profile.data import METHODS, rank_data
+
+    method = a.method or "cam"
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)} for profile data, got {method!r}")
+    if a.data is None:
+        raise ValueError("--data: profile data needs a JSONL file of samples (context, question, answers)")
+    samples = load_jsonl(a.data)
+    if not samples:
+        raise ValueError(f"--data {a.data}: no samples")
+    if method == "attention_influence":
+        from .profiles import load_profile
+
+        if a.profile is None:
+            raise ValueError("--profile: profile data --method attention_influence masks the top heads of a head "
+                             "profile (longattn profile heads --out FILE, or a built-in name)")
+        if not 0 < a.top <= 1:
+            raise ValueError(f"--top must be in (0, 1], got {a.top}")
+        load_profile(a.profile)
+    elif a.segments < 2:
+        raise ValueError(f"--segments must be >= 2, got {a.segments}")
+    model, tok = models.load(a.model)
+    out = rank_data(model, tok, samples, method, profile=a.profile, top=a.top, segments=a.segments)
+    out.update(model=a.model, data=a.data)
+    write_atomic(a.out, json.dumps(out, indent=1))
+    best = out["ranking"][0]
+    print(f"wrote {a.out}: {len(samples)} samples ranked by {method}; first: #{best['index']} "
+          f"({best['id']}, score {best['score']:.3f})")
     return 0
 
 

@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-__all__ = ["attention_influence", "cam_scores", "amp_scores", "act_gains", "spearman"]
+__all__ = ["attention_influence", "cam_scores", "cam_one", "amp_scores", "act_gains", "spearman"]
 
 
 def _samples(tokenizer, samples: int, length: int, seed: int, task: str = "passkey"):
@@ -124,47 +124,65 @@ def spearman(a: list[float], b: list[float]) -> float:
     return 0.0 if va == 0 or vb == 0 else cov / (va * vb)
 
 
+def _modules(model) -> dict:
+    return {m.layer_idx: m for m in model.modules() if getattr(m, "layer_idx", None) is not None
+            and hasattr(m, "scaling")}
+
+
+def cam_one(model, ctx, rest, ans, segments: int = 8, mods: dict | None = None) -> torch.Tensor:
+    """GATEAU's CAM of one sample, ``[layer, query head]``: the Spearman correlation between the attention the
+    answer's queries put on each of ``segments`` equal context spans and the spans' importance (the answer's loss
+    rise when the span is removed)."""
+    from .. import api
+    from ..hf import module_logits
+
+    cfg = model.config
+    L, hq = cfg.num_hidden_layers, cfg.num_attention_heads
+    mods = _modules(model) if mods is None else mods
+    bounds = [round(i * len(ctx) / segments) for i in range(segments + 1)]
+    with torch.no_grad():
+        base = _answer_loss(model, ctx, rest, ans)
+        importance = [_answer_loss(model, ctx[: bounds[i]] + ctx[bounds[i + 1] :], rest, ans) - base
+                      for i in range(segments)]
+    a0 = len(ctx) + len(rest) - 1
+    q_at = list(range(a0, a0 + len(ans)))
+    mass = {}
+
+    def observe(layer_idx, q, k, v, key_valid):
+        d = q.shape[-1]
+        g = q.shape[1] // k.shape[1]
+        scale, _, _ = module_logits(mods.get(layer_idx), d)
+        qq = q[0, :, q_at].float()
+        sc = (qq @ k[0].float().repeat_interleave(g, 0).transpose(-1, -2)) * scale
+        n = k.shape[2]
+        causal = torch.arange(n)[None, :] <= torch.tensor(q_at)[:, None]
+        p = sc.masked_fill(~causal, float("-inf")).softmax(-1).mean(1)  # [hq, n]
+        mass[layer_idx] = torch.stack([p[:, bounds[i] : bounds[i + 1]].sum(-1) for i in range(len(bounds) - 1)], -1)
+
+    with torch.no_grad(), api.apply(model, "dense") as s, s.observe(observe):
+        model(input_ids=torch.tensor([ctx + rest + ans], device=model.device), use_cache=False)
+    out = torch.zeros(L, hq, dtype=torch.float64)
+    for li in mass:
+        for h in range(hq):
+            out[li, h] = spearman(mass[li][h].tolist(), importance)
+    return out
+
+
 def cam_scores(model, tokenizer, samples: int = 2, length: int = 1024, segments: int = 8, seed: int = 1234,
                progress: bool = True):
     """Spearman correlation between each head's attention on the context segments (from the answer's queries)
     and the segments' importance (the answer's loss rise without them), mean over samples."""
     from tqdm.auto import tqdm
 
-    from .. import api
-    from ..hf import kv_heads, module_logits
+    from ..hf import kv_heads
 
     cfg = model.config
     L, hq, hk = cfg.num_hidden_layers, cfg.num_attention_heads, kv_heads(cfg)
-    mods = {m.layer_idx: m for m in model.modules() if getattr(m, "layer_idx", None) is not None
-            and hasattr(m, "scaling")}
+    mods = _modules(model)
     acc = torch.zeros(L, hq, dtype=torch.float64)
     data = list(_samples(tokenizer, samples, length, seed))
     for ctx, rest, ans in tqdm(data, desc="cam", disable=not progress, file=sys.stderr):
-        bounds = [round(i * len(ctx) / segments) for i in range(segments + 1)]
-        with torch.no_grad():
-            base = _answer_loss(model, ctx, rest, ans)
-            importance = [_answer_loss(model, ctx[: bounds[i]] + ctx[bounds[i + 1] :], rest, ans) - base
-                          for i in range(segments)]
-        a0 = len(ctx) + len(rest) - 1
-        q_at = list(range(a0, a0 + len(ans)))
-        mass = {}
-
-        def observe(layer_idx, q, k, v, key_valid, q_at=q_at, bounds=bounds, mass=mass):
-            d = q.shape[-1]
-            g = q.shape[1] // k.shape[1]
-            scale, _, _ = module_logits(mods.get(layer_idx), d)
-            qq = q[0, :, q_at].float()
-            sc = (qq @ k[0].float().repeat_interleave(g, 0).transpose(-1, -2)) * scale
-            n = k.shape[2]
-            causal = torch.arange(n)[None, :] <= torch.tensor(q_at)[:, None]
-            p = sc.masked_fill(~causal, float("-inf")).softmax(-1).mean(1)  # [hq, n]
-            mass[layer_idx] = torch.stack([p[:, bounds[i] : bounds[i + 1]].sum(-1) for i in range(len(bounds) - 1)], -1)
-
-        with torch.no_grad(), api.apply(model, "dense") as s, s.observe(observe):
-            model(input_ids=torch.tensor([ctx + rest + ans], device=model.device), use_cache=False)
-        for li in range(L):
-            for h in range(hq):
-                acc[li, h] += spearman(mass[li][h].tolist(), importance)
+        acc += cam_one(model, ctx, rest, ans, segments, mods)
     per_q = acc / len(data)
     return _per_kv(per_q, hk), per_q.tolist()
 

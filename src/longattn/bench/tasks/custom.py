@@ -5,7 +5,7 @@ optionally ``"turns": [{"question", "answers", "answer_prefix"?}, ...]`` (follow
 shared-context style) and ``"mode": "multi_turn" | "multi_request"`` (default multi_turn).
 
 The context is compressed question-agnostically, as for every task; ``--lengths`` does not apply (records carry
-``length: 0`` and the real size in ``n_tokens``). Scorers: ``contains`` (a gold answer occurs in the prediction,
+the sample's token count as ``length``, ``target_length`` 0, and the size with the question in ``n_tokens``). Scorers: ``contains`` (a gold answer occurs in the prediction,
 case-insensitive), ``exact`` (equal after stripping whitespace and a final period, case-insensitive), ``rouge``
 (ROUGE-L F1 against the best gold answer; correct when >= 0.5).
 """
