@@ -415,3 +415,15 @@ def test_the_amdahl_bound_and_the_attention_share():
         m(ids, use_cache=True)
         full = s.attention_seconds["prefill"]
     assert full > 0 and s.attention_seconds["decode"] == 0.0
+
+
+def test_interleaved_timing_alternates_the_calls_and_reports_the_spread():
+    from longattn.bench.ops import ratio_stats, time_interleaved
+
+    calls = []
+    ts = time_interleaved({"dense": lambda: calls.append("d"), "method": lambda: calls.append("m")}, 3)
+    assert calls == ["d", "m"] + ["d", "m"] * 3, "one warm-up each, then the two in turn every round"
+    assert len(ts["dense"]) == len(ts["method"]) == 3
+    st = ratio_stats([2.0, 4.0, 3.0], [1.0, 1.0, 2.0])
+    assert st["dense_ms"] == 3000.0 and st["ms"] == 1000.0 and st["speedup"] == 3.0
+    assert (st["speedup_min"], st["speedup_max"]) == (1.5, 4.0)

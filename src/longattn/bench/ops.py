@@ -1,8 +1,9 @@
 """``longattn ops-bench``: op-level speed of sparse prefill patterns vs dense causal SDPA, in one process.
 
-Every record carries the dense SDPA time measured in the same run on the same inputs; ``speedup`` is
-``dense_ms / ms`` where ``ms`` is the whole pattern call: the estimation (``est_ms``: building the layout) plus
-the kernel (``kernel_ms``).
+Every record carries the dense SDPA time measured in the same run on the same inputs, timed in turn with the
+pattern (``repeats`` interleaved rounds, medians); ``speedup`` is ``dense_ms / ms`` where ``ms`` is the whole
+pattern call: the estimation (``est_ms``: building the layout) plus the kernel (``kernel_ms``);
+``speedup_min`` / ``speedup_max`` are the extremes of the per-round ratios (the spread on a noisy machine).
 
 Inputs (``qk``): by default the real q, k, v that one layer of the embedded model (smollm2-135m: 9 query heads,
 3 kv heads, dim 64) sees on a long library-made prompt (stdlib source + a needle), for N <= ``capture_max``;
@@ -118,6 +119,37 @@ def time_ms(fn, repeats: int, before=None) -> float:
     return statistics.median(ts) * 1e3
 
 
+def time_interleaved(fns: dict, repeats: int, before=None) -> dict[str, list[float]]:
+    """Seconds of each of ``fns`` (name -> callable) over ``repeats`` rounds, the callables run in turn within
+    each round (after one warm-up call each), so the drift of a noisy machine falls on all of them alike and their
+    pairwise ratios per round give a spread. ``before()`` runs untimed before each call."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    for fn in fns.values():
+        if before:
+            before()
+        fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if before:
+                before()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def ratio_stats(base: list[float], method: list[float]) -> dict:
+    """``dense_ms`` / ``ms`` (medians), ``speedup`` (their ratio) and ``speedup_min`` / ``speedup_max`` (the
+    extremes of the per-round ratios) from interleaved timings in seconds."""
+    dms, ms = statistics.median(base) * 1e3, statistics.median(method) * 1e3
+    ratios = [a / b for a, b in zip(base, method) if b > 0]
+    return {"dense_ms": dms, "ms": ms, "speedup": dms / ms if ms > 0 else float("inf"),
+            "speedup_min": min(ratios) if ratios else None, "speedup_max": max(ratios) if ratios else None}
+
+
 def random_layout(n: int, heads: int, block_size: int, density: float, seed: int) -> BlockLayout:
     """Random causal block layout: each (q block, earlier kv block) kept with probability ``density``; the
     diagonal block is always kept so no query row is empty."""
@@ -177,14 +209,13 @@ def run_ops(cfg: OpsBenchConfig, log=None) -> list[dict]:
             combos = [(dt, p) for dt in cfg.dtypes for p in cfg.patterns]
             bar = tqdm(combos, desc=f"ops-bench N={n}", disable=not cfg.progress, file=sys.stderr)
             measured: dict[str, tuple] = {}  # per pattern: density, block density, recall (dtype-independent)
-            dense_ms: dict[str, float] = {}
             for dtn, spec in bar:
                 bar.set_postfix_str(f"{dtn} {spec}")
                 dt = DTYPES[dtn]
                 q, k, v = (t.to(dt) for t in (q32, k32, v32))
-                if dtn not in dense_ms:  # the dense reference, same inputs, same run
-                    dense_ms[dtn] = time_ms(partial(F.scaled_dot_product_attention, q, k, v, is_causal=True,
-                                                  enable_gqa=q.shape[1] != k.shape[1]), cfg.repeats)
+                # the dense reference, same inputs, timed in turn with each method (interleaved rounds)
+                dense = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True,
+                                enable_gqa=q.shape[1] != k.shape[1])
                 pat = cfg._patterns[spec]
                 if pat == "random":
                     pat = _Random(block_size=cfg.block_size or 64)
@@ -211,13 +242,13 @@ def run_ops(cfg: OpsBenchConfig, log=None) -> list[dict]:
                         stats.clear()
                         bpat.attend(q, k, v, stats=stats)
 
-                    ms = time_ms(call, cfg.repeats)
+                    ts = time_interleaved({"dense": dense, "method": call}, cfg.repeats)
+                    st = ratio_stats(ts["dense"], ts["method"])
                     est_ms = stats.get("est_s", 0.0) * 1e3
                     recs.append({
                         "op": "block_sparse", "pattern": spec, "N": n, "dtype": dtn, "heads": q.shape[1],
                         "kv_heads": k.shape[1], "dim": q.shape[-1], "density": density,
                         "block_density": block_density, "recall": recall, "backend": be, "qk": source,
-                        "est_ms": est_ms, "kernel_ms": ms - est_ms, "ms": ms, "dense_ms": dense_ms[dtn],
-                        "speedup": dense_ms[dtn] / ms,
+                        "est_ms": est_ms, "kernel_ms": st["ms"] - est_ms, **st, "repeats": cfg.repeats,
                     })
     return recs
