@@ -222,8 +222,8 @@ def run_decode_ops(cfg: DecodeBenchConfig, log=None) -> list[dict]:
                         est = time_ms(partial(sel.select, step), cfg.repeats, before=clear)
                         clear()
 
-                        def whole(step=step, sel=sel, clear=clear):  # a fresh selection, then its attention
-                            clear()
+                        def whole(step=step, sel=sel, clear=clear, q=q, k=k, v=v, scale=scale):
+                            clear()  # a fresh selection, then its attention
                             i, va = sel.select(step)
                             gather_attention(q, k, v, i, valid=va, scale=scale, splits=sel.splits)
                     # dense's step timed in turn with the selector's (interleaved rounds; medians and spread)
