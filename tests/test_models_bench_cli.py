@@ -233,3 +233,26 @@ def test_niah_bad_arguments():
         parse_method("niah:haystack=web", "task")
     with pytest.raises(ValueError, match="keys must be an int in"):
         parse_method("niah:keys=0", "task")
+
+
+@pytest.mark.model
+def test_memory_cap_demo_a_capped_process_fails_dense_and_bad_input_is_named(smollm2, tmp_path, capsys):
+    """benchmarks/memory_cap.py: with room to spare dense answers; with 1 MiB above the warmed-up process it
+    cannot (the allocation error is reported, not a crash); a bad recipe exits 2 before any subprocess."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "memory_cap.py"
+    spec = importlib.util.spec_from_file_location("memory_cap", path)
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    out = tmp_path / "cap.json"
+    assert mc.main(["--length", "256", "--cap-mib", "2000", "--recipes", "dense", "--json", str(out)]) == 0
+    roomy = json.loads(out.read_text())["rows"][0]
+    assert roomy["fits"] and roomy["correct"], roomy
+    assert mc.main(["--length", "256", "--cap-mib", "1", "--recipes", "dense", "--json", str(out),
+                    "--overwrite"]) == 0
+    tight = json.loads(out.read_text())["rows"][0]
+    assert not tight["fits"] and tight["error"]
+    assert mc.main(["--recipes", "nosuch", "--json", str(tmp_path / "x.json")]) == 2
+    assert "nosuch" in capsys.readouterr().err
