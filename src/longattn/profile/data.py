@@ -19,7 +19,9 @@ model and is not computed. Samples are the bench's ``custom`` JSONL (``context``
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -32,20 +34,13 @@ def masked_heads(profile: str, num_layers: int, num_heads: int, num_kv_heads: in
                  ) -> list[tuple[int, int]]:
     """The ``top`` fraction (at least one) of query heads with the highest score in a head profile
     (``query_head_scores`` where present, else each kv head's score given to its query heads)."""
-    import json
-
     from ..profiles import load_profile
 
-    p = load_profile(profile)
+    p = load_profile(profile)  # validated (a file or a built-in name)
     p.check(num_layers, num_kv_heads, "--profile")
     g = num_heads // num_kv_heads
     per_q = [[p.scores[li][h // g] for h in range(num_heads)] for li in range(num_layers)]
-    try:
-        from pathlib import Path
-
-        rows = json.loads(Path(profile).read_text()).get("query_head_scores") if Path(profile).is_file() else None
-    except ValueError:
-        rows = None
+    rows = json.loads(Path(profile).read_text()).get("query_head_scores") if Path(profile).is_file() else None
     if rows and len(rows) == num_layers and all(len(r) == num_heads for r in rows):
         per_q = [[float(x) for x in r] for r in rows]
     order = sorted(((per_q[li][h], li, h) for li in range(num_layers) for h in range(num_heads)), reverse=True)
