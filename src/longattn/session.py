@@ -148,6 +148,8 @@ class Session:
             raise ValueError(f"prefill: the mixed profile {pre.profile!r} has {n_layers} layers, the model has "
                              f"{cfg.num_hidden_layers}")
         hf.activate(self)
+        if self.recipe.calibrate is not None:
+            self.recipe.calibrate.install(self.model)
         if kv is not None and kv.repeat:
             self._undo_chunk = hf.set_prefill_chunk(self.model, kv.chunk)
         self._hook = hf.install_cache_hook(self.model, self._on_cache,
@@ -159,6 +161,8 @@ class Session:
                 h.remove()
             self._hook = None
         self._detach_caches()
+        if self.recipe.calibrate is not None:
+            self.recipe.calibrate.remove(self.model)
         hf.deactivate(self)
         if self._undo_chunk is not None:
             self._undo_chunk()

@@ -28,6 +28,12 @@ class Calibration:
     def prepare(self, model) -> None:
         """Check the model once at ``apply()`` (shapes of a profile, features the method cannot honour)."""
 
+    def install(self, model) -> None:
+        """Change the model's modules for the block (head pruning slices projections); ``remove`` undoes it."""
+
+    def remove(self, model) -> None:
+        """Undo ``install`` exactly (called on leaving ``apply()``, also after an error)."""
+
     def attend(self, layer, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                key_valid: torch.Tensor | None, scale: float, softcap: float | None = None) -> torch.Tensor:
         raise NotImplementedError
