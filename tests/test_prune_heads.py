@@ -23,7 +23,7 @@ def test_kept_groups_drop_the_lowest_scores_and_keep_one_per_layer():
     assert kept_groups([[0.3, 0.2], [0.1, 0.7]], 0.5) == [[0], [1]]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "gemma3_text"])
 def test_pruned_model_equals_zeroed_heads_and_is_restored(arch, tmp_path):
     torch.manual_seed(0)
     m = models.tiny_model(arch)
