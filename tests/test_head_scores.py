@@ -71,3 +71,11 @@ def test_act_head_filtering_gain_is_the_loss_drop_of_one_calibrated_head():
             one = _answer_loss(m, ctx, rest, ans)
     assert per_q[1][1] == pytest.approx(base - one, abs=1e-6)
     assert any(abs(x) > 1e-5 for row in per_q for x in row)
+
+
+def test_profile_heads_act_names_bad_task_and_beta_before_loading(tmp_path, capsys):
+    out = str(tmp_path / "a.json")
+    assert cli.main(["profile", "heads", "--method", "act", "--task", "perplexity", "--out", out]) == 2
+    assert "--task must be one of" in capsys.readouterr().err
+    assert cli.main(["profile", "heads", "--method", "act", "--beta", "2", "--out", out]) == 2
+    assert "--beta" in capsys.readouterr().err

@@ -557,6 +557,15 @@ def _cmd_profile(a) -> int:
     a.samples = 8 if a.samples is None else a.samples
     if a.samples < 1 or a.length < 128:
         raise ValueError(f"--samples must be >= 1 and --length >= 128, got {a.samples}, {a.length}")
+    if a.method == "act":  # named before the model loads
+        from . import registry
+
+        tasks = [n for n in registry.names("task")  # question-answer tasks with generated samples
+                 if n != "custom" and getattr(registry.get(n, "task").cls, "runs_as", "qa") == "qa"]
+        if a.task not in tasks:
+            raise ValueError(f"--task must be one of {', '.join(tasks)}, got {a.task!r}")
+        if not 0 <= a.beta <= 1 or a.alpha <= 0:
+            raise ValueError(f"--beta must be in [0, 1] and --alpha > 0, got {a.beta}, {a.alpha}")
     model, tok = models.load(a.model)
     if a.method == "gates":
         from .profile.duo_train import train_gates
@@ -574,14 +583,8 @@ def _cmd_profile(a) -> int:
         scores, per_q = fn(model, tok, samples=samples, length=a.length)
         write_profile(a.out, scores, a.method, a.model, query_head_scores=per_q)
     elif a.method == "act":
-        from . import registry
         from .profile import head_scores
 
-        if a.task not in registry.names("task") or a.task == "custom":
-            raise ValueError(f"--task must be one of {', '.join(n for n in registry.names('task') if n != 'custom')}, "
-                             f"got {a.task!r}")
-        if not 0 <= a.beta <= 1 or a.alpha <= 0:
-            raise ValueError(f"--beta must be in [0, 1] and --alpha > 0, got {a.beta}, {a.alpha}")
         samples = 2 if explicit_samples is None else explicit_samples
         scores, per_q = head_scores.act_gains(model, tok, samples=samples, length=a.length, task=a.task,
                                               alpha=a.alpha, beta=a.beta)
