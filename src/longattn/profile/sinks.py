@@ -76,6 +76,9 @@ def sink_profile(model, tokenizer, length: int = 1024, samples: int = 1, alpha: 
     hidden: list = []
     for si in tqdm(range(samples), desc="profile sinks", disable=not progress):
         ids = calibration_ids(tokenizer, length, seed=0, index=si)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is not None and ids[0] != bos:  # the prompt starts where a document starts (Gemma sinks on <bos>)
+            ids = [bos] + ids[1 - length:]
         per_layer: dict[int, list] = {}
 
         def observe(layer_idx, q, k, v, key_valid, per_layer=per_layer):
