@@ -103,20 +103,7 @@ def pattern_of(spec: str, block_size: int | None):
 def time_ms(fn, repeats: int, before=None) -> float:
     """Median milliseconds of ``fn()`` over ``repeats`` calls after one warm-up call (and compilation);
     ``before()`` runs untimed before each call."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
-    if before:
-        before()
-    fn()
-    ts = []
-    for _ in range(repeats):
-        if before:
-            before()
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    return statistics.median(time_interleaved({"fn": fn}, repeats, before)["fn"]) * 1e3
 
 
 def time_interleaved(fns: dict, repeats: int, before=None) -> dict[str, list[float]]:

@@ -10,6 +10,7 @@ tests hold ``forward`` to it, outputs and gradients); mixers with a recurrent fo
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -61,6 +62,24 @@ class Mixer(nn.Module):
             raise ValueError(f"x must be [batch, seq, dim={self.dim}], got {tuple(x.shape)}")
         if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"mask must be [batch, seq] = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+
+    def loop_softmax(self, q, k, v, mask=None, kv_head=None) -> torch.Tensor:
+        """Softmax attention written loop by loop (``q, k, v [b, h, n, d]``, scale ``1/sqrt(d)``): each query
+        attends to the real keys it may see (``j <= i`` when causal); query head ``hh`` reads kv head
+        ``kv_head[hh]`` (default: its own). A query that sees no key gives zeros. For the mixers' references."""
+        b, h, n, d = q.shape
+        own = list(range(h)) if kv_head is None else kv_head
+        y = torch.zeros_like(q)
+        for bi in range(b):
+            for hh in range(h):
+                for i in range(n):
+                    keys = [j for j in range(n) if (not self.causal or j <= i) and (mask is None or bool(mask[bi, j]))]
+                    if not keys:
+                        continue
+                    s = torch.stack([q[bi, hh, i] @ k[bi, own[hh], j] / math.sqrt(d) for j in keys])
+                    p = torch.softmax(s, 0)
+                    y[bi, hh, i] = sum(p[t] * v[bi, own[hh], j] for t, j in enumerate(keys))
+        return y
 
     def reference(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -14,8 +14,6 @@ grouping is not implemented.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,18 +107,7 @@ class KDGQA(Mixer):
         q, k, v = self._proj(x)
         counts = self.groups(k, mask)
         owner = [g for g, c in enumerate(counts) for _ in range(c)]
-        b, h, n, d = q.shape
-        y = torch.zeros_like(q)
-        for bi in range(b):
-            for hh in range(h):
-                for i in range(n):
-                    keys = [j for j in range(n) if (not self.causal or j <= i) and (mask is None or bool(mask[bi, j]))]
-                    if not keys:
-                        continue
-                    s = torch.stack([q[bi, hh, i] @ k[bi, owner[hh], j] / math.sqrt(d) for j in keys])
-                    p = torch.softmax(s, 0)
-                    y[bi, hh, i] = sum(p[t] * v[bi, owner[hh], j] for t, j in enumerate(keys))
-        return self.masked(self.out(self.merge(y)), mask)
+        return self.masked(self.out(self.merge(self.loop_softmax(q, k, v, mask, kv_head=owner))), mask)
 
 
 @register("dgqa", "mixer", paper="Key-Driven GQA (Khan et al., 2024) https://arxiv.org/abs/2408.08454",

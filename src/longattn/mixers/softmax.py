@@ -8,8 +8,6 @@ bidirectional; padded keys are never attended.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,15 +60,4 @@ class SoftmaxAttention(Mixer):
 
     def reference(self, x, mask=None):
         q, k, v = self._qkv(x)
-        b, h, n, d = q.shape
-        y = torch.zeros_like(q)
-        for bi in range(b):
-            for hh in range(h):
-                for i in range(n):
-                    keys = [j for j in range(n) if (not self.causal or j <= i) and (mask is None or bool(mask[bi, j]))]
-                    if not keys:
-                        continue
-                    s = torch.stack([q[bi, hh, i] @ k[bi, hh, j] / math.sqrt(d) for j in keys])
-                    p = torch.softmax(s, 0)
-                    y[bi, hh, i] = sum(p[t] * v[bi, hh, j] for t, j in enumerate(keys))
-        return self.masked(self.out(self.merge(y)), mask)
+        return self.masked(self.out(self.merge(self.loop_softmax(q, k, v, mask))), mask)
