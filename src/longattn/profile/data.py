@@ -55,10 +55,8 @@ def rank_data(model, tokenizer, samples, method: str, *, profile: str | None = N
     from tqdm.auto import tqdm
 
     from .. import api
-    from ..bench.prompts import encode
     from ..hf import kv_heads
-    from ..ops.dense import dense_attention
-    from .head_scores import _answer_loss, _modules, cam_one
+    from .head_scores import _answer_loss, _modules, cam_one, qa_ids, silencer
 
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)} for profile data, got {method!r}")
@@ -77,19 +75,12 @@ def rank_data(model, tokenizer, samples, method: str, *, profile: str | None = N
     by_layer: dict[int, list[int]] = {}
     for li, h in heads:
         by_layer.setdefault(li, []).append(h)
-
-    def masked(layer_idx, q, k, v, key_valid, scale):
-        out = dense_attention(q, k, v, key_valid, scale, None)
-        if layer_idx in by_layer:
-            out = out.clone()
-            out[:, by_layer[layer_idx]] = 0
-        return out
+    masked = silencer(by_layer)
 
     mods = _modules(model)
     rows = []
     for i, s in enumerate(tqdm(samples, desc=f"profile data ({method})", disable=not progress, file=sys.stderr)):
-        ctx, rest = encode(tokenizer, s)
-        ans = tokenizer(" " + s.answers[0], add_special_tokens=False)["input_ids"]
+        ctx, rest, ans = qa_ids(tokenizer, s)
         with torch.no_grad():
             base = _answer_loss(model, ctx, rest, ans)
         row = {"index": i, "id": s.id, "n_tokens": len(ctx) + len(rest), "base_loss": base}

@@ -38,14 +38,32 @@ __all__ = ["attention_influence", "cam_scores", "cam_one", "amp_scores", "act_ga
 
 def _samples(tokenizer, samples: int, length: int, seed: int, task: str = "passkey"):
     from .. import registry
-    from ..bench.prompts import encode
 
     task = registry.get(task, "task").cls()
     for i in range(samples):
-        s = task.make(tokenizer, length, i, seed)
-        ctx, rest = encode(tokenizer, s)
-        ans = tokenizer(" " + s.answers[0], add_special_tokens=False)["input_ids"]
-        yield ctx, rest, ans
+        yield qa_ids(tokenizer, task.make(tokenizer, length, i, seed))
+
+
+def qa_ids(tokenizer, sample) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of (context, question part, gold answer) of a sample: the first of ``answers``, spaced."""
+    from ..bench.prompts import encode
+
+    ctx, rest = encode(tokenizer, sample)
+    return ctx, rest, tokenizer(" " + sample.answers[0], add_special_tokens=False)["input_ids"]
+
+
+def silencer(silenced: dict):
+    """An ``override_attention`` function: dense attention with the query heads ``silenced[layer]`` (a list)
+    giving zeros; ``silenced`` is read at every call, so the caller may change it between forwards."""
+    def attend(layer_idx, q, k, v, key_valid, scale):
+        out = _dense(q, k, v, key_valid, scale)
+        heads = silenced.get(layer_idx)
+        if heads:
+            out = out.clone()
+            out[:, heads] = 0
+        return out
+
+    return attend
 
 
 def _answer_loss(model, ctx, rest, ans) -> float:
@@ -78,22 +96,16 @@ def attention_influence(model, tokenizer, samples: int = 2, length: int = 1024, 
     acc = torch.zeros(L, hq, dtype=torch.float64)
     data = list(_samples(tokenizer, samples, length, seed))
     bar = tqdm(total=len(data) * L * hq, desc="attention_influence", disable=not progress, file=sys.stderr)
-    target = {}
+    silenced: dict = {}
 
-    def masked(layer_idx, q, k, v, key_valid, scale):
-        out = _dense(q, k, v, key_valid, scale)
-        if target.get("layer") == layer_idx:
-            out = out.clone()
-            out[:, target["head"]] = 0
-        return out
-
-    with torch.no_grad(), api.apply(model, "dense") as s, s.override_attention(masked):
+    with torch.no_grad(), api.apply(model, "dense") as s, s.override_attention(silencer(silenced)):
         for ctx, rest, ans in data:
-            target.clear()
+            silenced.clear()
             base = _answer_loss(model, ctx, rest, ans)
             for li in range(L):
                 for h in range(hq):
-                    target.update(layer=li, head=h)
+                    silenced.clear()
+                    silenced[li] = [h]
                     acc[li, h] += _answer_loss(model, ctx, rest, ans) - base
                     bar.update()
     bar.close()
