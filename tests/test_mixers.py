@@ -111,3 +111,28 @@ def test_dgqa_groups_by_the_running_norms_of_earlier_batches():
     m.groups(m._proj(x)[1], None)
     counts = m.groups(m._proj(x)[1], None)
     assert counts[0] > counts[1] and sum(counts) == 4
+
+
+def test_pgqa_perturbs_each_group_by_noise_of_its_own_mean_and_std_in_training():
+    from longattn.mixers import PGQA
+
+    torch.manual_seed(0)
+    m = PGQA(16, heads=4, kv_heads=2).double().train()
+    x = _x().requires_grad_(True)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, 8:] = False
+    torch.manual_seed(7)
+    got = m(x, mask)
+    torch.manual_seed(7)
+    want = m.reference(x, mask)  # the same draws, then the loop definition
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    g1 = torch.autograd.grad(got.sum(), m.q.weight, retain_graph=True)[0]
+    g2 = torch.autograd.grad(want.sum(), m.q.weight)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-10)
+    m.eval()
+    clean = m(x, mask)
+    assert not torch.allclose(clean, got)  # the noise is there in training ...
+    torch.testing.assert_close(m(x, mask), clean, rtol=0, atol=0)  # ... and evaluation is deterministic GQA
+    torch.manual_seed(8)
+    other = m.train()(x, mask)
+    assert not torch.allclose(other, got)  # fresh noise per forward
