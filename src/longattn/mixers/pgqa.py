@@ -17,7 +17,6 @@ which carry one: the mean and std of ``A`` are differentiated through, as in the
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
