@@ -57,3 +57,47 @@ def test_an_existing_run_is_not_overwritten_unless_asked(tmp_path, capsys):
     assert cli.main(argv) == 0
     assert cli.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
     assert cli.main(argv + ["--overwrite"]) == 0
+
+
+def _eval_listops(tokens):
+    """An independent evaluator of a ListOps token string (recursive descent, statistics.median)."""
+    import statistics
+
+    names = {13: "MAX", 14: "MIN", 15: "MED", 16: "SM"}
+
+    def expr(i):
+        t = tokens[i]
+        if 3 <= t <= 12:
+            return t - 3, i + 1
+        assert t in names, t
+        args, i = [], i + 1
+        while tokens[i] != 17:
+            v, i = expr(i)
+            args.append(v)
+        op = names[t]
+        val = {"MAX": max, "MIN": min, "SM": lambda a: sum(a) % 10,
+               "MED": lambda a: int(statistics.median(a))}[op](args)
+        return val, i + 1
+
+    val, end = expr(0)
+    assert end == len(tokens)
+    return val
+
+
+def test_listops_asks_the_value_of_a_nested_expression_at_the_last_position():
+    x, y = make_batch("listops", 8, 200, 32, torch.Generator().manual_seed(3))
+    lengths = []
+    for b in range(8):
+        toks = [t for t in x[b, :-1].tolist() if t != 1]
+        assert (x[b, : 199 - len(toks)] == 1).all() and int(x[b, -1]) == 18
+        assert int(y[b, -1]) - 3 == _eval_listops(toks) and (y[b, :-1] == -100).all()
+        lengths.append(len(toks))
+    assert max(lengths) > 40  # nested, not single digits
+    assert any(t in x[:, :-1] for t in (13, 14, 15, 16)) and 17 in x
+
+
+def test_an_auxiliary_loss_of_a_mixer_is_trained(tmp_path):
+    s = train(TrainConfig(task="listops", mixer="longvq:codes=8:chunk=8", seq=32, steps=3, dim=16, layers=1,
+                          vocab=32, batch=4, eval_every=3), tmp_path, progress=False)
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert all(r["aux"] > 0 for r in steps) and 0 <= s["final_acc"] <= 1

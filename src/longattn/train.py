@@ -8,6 +8,13 @@ Tasks (seeded generators, fresh batches every step, a fixed evaluation set):
 * ``selective_copy`` — the ``tokens`` data tokens scattered among blanks, then as many markers; at the markers the
   model outputs the data tokens in order (Mamba's selective copying, Gu & Dao, 2023,
   https://arxiv.org/abs/2312.00752).
+* ``listops`` — a nested expression of ``MAX``, ``MIN``, ``MED`` (median, truncated) and ``SM`` (sum modulo 10) over
+  digits, its value (a digit) asked at a final marker (ListOps, Nangia & Bowman, 2018,
+  https://arxiv.org/abs/1804.06028, as in the Long Range Arena, Tay et al., 2021); blanks before the expression
+  fill the sequence, so the marker is always last. Chance is 0.1.
+
+A mixer with an auxiliary training loss (LongVQ's commitment loss) sets ``aux_loss`` in its forward; the trainer
+adds it to the task loss (the step log's ``loss`` is the task loss, ``aux`` the sum of the auxiliary ones).
 
 Loss and accuracy are on the target positions only. Each run writes ``steps.jsonl`` (one line per step: loss,
 and accuracy where evaluated), ``summary.json`` (final and best accuracy, seconds and peak memory per step, the
@@ -27,7 +34,7 @@ from torch import nn
 
 __all__ = ["TrainConfig", "TinyModel", "make_batch", "train", "TASKS"]
 
-TASKS = ("mqar", "selective_copy")
+TASKS = ("mqar", "selective_copy", "listops")
 
 
 @dataclass
@@ -76,9 +83,62 @@ def make_batch(task: str, batch: int, seq: int, vocab: int, g: torch.Generator):
             x[b, pos] = data
             x[b, seq - n_tok :] = marker
             y[b, seq - n_tok :] = data
+    elif task == "listops":
+        if seq < 4 or vocab < LISTOPS_VOCAB:
+            raise ValueError(f"--seq {seq} / --vocab {vocab}: listops needs seq >= 4 and vocab >= {LISTOPS_VOCAB}")
+        for b in range(batch):
+            toks, val = listops_expression(seq - 1, g)
+            x[b, : seq - 1 - len(toks)] = 1  # blanks
+            x[b, seq - 1 - len(toks) : seq - 1] = torch.tensor(toks)
+            x[b, seq - 1] = LISTOPS_MARK
+            y[b, seq - 1] = LISTOPS_DIGIT0 + val
     else:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     return x, y
+
+
+#: ListOps tokens: 1 blank, digits 3..12, operators 13..16 ("[MAX" "[MIN" "[MED" "[SM"), 17 "]", 18 the marker
+LISTOPS_DIGIT0, LISTOPS_OPS, LISTOPS_CLOSE, LISTOPS_MARK, LISTOPS_VOCAB = 3, ("MAX", "MIN", "MED", "SM"), 17, 18, 19
+
+
+def listops_value(op: str, args: list[int]) -> int:
+    """The value of one ListOps operator on its arguments (digits)."""
+    if op == "MAX":
+        return max(args)
+    if op == "MIN":
+        return min(args)
+    if op == "MED":  # the median, truncated to an integer (the Long Range Arena generator's int(np.median))
+        s = sorted(args)
+        m = len(s) // 2
+        return s[m] if len(s) % 2 else int((s[m - 1] + s[m]) / 2)
+    if op == "SM":
+        return sum(args) % 10
+    raise ValueError(f"unknown ListOps operator {op!r}")
+
+
+def listops_expression(limit: int, g: torch.Generator, max_depth: int = 10, max_args: int = 5):
+    """A random ListOps expression of at most ``limit`` tokens: ``(tokens, value)``. An operator takes 2 to
+    ``max_args`` arguments that share out the tokens left (an argument with fewer than 4 tokens to spend, at depth
+    ``max_depth``, or by a 1-in-4 chance below the root, is a digit), so expressions are nested and long."""
+
+    def rand(n):
+        return int(torch.randint(n, (1,), generator=g))
+
+    def gen(budget, depth):
+        if budget < 4 or depth == max_depth or (depth > 0 and rand(4) == 0):
+            d = rand(10)
+            return [LISTOPS_DIGIT0 + d], d
+        op = rand(len(LISTOPS_OPS))
+        n_args = min(2 + rand(max_args - 1), budget - 2)  # room for the operator, the "]" and a digit each
+        toks, vals = [LISTOPS_DIGIT0 + 10 + op], []
+        for a in range(n_args):
+            left = budget - len(toks) - 1 - (n_args - a - 1)  # keep one token per later argument and the "]"
+            t, v = gen(max(left // (n_args - a), 1) if a < n_args - 1 else left, depth + 1)
+            toks += t
+            vals.append(v)
+        return toks + [LISTOPS_CLOSE], listops_value(LISTOPS_OPS[op], vals)
+
+    return gen(limit, 0)
 
 
 class TinyModel(nn.Module):
@@ -101,6 +161,11 @@ class TinyModel(nn.Module):
             h = h + blk["mix"](blk["n1"](h), mask)
             h = h + blk["mlp"](blk["n2"](h))
         return self.head(self.norm(h))
+
+    def aux_loss(self):
+        """The sum of the mixers' auxiliary losses of the last forward (0 when none has one)."""
+        return sum((blk["mix"].aux_loss for blk in self.blocks if torch.is_tensor(getattr(blk["mix"], "aux_loss", None))),
+                   0.0)
 
 
 def mixer_settings(cls) -> dict:
@@ -176,12 +241,15 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
             x, y = make_batch(cfg.task, cfg.batch, cfg.seq, cfg.vocab, g)
             t0 = time.perf_counter()
             loss = lossf(model(x).reshape(-1, cfg.vocab), y.reshape(-1))
+            aux = model.aux_loss()
             opt.zero_grad()
-            loss.backward()
+            (loss + aux).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             spent += time.perf_counter() - t0
             rec = {"step": step, "loss": loss.item()}
+            if torch.is_tensor(aux):
+                rec["aux"] = aux.item()
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 rec["acc"] = evaluate(model, evals)
                 best = max(best, rec["acc"])
