@@ -177,3 +177,67 @@ def test_sink_window_validation():
         SinkWindow(block_size=48)
     with pytest.raises(ValueError, match="backend"):
         SinkWindow(backend="cuda")
+
+
+class _Always(set):
+    def __contains__(self, item):  # every call kind compiles statically (as after a failed dynamic compile)
+        return True
+
+
+@pytest.mark.parametrize("causal,padded", [(True, False), (False, True)], ids=["causal-rule", "noncausal-rule-padded"])
+def test_static_compiles_are_bucketed_nearby_lengths_share_one_graph(monkeypatch, causal, padded):
+    """A call kind whose dynamic compile failed compiles per shape; lengths are padded to a bucket (the padded keys
+    masked, the rule evaluated at real positions only: it may index per-position tensors) so that two nearby
+    lengths reuse one graph, and each output equals the reference of its own length."""
+    import torch._dynamo.utils as du
+
+    from longattn.layout import TokenRule
+    from longattn.ops import flex
+
+    monkeypatch.setattr(flex, "_STATIC_ONLY", _Always())
+    assert flex.bucket_len(200, 32) == flex.bucket_len(210, 32) == 224 and flex.bucket_len(224, 32) == 224
+    counts = []
+    for n in (200, 210):
+        q, k, v, lay0 = _case(1, 2, 2, n, n, 32, seed=n)
+        cols = (torch.arange(n) % 3 != 1)[None, None]  # per-position tensors (padded to the bucket with the call)
+        diags = (torch.arange(n) < 40)[None, None]
+        rule = TokenRule(columns=cols, diagonals=diags)
+        lay = BlockLayout.from_block_mask(lay0.to_block_mask(), block_size=32, q_len=n, kv_len=n, rule=rule)
+        key_valid = None
+        mask = lay.to_dense_mask(causal=causal)
+        if padded:
+            key_valid = torch.ones(1, n, dtype=torch.bool)
+            key_valid[0, :7] = False
+            mask = mask & key_valid[:, None, None, :]
+        ref, _ = reference.attention(q, k, v, causal=causal, mask=mask)
+        with torch.no_grad():
+            out = block_sparse_attention(q, k, v, lay, causal=causal, backend="flex", key_valid=key_valid)
+        assert out.shape == q.shape
+        torch.testing.assert_close(torch.nan_to_num(out), torch.nan_to_num(ref), rtol=0, atol=1e-5)
+        counts.append(du.counters["stats"]["unique_graphs"])
+    assert counts[1] == counts[0]  # the second length compiled nothing new
+
+
+def test_vertical_slash_compiles_once_for_every_length(monkeypatch):
+    """Regression: its rule indexes per-position tensors, and with duck sizing (query and key lengths sharing one
+    symbol) torch 2.13's CPU inductor emitted C++ naming an undeclared ``cur_qSplitSize``: every new length then
+    compiled again (seconds per bench sample). Now one dynamic graph serves every length, equal to gather."""
+    import warnings
+
+    import torch._dynamo.utils as du
+
+    from longattn.ops import flex
+    from longattn.prefill import VerticalSlash
+
+    monkeypatch.setattr(flex, "_STATIC_ONLY", set())
+    fast = VerticalSlash(vertical=64, slash=32, block_size=64, backend="flex")
+    ref = VerticalSlash(vertical=64, slash=32, block_size=64, backend="gather")
+    graphs = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to per-shape compiles
+        for n in (300, 420, 530):
+            g = torch.Generator().manual_seed(n)
+            q, k, v = (torch.randn(1, 4, n, 64, generator=g) for _ in range(3))
+            torch.testing.assert_close(fast.attend(q, k, v), ref.attend(q, k, v), rtol=0, atol=1e-5)
+            graphs.append(du.counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0] and graphs[2] == graphs[0]

@@ -33,6 +33,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def bucket_len(n: int, block: int) -> int:
+    """The length a statically compiled call is padded to: ``n`` rounded up to a multiple of an eighth of the
+    next power of two (four buckets per octave, at most 25% padding, padded rows cost nothing) and of ``block``."""
+    step = max(block, 1 << max(max(n - 1, 1).bit_length() - 3, 0))
+    step = _cdiv(step, block) * block
+    return _cdiv(n, step) * step
+
+
 def _flex(dynamic: bool = True):
     if dynamic not in _flex_fns:
         import torch._dynamo
@@ -44,6 +52,34 @@ def _flex(dynamic: bool = True):
             torch._dynamo.config.accumulated_cache_size_limit = max(lim, 4 * _DYNAMO_CACHE_LIMIT)
         _flex_fns[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
     return _flex_fns[dynamic]
+
+
+def _pad_rule(rule, n: int):
+    """A token rule whose per-position tensors are padded to ``n`` (so that a static compile sees one shape per
+    bucket; the padded entries are never read: positions are clamped to the real ones). A rule's ``fn`` keeps the
+    tensors it captured (a static compile then still sees their shapes)."""
+    import dataclasses
+
+    upd = {}
+    for name in ("columns", "diagonals", "q_group", "k_group"):
+        t = getattr(rule, name)
+        if t is not None and t.shape[-1] < n:
+            upd[name] = torch.nn.functional.pad(t, (0, n - t.shape[-1]))
+    return dataclasses.replace(rule, **upd) if upd else rule
+
+
+def _first_error_line(e: Exception) -> str:
+    """The line of a (long) compiler message that says what failed, shortened."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    hit = next((ln for ln in lines if "error:" in ln),
+               next((ln for ln in lines if "Error" in ln), lines[-1] if lines else ""))
+    return hit[:240]
+
+
+def _fx_config():
+    import torch.fx.experimental._config as cfg
+
+    return cfg
 
 
 def _run_flex(kind: tuple, *args, **kwargs):
@@ -59,7 +95,12 @@ def _run_flex(kind: tuple, *args, **kwargs):
             for dim in (0, 1, 3):
                 torch._dynamo.mark_static(t, dim)
         try:
-            return _flex(True)(*args, **kwargs)
+            # no duck sizing: the query and key lengths (equal in self-attention) and the lengths of the tensors a
+            # mask captures get symbols of their own. With one shared symbol, torch 2.13's CPU flex template
+            # emits C++ that names an undeclared ``cur_qSplitSize`` for a captured tensor's stride (a compile
+            # error for every rule that indexes a per-position tensor, e.g. vertical_slash's).
+            with _fx_config().patch(use_duck_shape=False):
+                return _flex(True)(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - inductor raises several exception types
             # compile errors, and the bounds checks of a miscompiled dynamic kernel (RuntimeError "index out
             # of bounds"); anything else is a real error
@@ -69,7 +110,7 @@ def _run_flex(kind: tuple, *args, **kwargs):
                 raise
             _STATIC_ONLY.add(kind)
             warnings.warn(f"longattn: FlexAttention dynamic-shape compilation failed for {kind}; compiling per "
-                          f"shape instead ({type(e).__name__})", RuntimeWarning, stacklevel=3)
+                          f"shape instead ({type(e).__name__}: {_first_error_line(e)})", RuntimeWarning, stacklevel=3)
     return _flex(False)(*args, **kwargs)
 
 
@@ -124,6 +165,22 @@ def flex_block_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid,
     sel = layout.to_block_mask()  # [b, h, nqb, nkb]
     part = sel & partial
     full = sel & ~partial
+    kind = (q.device.type, q.dtype, causal, window is not None, key_valid is not None, layout.rule is not None,
+            hq, k.shape[1], q.shape[-1], softcap is not None, sinks is not None)
+    nq_real, nk_real = nq, nk
+    if kind in _STATIC_ONLY and bucket_len(nq, bs) != nq:
+        # a static compile per shape: pad to a bucket so that nearby lengths share one graph. Padded queries come
+        # last and get no block (no work); padded keys come last (the offset is kept) and are masked by position.
+        pad = bucket_len(nq, bs) - nq
+        q = torch.nn.functional.pad(q, (0, 0, 0, pad))
+        k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+        if key_valid is not None:
+            key_valid = torch.nn.functional.pad(key_valid.to(torch.bool), (0, pad), value=False)
+        nq, nk = nq + pad, nk + pad
+        gq, gk = _cdiv(nq, bs) - nqb, _cdiv(nk, bs) - nkb
+        part = torch.nn.functional.pad(part, (0, gk, 0, gq), value=False)
+        full = torch.nn.functional.pad(full, (0, gk, 0, gq), value=False)
 
     def _to_idx(m):
         cnt = m.sum(-1).to(torch.int32)
@@ -157,16 +214,26 @@ def flex_block_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid,
 
     if layout.rule is not None:
         rule, base = layout.rule, mask_mod
+        if nq != nq_real:
+            rule = _pad_rule(rule, nk)  # bucketed: the rule sees real positions only (it may index per-position tensors)
+            q_last, k_last = torch.tensor(nq_real - 1, device=dev), torch.tensor(nk_real - 1, device=dev)
+
+            def mask_mod(bb, hh, qi, ki):
+                qc, kc = torch.minimum(qi, q_last), torch.minimum(ki, k_last)
+                return base(bb, hh, qc, kc) & rule(bb, hh, qc + offset, kc) & (ki <= k_last)
+        else:
+            def mask_mod(bb, hh, qi, ki):
+                return base(bb, hh, qi, ki) & rule(bb, hh, qi + offset, ki)
+    elif nq != nq_real:  # bucketed: padded keys are never seen
+        base2, k_last2 = mask_mod, torch.tensor(nk_real - 1, device=dev)
 
         def mask_mod(bb, hh, qi, ki):
-            return base(bb, hh, qi, ki) & rule(bb, hh, qi + offset, ki)
+            return base2(bb, hh, qi, ki) & (ki <= k_last2)
 
     bm = BlockMask.from_kv_blocks(
         pc, pi, fc, fi, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(nq, nk)
     )
     with torch.no_grad() if q.device.type == "cpu" else _null():
-        kind = (q.device.type, q.dtype, causal, window is not None, key_valid is not None, layout.rule is not None,
-                hq, k.shape[1], q.shape[-1], softcap is not None, sinks is not None)
         extra = {}
         if softcap is not None:
             cap = torch.tensor(float(softcap), device=dev)
@@ -187,7 +254,7 @@ def flex_block_attention(q, k, v, layout: BlockLayout, causal, scale, key_valid,
     if key_valid is not None or window is not None or layout.rule is not None:
         # rows that see no key at all (e.g. padded queries) come out as 0 (not NaN) to match the reference
         out = torch.nan_to_num(out, nan=0.0)
-    return out
+    return out[:, :, :nq_real] if nq != nq_real else out
 
 
 class _null:
