@@ -187,6 +187,20 @@ def _build() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="directory for steps.jsonl, summary.json and curves.png")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing --out directory's files")
 
+    ft = sub.add_parser("finetune", help="extend a model's context: LoRA fine-tuning under S2-Attn / SF-Attn, "
+                        "evaluated with full attention")
+    ft.add_argument("--method", required=True, help="s2attn (LongLoRA) or sfattn (SinkLoRA: + attention sinks)")
+    ft.add_argument("--length", required=True, type=int, help="target context length (training chunk length)")
+    ft.add_argument("--lora-r", default=8, type=int, help="LoRA rank (default 8)")
+    ft.add_argument("--model", default="smollm2-135m", help="embedded model name or local model directory")
+    ft.add_argument("--steps", default=20, type=int, help="optimisation steps, one chunk each (default 20)")
+    ft.add_argument("--group", default=None, type=int, help="S2 group size, even (default: length / 4)")
+    ft.add_argument("--sink", default=4, type=int, help="sfattn: sink tokens every query attends (default 4)")
+    ft.add_argument("--lr", default=2e-4, type=float, help="AdamW learning rate (default 2e-4)")
+    ft.add_argument("--seed", default=0, type=int, help="seed (default 0)")
+    ft.add_argument("--out", required=True, help="directory for summary.json, steps.jsonl and the merged model/")
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing --out directory's run")
+
     d = sub.add_parser("dist-bench", help="sequence-parallel attention on local gloo processes vs one process")
     d.add_argument("--nproc", type=int, required=True, help="processes (ranks)")
     d.add_argument("--method", required=True,
@@ -732,6 +746,29 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _cmd_finetune(a) -> int:
+    from pathlib import Path
+
+    from .finetune import METHODS, FinetuneConfig, finetune
+    from .outputs import check_output_dir
+
+    if a.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {a.method!r}")
+    done = [n for n in ("steps.jsonl", "summary.json", "model") if (Path(a.out) / n).exists()]
+    if done and not a.overwrite:
+        raise ValueError(f"--out: {a.out} already holds a run ({', '.join(done)}); give --overwrite to replace it "
+                         "or another --out")
+    out = check_output_dir(a.out, "--out")
+    cfg = FinetuneConfig(method=a.method, model=a.model, length=a.length, lora_r=a.lora_r, group=a.group,
+                         sink=a.sink, steps=a.steps, lr=a.lr, seed=a.seed)
+    s = finetune(cfg, out)
+    b, f = s["ppl_before"][-1]["ppl"], s["ppl_after"][-1]["ppl"]
+    print(f"{a.method} L={a.length}: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} in {s['train_s']:.0f} s; "
+          f"perplexity of the last positions {b:.2f} -> {f:.2f} (full attention); wrote {out}\n"
+          f"passkey by length: {s['evaluate']}")
+    return 0
+
+
 def _cmd_dist_bench(a) -> int:
     _check_json(a)
     from .distributed.bench import DistBenchConfig, dist_table, run_dist_bench
@@ -751,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"list": _cmd_list, "generate": _cmd_generate, "compress": _cmd_compress, "bench": _cmd_bench,
                 "report": _cmd_report,
                 "ops-bench": _cmd_ops_bench, "profile": _cmd_profile, "dist-bench": _cmd_dist_bench,
-                "train": _cmd_train}
+                "train": _cmd_train, "finetune": _cmd_finetune}
     try:
         return handlers[a.cmd](a)
     except ValueError as e:

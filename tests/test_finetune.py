@@ -1,0 +1,86 @@
+"""`longattn finetune`: S2-Attn / SF-Attn against the loop-by-loop definition (groups, shifted half of the heads,
+causal by position, sinks), no look-ahead, and an end-to-end LoRA fine-tune of a tiny random model (loss falls,
+LoRA weights change, RoPE interpolated past the trained positions, full-attention evaluation, a loadable merged
+model); bad arguments exit 2 and an existing run is not replaced."""
+
+import json
+
+import pytest
+import torch
+
+from longattn import cli
+from longattn.finetune import (
+    FinetuneConfig,
+    finetune,
+    reference_shifted_group_attention,
+    shifted_group_attention,
+)
+
+
+@pytest.mark.parametrize("n,group,sink,hq,hk", [(32, 8, 0, 4, 2), (30, 8, 0, 4, 4), (29, 6, 3, 4, 2), (16, 16, 2, 2, 1),
+                                                (21, 4, 0, 1, 1)],
+                         ids=["s2-gqa", "s2-odd", "sf-odd-gqa", "sf-one-group", "s2-one-head"])
+def test_shifted_group_attention_equals_its_definition(n, group, sink, hq, hk):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(2, hq, n, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, hk, n, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, hk, n, 8, generator=g, dtype=torch.float64)
+    got = shifted_group_attention(q, k, v, group, sink)
+    torch.testing.assert_close(got, reference_shifted_group_attention(q, k, v, group, sink), rtol=1e-10, atol=1e-10)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 20:] += 3.0
+    v2[:, :, 20:] -= 2.0
+    later = shifted_group_attention(q, k2, v2, group, sink)
+    torch.testing.assert_close(later[:, :, :20], got[:, :, :20], rtol=0, atol=1e-12)  # no future leaks
+
+
+def test_the_shifted_heads_connect_neighbouring_groups_and_sinks_reach_everyone():
+    n, G = 32, 8
+    q = torch.zeros(1, 2, n, n, dtype=torch.float64)  # uniform scores ...
+    k = torch.zeros(1, 1, n, n, dtype=torch.float64)
+    v = torch.eye(n, dtype=torch.float64)[None, None]  # ... and one-hot values: an output row says which keys it read
+    s2 = shifted_group_attention(q, k, v, G)
+    read = s2[0, :, 13] > 0  # query 13: head 0 reads its group 8..13, head 1 (shifted by 4) reads 12..13
+    assert read[0].nonzero().flatten().tolist() == list(range(8, 14))
+    assert read[1].nonzero().flatten().tolist() == [12, 13]
+    assert (s2[0, 1, 10] > 0).nonzero().flatten().tolist() == list(range(4, 11))  # 4..11 is a shifted group
+    sf = shifted_group_attention(q, k, v, G, sink=2)
+    assert (sf[0, 1, 13] > 0).nonzero().flatten().tolist() == [0, 1, 12, 13]
+
+
+def test_a_tiny_model_is_fine_tuned_past_its_positions_and_evaluated_with_full_attention(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from longattn.models import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("llama", max_position_embeddings=32), tiny_tokenizer()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    s = finetune(FinetuneConfig(method="sfattn", length=64, group=16, sink=2, steps=12, lr=1e-2, lora_r=4,
+                                eval_buckets=4), tmp_path, progress=False, model=model, tok=tok)
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 12 and sum(r["loss"] for r in steps[-3:]) < sum(r["loss"] for r in steps[:3])
+    assert s["lora_abs_change"] > 0 and s["rope_factor"] == 2.0
+    assert len(s["ppl_before"]) == len(s["ppl_after"]) == 4 and all(b["ppl"] > 0 for b in s["ppl_after"])
+    assert s["ppl_after"][-1]["ppl"] < s["ppl_before"][-1]["ppl"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert loaded.config.max_position_embeddings == 64 and loaded.config.rope_parameters["rope_type"] == "linear"
+    assert model.config._attn_implementation == "sdpa"  # restored after training
+    changed = [n for n, p in loaded.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert any("q_proj" in n for n in changed) and any("embed_tokens" in n for n in changed)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["finetune", "--method", "nope", "--length", "64", "--out", "o"], "--method must be one of"),
+    (["finetune", "--method", "s2attn", "--length", "64", "--group", "7", "--out", "o"], "--group"),
+    (["finetune", "--method", "s2attn", "--length", "0", "--out", "o"], "--length"),
+])
+def test_bad_finetune_arguments_exit_2(argv, match, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_an_existing_finetune_run_is_not_replaced(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text("{}")
+    assert cli.main(["finetune", "--method", "s2attn", "--length", "64", "--out", str(tmp_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
