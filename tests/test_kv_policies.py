@@ -285,3 +285,30 @@ def test_duo_gates_mixing_and_training_smoke():
     assert len(gates) == 2 and len(gates[0]) == 2 and all(0 <= x <= 1 for r in gates for x in r)
     assert any(x < 1 for r in gates for x in r)  # the L1 term moved them
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_decode_appends_go_into_reserved_room_not_a_copy_of_the_cache():
+    """Plain transformers copies every layer's whole cache at every decode step (torch.cat); ours appends into
+    reserved room (max(16, n/16) tokens), equal to the concatenation, with the room counted in nbytes."""
+    from longattn.cache.layer import GROW_DIV, GROW_MIN, LongattnLayer
+
+    g = torch.Generator().manual_seed(0)
+    lay = LongattnLayer()
+    k0, v0 = torch.randn(2, 3, 40, 8, generator=g), torch.randn(2, 3, 40, 8, generator=g)
+    lay.update(k0, v0)
+    ks, vs, ptrs = [k0], [v0], []
+    for _ in range(GROW_MIN + 3):
+        k, v = torch.randn(2, 3, 1, 8, generator=g), torch.randn(2, 3, 1, 8, generator=g)
+        fk, fv = lay.update(k, v)
+        ks.append(k)
+        vs.append(v)
+        assert torch.equal(fk, torch.cat(ks, 2)) and torch.equal(fv, torch.cat(vs, 2))
+        ptrs.append(fk.data_ptr())
+    assert len(set(ptrs[:GROW_MIN])) == 1  # the first GROW_MIN steps wrote in place
+    assert len(set(ptrs)) == 2  # then one copy into a new buffer with room again
+    n = lay.physical_len
+    per_token = 2 * 2 * 3 * 8 * 4  # keys and values, 2 rows, 3 heads, dim 8, float32
+    assert n * per_token < lay.nbytes() <= (n + max(GROW_MIN, n // GROW_DIV) + 1) * per_token
+    lay.crop(-5)  # a shorter view: the next append copies into a fresh buffer, still equal
+    fk, _ = lay.update(ks[1], vs[1])
+    assert torch.equal(fk, torch.cat([torch.cat(ks, 2)[:, :, : n - 5], ks[1]], 2))

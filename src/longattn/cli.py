@@ -183,6 +183,8 @@ def _build() -> argparse.ArgumentParser:
     tr.add_argument("--lr", default=1e-3, type=float, help="AdamW learning rate (default 1e-3)")
     tr.add_argument("--eval-every", default=50, type=int, help="steps between evaluations (default 50)")
     tr.add_argument("--seed", default=0, type=int, help="seed of the model and the data (default 0)")
+    tr.add_argument("--pairs", default=None, type=int,
+                    help="mqar: key-value pairs (default seq / 3, queries right after them; fewer: queries scattered)")
     tr.add_argument("--bidirectional", action="store_true", help="the mixer's bidirectional form")
     tr.add_argument("--out", required=True, help="directory for steps.jsonl, summary.json and curves.png")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing --out directory's files")
@@ -738,7 +740,7 @@ def _cmd_train(a) -> int:
     out = check_output_dir(a.out, "--out")
     cfg = TrainConfig(task=a.task, mixer=a.mixer, seq=a.seq, steps=a.steps, dim=a.dim, layers=a.layers,
                       heads=a.heads, vocab=a.vocab, batch=a.batch, lr=a.lr, eval_every=a.eval_every, seed=a.seed,
-                      causal=False if a.bidirectional else None)
+                      causal=False if a.bidirectional else None, pairs=a.pairs)
     s = train(cfg, out)
     print(f"{a.mixer} on {a.task} (seq {a.seq}, {'causal' if s['causal'] else 'bidirectional'}): accuracy "
           f"{s['final_acc']:.3f} (best {s['best_acc']:.3f}), {s['s_per_step'] * 1e3:.1f} ms/step, "

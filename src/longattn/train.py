@@ -3,8 +3,10 @@
 Tasks (seeded generators, fresh batches every step, a fixed evaluation set):
 * ``mqar`` — multi-query associative recall (Zoology, Arora et al., 2023, https://arxiv.org/abs/2312.04927):
   ``pairs`` key-value pairs, then the keys again in a shuffled order; at each queried key the model must output
-  its value (keys and values from disjoint halves of the vocabulary). The values are not in the query part, so
-  causal and bidirectional mixers train on the same inputs.
+  its value (keys and values from disjoint halves of the vocabulary). With the default ``pairs = seq // 3`` the
+  queries follow the pairs at once (the densest form); with fewer pairs, as in Zoology's sweeps (e.g. 4 pairs at
+  64 tokens up to 64 at 512), the queries sit at random positions of the rest of the sequence, between blanks
+  (token 0). The values are not in the query part, so causal and bidirectional mixers train on the same inputs.
 * ``selective_copy`` — the ``tokens`` data tokens scattered among blanks, then as many markers; at the markers the
   model outputs the data tokens in order (Mamba's selective copying, Gu & Dao, 2023,
   https://arxiv.org/abs/2312.00752).
@@ -53,24 +55,31 @@ class TrainConfig:
     eval_batches: int = 4
     seed: int = 0
     causal: bool | None = None  # None: the mixer's first form (causal where it has one)
+    pairs: int | None = None  # mqar: key-value pairs (None: seq // 3, queries right after the pairs)
 
 
-def make_batch(task: str, batch: int, seq: int, vocab: int, g: torch.Generator):
+def make_batch(task: str, batch: int, seq: int, vocab: int, g: torch.Generator, pairs: int | None = None):
     """``(inputs [b, seq] long, targets [b, seq] long, -100 where nothing is asked)``."""
     x = torch.zeros(batch, seq, dtype=torch.long)
     y = torch.full((batch, seq), -100, dtype=torch.long)
     if task == "mqar":
-        pairs = seq // 3
         half = vocab // 2
-        if pairs < 1 or pairs > half - 1:
-            raise ValueError(f"--seq {seq}: mqar needs 3 <= seq and seq / 3 < vocab / 2 ({half})")
+        dense = pairs is None
+        pairs = seq // 3 if dense else pairs
+        if pairs < 1 or 3 * pairs > seq or pairs > half - 1:
+            raise ValueError(f"--pairs {pairs} / --seq {seq}: mqar needs 1 <= pairs <= seq / 3 and pairs < vocab / 2 "
+                             f"({half})")
         for b in range(batch):
             keys = torch.randperm(half - 1, generator=g)[:pairs] + 1
             vals = torch.randint(half, vocab, (pairs,), generator=g)
             x[b, 0 : 2 * pairs : 2], x[b, 1 : 2 * pairs : 2] = keys, vals
             order = torch.randperm(pairs, generator=g)
-            x[b, 2 * pairs : 3 * pairs] = keys[order]
-            y[b, 2 * pairs : 3 * pairs] = vals[order]
+            if dense:
+                at = torch.arange(2 * pairs, 3 * pairs)
+            else:  # the queries at random positions of the rest, blanks (0) between them
+                at = torch.randperm(seq - 2 * pairs, generator=g)[:pairs].sort().values + 2 * pairs
+            x[b, at] = keys[order]
+            y[b, at] = vals[order]
     elif task == "selective_copy":
         n_tok = max(1, seq // 8)
         blank, marker = 1, 2
@@ -229,7 +238,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(cfg.seed)
     g_eval = torch.Generator().manual_seed(cfg.seed + 10_000)
-    evals = [make_batch(cfg.task, cfg.batch, cfg.seq, cfg.vocab, g_eval) for _ in range(cfg.eval_batches)]
+    evals = [make_batch(cfg.task, cfg.batch, cfg.seq, cfg.vocab, g_eval, cfg.pairs) for _ in range(cfg.eval_batches)]
     lossf = nn.CrossEntropyLoss(ignore_index=-100)
     steps, best, spent = [], 0.0, 0.0
     outdir = Path(out) if out is not None else None
@@ -238,7 +247,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
     try:
         for step in bar:
             model.train()
-            x, y = make_batch(cfg.task, cfg.batch, cfg.seq, cfg.vocab, g)
+            x, y = make_batch(cfg.task, cfg.batch, cfg.seq, cfg.vocab, g, cfg.pairs)
             t0 = time.perf_counter()
             loss = lossf(model(x).reshape(-1, cfg.vocab), y.reshape(-1))
             aux = model.aux_loss()
