@@ -23,6 +23,8 @@ class HeadProfile:
     scores: tuple[tuple[float, ...], ...]  # [layer][kv head], higher = more retrieval-like / more budget
     method: str = ""
     model: str = ""
+    #: ``query_head_scores`` where the profile has them: ``[layer][query head]`` (head scorers that see query heads)
+    query_scores: tuple[tuple[float, ...], ...] | None = None
 
     def check(self, num_layers: int, num_kv_heads: int, what: str = "profile") -> None:
         if (self.num_layers, self.num_kv_heads) != (num_layers, num_kv_heads):
@@ -54,7 +56,11 @@ def load_profile(spec: str, key: str = "scores") -> HeadProfile:
     vals = tuple(tuple(float(x) for x in r) for r in rows)
     if key == "budgets" and any(x < 0 for r in vals for x in r):
         raise ValueError(f"profile {where}: budgets must be >= 0")
-    return HeadProfile(L, H, vals, d.get("method", ""), d.get("model", ""))
+    q = d.get("query_head_scores")
+    qvals = None
+    if isinstance(q, list) and len(q) == L and q and all(isinstance(r, list) and len(r) == len(q[0]) for r in q):
+        qvals = tuple(tuple(float(x) for x in r) for r in q)
+    return HeadProfile(L, H, vals, d.get("method", ""), d.get("model", ""), qvals)
 
 
 #: the value an ``examples`` entry gives ``profile`` when the generic tests should write one for their tiny model

@@ -19,9 +19,7 @@ model and is not computed. Samples are the bench's ``custom`` JSONL (``context``
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -40,9 +38,8 @@ def masked_heads(profile: str, num_layers: int, num_heads: int, num_kv_heads: in
     p.check(num_layers, num_kv_heads, "--profile")
     g = num_heads // num_kv_heads
     per_q = [[p.scores[li][h // g] for h in range(num_heads)] for li in range(num_layers)]
-    rows = json.loads(Path(profile).read_text()).get("query_head_scores") if Path(profile).is_file() else None
-    if rows and len(rows) == num_layers and all(len(r) == num_heads for r in rows):
-        per_q = [[float(x) for x in r] for r in rows]
+    if p.query_scores is not None and all(len(r) == num_heads for r in p.query_scores):
+        per_q = [list(r) for r in p.query_scores]
     order = sorted(((per_q[li][h], li, h) for li in range(num_layers) for h in range(num_heads)), reverse=True)
     n = max(1, round(top * num_layers * num_heads))
     return sorted((li, h) for _, li, h in order[:n])
