@@ -228,6 +228,8 @@ def finetune(cfg: FinetuneConfig, out: str | Path, progress: bool = True, model=
     impl = model.config._attn_implementation
     _ACTIVE["cfg"] = {"method": cfg.method, "group": group, "sink": cfg.sink if cfg.method == "sfattn" else 0}
     model.set_attn_implementation(_register())
+    if hasattr(model, "gradient_checkpointing_enable"):  # LongLoRA trains with it: activations of one layer at a time
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     steps = []
     t0 = time.perf_counter()
     logf = (outdir / "steps.jsonl").open("w")
@@ -250,6 +252,8 @@ def finetune(cfg: FinetuneConfig, out: str | Path, progress: bool = True, model=
     finally:
         logf.close()
         model.set_attn_implementation(impl)
+        if hasattr(model, "gradient_checkpointing_disable"):
+            model.gradient_checkpointing_disable()
         _ACTIVE.clear()
     train_s = time.perf_counter() - t0
     change = sum(float((p.detach() - lora0[n]).abs().sum()) for n, p in pm.named_parameters() if n in lora0)
