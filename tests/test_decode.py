@@ -742,3 +742,26 @@ def test_shadowkv_moves_the_chunks_out_of_the_cache_and_keeps_factors():
     assert len(st.store) == chunks and out.shape == (1, 154)
     full = m(out, use_cache=True).past_key_values
     assert nbytes < sum(la.keys.numel() * 8 for la in full.layers)
+
+
+def test_gather_attention_reads_a_cache_with_room_in_one_gather(monkeypatch):
+    """The cache layer's keys are the head of a larger buffer (room to grow): not contiguous, yet gathered with
+    one index_select over the buffer (the per-row fallback is for other views), equal to the contiguous result."""
+    from longattn.ops.core import buffer_capacity
+
+    g = torch.Generator().manual_seed(3)
+    buf_k, buf_v = torch.randn(2, 2, 50, 8, generator=g), torch.randn(2, 2, 50, 8, generator=g)
+    k, v = buf_k[:, :, :37], buf_v[:, :, :37]
+    q = torch.randn(2, 4, 1, 8, generator=g)
+    idx = torch.stack([torch.randperm(37, generator=g)[:12] for _ in range(4)]).view(2, 2, 12)
+    assert not k.is_contiguous() and buffer_capacity(k) == 50 and buffer_capacity(k.contiguous()) == 37
+    assert buffer_capacity(k.transpose(2, 3)) == 0
+    want, lse2 = gather_attention(q, k.contiguous(), v.contiguous(), idx)
+
+    def no_stack(*a, **kw):
+        raise AssertionError("the per-row gather ran")
+    monkeypatch.setattr(torch, "stack", no_stack)  # the per-row fallback stacks its rows
+    got, lse = gather_attention(q, k, v, idx)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse, lse2, rtol=0, atol=0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..hf import BaseLayer, mask_query_length
+from ..ops.core import buffer_capacity
 from .nbytes import storage_nbytes
 from .pages import PageMeta
 from .ragged import RaggedKV
@@ -28,20 +29,6 @@ APPEND_MAX = 16
 GROW_MIN, GROW_DIV = 16, 16
 
 
-def _room(t: torch.Tensor) -> int:
-    """How many tokens ``t [b, h, n, d]`` can hold in place: its length, or the capacity of the buffer it is the
-    head of (a view ``buf[:, :, :n]`` of a contiguous ``[b, h, cap, d]`` buffer that ``_append`` made)."""
-    b, h, n, d = t.shape
-    if t.storage_offset() != 0 or d == 0 or t.stride(1) % d:
-        return n
-    cap = t.stride(1) // d
-    if cap < n or t.stride() != (h * cap * d, cap * d, d, 1):
-        return n
-    if t.untyped_storage().nbytes() < b * h * cap * d * t.element_size():
-        return n
-    return cap
-
-
 def _append(t: torch.Tensor, new: torch.Tensor, n: int) -> torch.Tensor:
     """``cat([t, new], 2)`` without copying ``t`` when its buffer has room: plain transformers copies the whole
     cache of every layer at every decode step (``torch.cat``), ~20% of a step at 4K tokens on SmolLM2. When there
@@ -49,7 +36,7 @@ def _append(t: torch.Tensor, new: torch.Tensor, n: int) -> torch.Tensor:
     ``nbytes`` counts: at most ~6% more than the tokens held, during decode only)."""
     b, h, _, d = t.shape
     m = new.shape[-2]
-    if _room(t) < n + m:
+    if buffer_capacity(t) < n + m:  # 0 for a foreign view: copy
         buf = t.new_empty(b, h, n + m + max(GROW_MIN, n // GROW_DIV), d)
         buf[:, :, :n] = t
         t = buf[:, :, :n]

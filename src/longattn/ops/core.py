@@ -52,3 +52,17 @@ def grouped_sinks(sinks: torch.Tensor | None, hk: int, g: int, nq: int) -> torch
     if sinks is None:
         return None
     return sinks.float().view(1, hk, g, 1).expand(1, hk, g, nq).reshape(1, hk, g * nq)
+
+
+def buffer_capacity(x: torch.Tensor) -> int:
+    """Tokens ``x [b, h, n, d]`` can hold in place: ``n`` when it is contiguous, ``cap`` when it is the first ``n``
+    tokens of a contiguous ``[b, h, cap, d]`` buffer (the cache layer's room to grow), else 0 (some other view)."""
+    b, h, n, d = x.shape
+    if x.is_contiguous():
+        return n
+    if x.storage_offset() != 0 or d == 0 or x.stride(1) % d:
+        return 0
+    cap = x.stride(1) // d
+    if cap < n or x.stride() != (h * cap * d, cap * d, d, 1):
+        return 0
+    return cap if x.untyped_storage().nbytes() >= b * h * cap * d * x.element_size() else 0

@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..checks import check_int
-from .core import add_sinks, grouped_sinks, masked_attention
+from .core import add_sinks, buffer_capacity, grouped_sinks, masked_attention
 from .merge import merge_attention
 
 __all__ = ["split_k_attention", "gather_attention", "split_bounds"]
@@ -35,13 +35,16 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor, kvh: torch.Tensor) -> torch.Tensor:
     """``x [b, hk, n, d]`` at ``idx [b, hs, m]``, row ``h`` of ``idx`` reading kv head ``kvh[h]``:
-    ``[b, hs, m, d]``. One ``index_select`` over the flattened cache when it is contiguous; per row otherwise
-    (a transposed cache would be copied whole by the flattening)."""
+    ``[b, hs, m, d]``. One ``index_select`` over the flattened cache when it is contiguous or the head of a
+    contiguous buffer (the cache layer's room to grow); per row otherwise (a transposed cache would be copied
+    whole by the flattening)."""
     b, hk, n, d = x.shape
     hs, m = idx.shape[1], idx.shape[2]
-    if x.is_contiguous():
-        rows = (torch.arange(b, device=idx.device).view(b, 1, 1) * hk + kvh.view(1, hs, 1)) * n
-        return x.reshape(b * hk * n, d).index_select(0, (rows + idx).reshape(-1)).view(b, hs, m, d)
+    cap = buffer_capacity(x)
+    if cap:  # contiguous, or the head of a contiguous [b, hk, cap, d] buffer (a cache with room to grow)
+        full = x.as_strided((b, hk, cap, d), x.stride()) if cap != n else x
+        rows = (torch.arange(b, device=idx.device).view(b, 1, 1) * hk + kvh.view(1, hs, 1)) * cap
+        return full.reshape(b * hk * cap, d).index_select(0, (rows + idx).reshape(-1)).view(b, hs, m, d)
     heads = kvh.tolist()
     return torch.stack([torch.stack([x[bi, heads[h]].index_select(0, idx[bi, h]) for h in range(hs)])
                         for bi in range(b)])
