@@ -256,3 +256,16 @@ def test_memory_cap_demo_a_capped_process_fails_dense_and_bad_input_is_named(smo
     assert not tight["fits"] and tight["error"]
     assert mc.main(["--recipes", "nosuch", "--json", str(tmp_path / "x.json")]) == 2
     assert "nosuch" in capsys.readouterr().err
+
+
+def test_select_share_is_selection_per_token_over_a_dense_step_of_the_same_run():
+    from longattn.bench.report import bench_table, select_share
+
+    base = {"task": "passkey", "length": 1024, "sample": 0, "score": 1.0, "kv_cache_bytes": 1, "prefill_s": 1.0, "kl": 0.0,
+            "top1_agree": 1.0}
+    recs = [{**base, "run_id": "a", "method": "dense", "decode_tok_s": 10.0, "decode_s": 1.0},
+            {**base, "run_id": "a", "method": "quest", "decode_tok_s": 8.0, "decode_s": 1.0, "select_decode_s": 0.16},
+            {**base, "run_id": "b", "method": "quest", "decode_tok_s": 8.0, "decode_s": 1.0, "select_decode_s": 5.0}]
+    share = select_share(recs)  # 0.16 s over 8 tokens = 0.02 s per token; dense's step 0.1 s; run b has no dense
+    assert share == {("passkey", 1024, "quest"): pytest.approx(0.2)}
+    assert "sel/step" in bench_table(recs).splitlines()[0]

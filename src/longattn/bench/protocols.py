@@ -77,9 +77,10 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
         if not query_aware:
             logits = forward(model, rest, cache, kw, last=True)[0, -1]
         tf_first = logits.clone()
-        a0 = session.attention_seconds["decode"]
+        a0, s0 = session.attention_seconds["decode"], session.decode_stats.get("select_s", 0.0)
         gen, decode_s = greedy_model(model, logits, cache, kw, max_new_tokens, eos)
         extra["attn_decode_s"] = session.attention_seconds["decode"] - a0
+        extra["select_decode_s"] = session.decode_stats.get("select_s", 0.0) - s0  # the selector, generating
         kv_bytes_end = cache_nbytes(cache)
         del cache
         # teacher-forced along the dense answer, for fidelity (dense's logits are the reference)
@@ -180,9 +181,10 @@ def run_turns(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref
                     history.append((q, prefix + tokenizer.decode(gen, skip_special_tokens=True)))
             return out, dec_s, steps
 
-        a0 = session.attention_seconds["decode"]
+        a0, s0 = session.attention_seconds["decode"], session.decode_stats.get("select_s", 0.0)
         free, decode_s, steps = run(cache, snapshot, None)
         extra["attn_decode_s"] = session.attention_seconds["decode"] - a0
+        extra["select_decode_s"] = session.decode_stats.get("select_s", 0.0) - s0
         kv_bytes_end = cache_nbytes(cache)
         del cache
         gens = [g for g, _ in free]

@@ -64,6 +64,26 @@ def attention_share(records: list[dict]) -> dict:
     return out
 
 
+def select_share(records: list[dict]) -> dict:
+    """``{(task, length, method): s}``: a decode selector's selection time per generated token over a dense decode
+    step of the same run, task and length (the issue's budget: at most 0.2). Per token: ``select_decode_s`` over
+    the steps (``decode_tok_s * decode_s``); dense's step is ``1 / decode_tok_s``."""
+    dense = defaultdict(list)
+    for r in records:
+        if r["method"] == "dense" and r.get("decode_tok_s"):
+            dense[(r.get("run_id"), r["task"], r["length"])].append(1.0 / r["decode_tok_s"])
+    num, den = defaultdict(float), defaultdict(float)
+    for r in records:
+        sel, tok_s, dec = r.get("select_decode_s"), r.get("decode_tok_s"), r.get("decode_s")
+        d = dense.get((r.get("run_id"), r["task"], r["length"]))
+        if r["method"] == "dense" or not sel or not tok_s or not dec or not d:
+            continue
+        g = (r["task"], r["length"], r["method"])
+        num[g] += sel / (tok_s * dec)
+        den[g] += sum(d) / len(d)
+    return {g: num[g] / den[g] for g in num if den[g] > 0}
+
+
 def amdahl(share: float | None, kept: float | None) -> float | None:
     """The end-to-end speed-up bound ``1 / ((1 - s) + s * d)`` for attention share ``s`` and kept work ``d``."""
     if share is None or kept is None:
@@ -95,8 +115,9 @@ def bench_table(records: list[dict]) -> str:
     prefill_x = paired_ratio(records, "prefill_s")
     decode_x = paired_ratio(records, "decode_tok_s", dense_over_method=False)
     shares = attention_share(records)
+    sel = select_share(records)
     head = ["task", "length", "method", "acc", "n", "95% CI", "kv MiB", "kv/dense", "kv/plain", "peak MiB", "prefill s",
-            "prefill x", "bound", "decode tok/s", "decode x", "bound", "method s", "recall", "KL", "top1"]
+            "prefill x", "bound", "decode tok/s", "decode x", "bound", "sel/step", "method s", "recall", "KL", "top1"]
     rows = []
     for (t, n, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "dense",
                                                                kv[0][2])):
@@ -120,6 +141,7 @@ def bench_table(records: list[dict]) -> str:
             _fmt(_mean([r["decode_tok_s"] for r in rs]), ".1f"),
             _fmt(decode_x.get((t, n, m)), ".2f"),
             _fmt(amdahl(sd, dd), ".2f"),
+            _fmt(sel.get((t, n, m)), ".2f"),
             _fmt(_mean([r.get("method_s") for r in rs]), ".3f"),
             _fmt(_mean([r.get("recall") for r in rs]), ".3f"),
             _fmt(_mean([r["kl"] for r in rs]), ".3f"),
