@@ -105,7 +105,20 @@ def run_kvpress(model, press, ctx, rest, max_new, eos, dense_keys):
         if eager:
             model.set_attn_implementation(prev)
     kept = None
-    if dense_keys is not None:
+    masked = [getattr(layer.self_attn, "masked_key_indices", None) for layer in model.model.layers]
+    if any(m is not None for m in masked):
+        # a press that masks instead of evicting (KVzip, DuoAttention, AdaKV-style): kept = the context minus the
+        # masked (batch 0, head, position) triples it hands its attention patch
+        kept = []
+        for i, m in enumerate(masked):
+            heads = cache.layers[i].keys.shape[1]
+            drop = [set() for _ in range(heads)]
+            if m is not None:
+                for b_, h_, s_ in zip(*(t.tolist() for t in m)):
+                    if b_ == 0:
+                        drop[h_].add(s_)
+            kept.append([sorted(set(range(len(ctx))) - drop[h]) for h in range(heads)])
+    elif dense_keys is not None:
         kept = [[_rows_index(dense_keys[i][0, h], cache.layers[i].keys[0, h]) for h in range(cache.layers[i].keys.shape[1])]
                 for i in range(len(cache.layers))]
     nbytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
@@ -234,7 +247,8 @@ def main(argv=None) -> int:
     if a.tiny:
         return tiny_overlap(policies, ratios, a.json)
     model, tok = models.load("smollm2-135m")
-    model.config.name_or_path = "smollm2-135m"
+    # KVzipPress loads the tokenizer from name_or_path (for its chat template): the local converted copy
+    model.config.name_or_path = str(models.resolve("smollm2-135m")) if "kvzip" in policies else "smollm2-135m"
     from longattn.profiles import load_profile
 
     profile = [list(r) for r in load_profile("smollm2-135m").scores]
