@@ -101,3 +101,23 @@ def test_an_auxiliary_loss_of_a_mixer_is_trained(tmp_path):
                           vocab=32, batch=4, eval_every=3), tmp_path, progress=False)
     steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert all(r["aux"] > 0 for r in steps) and 0 <= s["final_acc"] <= 1
+
+
+def test_lm_predicts_the_next_byte_of_the_stdlib_source_held_out_windows_for_evaluation(tmp_path):
+    from longattn.bench.tasks.niah import stdlib_text
+
+    text = stdlib_text().encode("utf-8")
+    x, y = make_batch("lm", 3, 40, 256, torch.Generator().manual_seed(0))
+    xe, _ = make_batch("lm", 3, 40, 256, torch.Generator().manual_seed(0), held_out=True)
+    cut = int(0.9 * len(text))
+    for b in range(3):
+        window = bytes(x[b].tolist())
+        assert bytes(y[b, :-1].tolist()) == window[1:]
+        i = text.find(window)
+        assert 0 <= i < cut and text[i + 40] == int(y[b, -1])
+        assert text.find(bytes(xe[b].tolist()), cut) >= cut  # evaluation windows come from the held-out tail
+    s = train(TrainConfig(task="lm", mixer="softmax", seq=32, steps=2, dim=16, layers=1, vocab=256, batch=4,
+                          eval_every=2), tmp_path, progress=False)
+    assert len(s["ppl_by_position"]) == 8 and all(r["ppl"] > 1 for r in s["ppl_by_position"])
+    with pytest.raises(ValueError, match="causal"):
+        train(TrainConfig(task="lm", mixer="ponet", seq=32, steps=1, dim=16, vocab=256), None, progress=False)

@@ -171,7 +171,7 @@ def _build() -> argparse.ArgumentParser:
     pr.add_argument("--png", default=None, help="sinks: the PNG to write beside the JSON (default: --out with .png)")
 
     tr = sub.add_parser("train", help="train a small model around a token mixer on a synthetic long-range task")
-    tr.add_argument("--task", default="mqar", help="mqar (multi-query associative recall), selective_copy or listops (nested MAX/MIN/MED/SM, value at a final marker)")
+    tr.add_argument("--task", default="mqar", help="mqar (multi-query associative recall), selective_copy, listops (nested MAX/MIN/MED/SM, value at a final marker) or lm (bytes of the stdlib source, perplexity by position)")
     tr.add_argument("--mixer", required=True, help="mixer[:key=value...] (longattn list --kind mixer)")
     tr.add_argument("--seq", default=256, type=int, help="sequence length (default 256)")
     tr.add_argument("--steps", default=300, type=int, help="optimisation steps (default 300)")

@@ -14,6 +14,10 @@ Tasks (seeded generators, fresh batches every step, a fixed evaluation set):
   digits, its value (a digit) asked at a final marker (ListOps, Nangia & Bowman, 2018,
   https://arxiv.org/abs/1804.06028, as in the Long Range Arena, Tay et al., 2021); blanks before the expression
   fill the sequence, so the marker is always last. Chance is 0.1.
+* ``lm`` — a byte-level language model on this interpreter's standard-library source (``vocab`` >= 256): random
+  windows of ``seq`` bytes from the first 90% of the text, evaluated on windows from the last 10%; every next byte
+  is a target. The summary adds the evaluation perplexity by position (``ppl_by_position``: 8 buckets), which says
+  whether a mixer uses the context far behind a byte. Causal mixers only.
 
 A mixer with an auxiliary training loss (LongVQ's commitment loss) sets ``aux_loss`` in its forward; the trainer
 adds it to the task loss (the step log's ``loss`` is the task loss, ``aux`` the sum of the auxiliary ones).
@@ -36,7 +40,7 @@ from torch import nn
 
 __all__ = ["TrainConfig", "TinyModel", "make_batch", "train", "TASKS"]
 
-TASKS = ("mqar", "selective_copy", "listops")
+TASKS = ("mqar", "selective_copy", "listops", "lm")
 
 
 @dataclass
@@ -58,8 +62,22 @@ class TrainConfig:
     pairs: int | None = None  # mqar: key-value pairs (None: seq // 3, queries right after the pairs)
 
 
-def make_batch(task: str, batch: int, seq: int, vocab: int, g: torch.Generator, pairs: int | None = None):
-    """``(inputs [b, seq] long, targets [b, seq] long, -100 where nothing is asked)``."""
+def _lm_bytes() -> torch.Tensor:
+    from .bench.tasks.niah import stdlib_text
+
+    global _LM
+    if _LM is None:
+        _LM = torch.frombuffer(bytearray(stdlib_text().encode("utf-8")), dtype=torch.uint8).long()
+    return _LM
+
+
+_LM = None
+
+
+def make_batch(task: str, batch: int, seq: int, vocab: int, g: torch.Generator, pairs: int | None = None,
+               held_out: bool = False):
+    """``(inputs [b, seq] long, targets [b, seq] long, -100 where nothing is asked)``; ``held_out``: the lm task's
+    evaluation windows (the last 10% of the text)."""
     x = torch.zeros(batch, seq, dtype=torch.long)
     y = torch.full((batch, seq), -100, dtype=torch.long)
     if task == "mqar":
@@ -92,6 +110,17 @@ def make_batch(task: str, batch: int, seq: int, vocab: int, g: torch.Generator, 
             x[b, pos] = data
             x[b, seq - n_tok :] = marker
             y[b, seq - n_tok :] = data
+    elif task == "lm":
+        if vocab < 256:
+            raise ValueError(f"--vocab {vocab}: the lm task is byte-level and needs vocab >= 256")
+        text = _lm_bytes()
+        cut = int(0.9 * text.numel())
+        lo, hi = (cut, text.numel() - seq - 1) if held_out else (0, cut - seq - 1)
+        if hi <= lo:
+            raise ValueError(f"--seq {seq}: longer than the lm text's {'evaluation' if held_out else 'training'} part")
+        starts = torch.randint(lo, hi, (batch,), generator=g)
+        win = torch.stack([text[s0 : s0 + seq + 1] for s0 in starts.tolist()])
+        x, y = win[:, :-1].clone(), win[:, 1:].clone()
     elif task == "listops":
         if seq < 4 or vocab < LISTOPS_VOCAB:
             raise ValueError(f"--seq {seq} / --vocab {vocab}: listops needs seq >= 4 and vocab >= {LISTOPS_VOCAB}")
@@ -238,7 +267,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(cfg.seed)
     g_eval = torch.Generator().manual_seed(cfg.seed + 10_000)
-    evals = [make_batch(cfg.task, cfg.batch, cfg.seq, cfg.vocab, g_eval, cfg.pairs) for _ in range(cfg.eval_batches)]
+    if cfg.task == "lm" and not causal:
+        raise ValueError("--task lm: a language model needs a causal mixer (a bidirectional one sees the next byte)")
+    evals = [make_batch(cfg.task, cfg.batch, cfg.seq, cfg.vocab, g_eval, cfg.pairs, held_out=True)
+             for _ in range(cfg.eval_batches)]
     lossf = nn.CrossEntropyLoss(ignore_index=-100)
     steps, best, spent = [], 0.0, 0.0
     outdir = Path(out) if out is not None else None
@@ -273,6 +305,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, progress: bool = True
     summary = {**asdict(cfg), "causal": causal, "final_acc": steps[-1]["acc"], "best_acc": best,
                "final_loss": steps[-1]["loss"], "s_per_step": spent / cfg.steps, "peak_rss_bytes": _peak_rss(),
                "params": sum(p.numel() for p in model.parameters())}
+    if cfg.task == "lm":
+        summary["ppl_by_position"] = ppl_by_position(model, evals)
     if outdir is not None:
         (outdir / "summary.json").write_text(json.dumps(summary, indent=1))
         curves_png(steps, outdir / "curves.png", f"{cfg.mixer} on {cfg.task}, seq {cfg.seq}")
@@ -289,6 +323,21 @@ def evaluate(model, batches) -> float:
         right += int((pred[ok] == y[ok]).sum())
         total += int(ok.sum())
     return right / max(total, 1)
+
+
+@torch.no_grad()
+def ppl_by_position(model, batches, buckets: int = 8) -> list[dict]:
+    """Evaluation perplexity per position bucket: ``[{"from", "to", "ppl"}]`` (positions 1-based)."""
+    model.eval()
+    nll = []
+    for x, y in batches:
+        logits = model(x)
+        nll.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none"))
+    per_pos = torch.cat(nll).mean(0)  # [seq]
+    n = per_pos.numel()
+    edges = torch.linspace(0, n, buckets + 1).long().tolist()
+    return [{"from": a + 1, "to": b, "ppl": math.exp(float(per_pos[a:b].mean()))}
+            for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def curves_png(steps: list[dict], path, title: str) -> None:
