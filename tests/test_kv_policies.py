@@ -287,27 +287,34 @@ def test_duo_gates_mixing_and_training_smoke():
     assert all(p.grad is None for p in m.parameters())
 
 
-def test_decode_appends_go_into_reserved_room_not_a_copy_of_the_cache():
+@pytest.mark.parametrize("b,h", [(2, 3), (1, 1)], ids=["batch2-heads3", "batch1-head1"])
+def test_decode_appends_go_into_reserved_room_not_a_copy_of_the_cache(b, h):
     """Plain transformers copies every layer's whole cache at every decode step (torch.cat); ours appends into
-    reserved room (max(16, n/16) tokens), equal to the concatenation, with the room counted in nbytes."""
+    reserved room (max(16, n/16) tokens), equal to the concatenation, with the room counted in nbytes. (With one
+    row and one kv head, as Gemma 3 270M, the head of the buffer is contiguous: the room must still be found.)
+    Storage the layer did not allocate is never written past its tokens."""
     from longattn.cache.layer import GROW_DIV, GROW_MIN, LongattnLayer
 
     g = torch.Generator().manual_seed(0)
     lay = LongattnLayer()
-    k0, v0 = torch.randn(2, 3, 40, 8, generator=g), torch.randn(2, 3, 40, 8, generator=g)
-    lay.update(k0, v0)
-    ks, vs, ptrs = [k0], [v0], []
+    big = torch.randn(b, h, 60, 8, generator=g)
+    k0, v0 = big[:, :, :40], torch.randn(b, h, 40, 8, generator=g)  # a user's view with storage behind it
+    tail = big[:, :, 40:].clone()
+    lay.update(k0.contiguous(), v0)
+    lay.keys = k0  # adopted as it is (no copy)
+    ks, vs, ptrs = [k0.clone()], [v0], []
     for _ in range(GROW_MIN + 3):
-        k, v = torch.randn(2, 3, 1, 8, generator=g), torch.randn(2, 3, 1, 8, generator=g)
+        k, v = torch.randn(b, h, 1, 8, generator=g), torch.randn(b, h, 1, 8, generator=g)
         fk, fv = lay.update(k, v)
         ks.append(k)
         vs.append(v)
         assert torch.equal(fk, torch.cat(ks, 2)) and torch.equal(fv, torch.cat(vs, 2))
         ptrs.append(fk.data_ptr())
+    assert torch.equal(big[:, :, 40:], tail)  # the user's storage past its view is untouched
     assert len(set(ptrs[:GROW_MIN])) == 1  # the first GROW_MIN steps wrote in place
     assert len(set(ptrs)) == 2  # then one copy into a new buffer with room again
     n = lay.physical_len
-    per_token = 2 * 2 * 3 * 8 * 4  # keys and values, 2 rows, 3 heads, dim 8, float32
+    per_token = 2 * b * h * 8 * 4  # keys and values, dim 8, float32
     assert n * per_token < lay.nbytes() <= (n + max(GROW_MIN, n // GROW_DIV) + 1) * per_token
     lay.crop(-5)  # a shorter view: the next append copies into a fresh buffer, still equal
     fk, _ = lay.update(ks[1], vs[1])

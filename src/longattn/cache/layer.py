@@ -29,20 +29,22 @@ APPEND_MAX = 16
 GROW_MIN, GROW_DIV = 16, 16
 
 
-def _append(t: torch.Tensor, new: torch.Tensor, n: int) -> torch.Tensor:
-    """``cat([t, new], 2)`` without copying ``t`` when its buffer has room: plain transformers copies the whole
-    cache of every layer at every decode step (``torch.cat``), ~20% of a step at 4K tokens on SmolLM2. When there
-    is no room, one copy into a buffer with ``max(GROW_MIN, n // GROW_DIV)`` tokens of room (its storage is what
-    ``nbytes`` counts: at most ~6% more than the tokens held, during decode only)."""
+def _append(t: torch.Tensor, new: torch.Tensor, n: int, owned: int | None) -> tuple[torch.Tensor, int]:
+    """``cat([t, new], 2)`` without copying ``t`` when it is the head of a buffer this layer made (``owned``: its
+    data pointer) with room left: plain transformers copies the whole cache of every layer at every decode step
+    (``torch.cat``), ~20% of a step at 4K tokens on SmolLM2. Otherwise one copy into a new buffer with
+    ``max(GROW_MIN, n // GROW_DIV)`` tokens of room (its storage is what ``nbytes`` counts: at most ~6% more than
+    the tokens held, during decode only). Never writes into storage it did not allocate. Returns the new view and
+    its buffer's data pointer."""
     b, h, _, d = t.shape
     m = new.shape[-2]
-    if buffer_capacity(t) < n + m:  # 0 for a foreign view: copy
+    if t.data_ptr() != owned or buffer_capacity(t) < n + m:
         buf = t.new_empty(b, h, n + m + max(GROW_MIN, n // GROW_DIV), d)
         buf[:, :, :n] = t
         t = buf[:, :, :n]
     full = t.as_strided((b, h, n + m, d), t.stride())
     full[:, :, n:] = new
-    return full
+    return full, full.data_ptr()
 
 
 class LongattnLayer(BaseLayer):
@@ -76,6 +78,7 @@ class LongattnLayer(BaseLayer):
         self.decode_state: dict = {}
         #: set when the apply() block that compressed this layer ended: the layer refuses further use
         self.detached = False
+        self._room = (None, None)  # data pointers of the key/value buffers with room that this layer allocated
 
     def page_meta(self, page_size: int) -> PageMeta:
         """Min/max/sum metadata of pages of ``page_size`` physical tokens, updated incrementally to the current
@@ -275,8 +278,9 @@ class LongattnLayer(BaseLayer):
                              "DynamicCache for use outside")
         if self.window is None and key_states.shape[-2] <= APPEND_MAX and self.physical_len > 0:
             n = self.physical_len
-            self.keys = _append(self.keys, key_states, n)
-            self.values = _append(self.values, value_states, n)
+            self.keys, pk = _append(self.keys, key_states, n, self._room[0])
+            self.values, pv = _append(self.values, value_states, n, self._room[1])
+            self._room = (pk, pv)  # the buffers this layer allocated (only those are written past their tokens)
             return self.keys, self.values
         full_k, full_v = super().update(key_states, value_states, *args, **kwargs)
         if self.window is not None and not self.compressed and self.physical_len > self.window - 1:

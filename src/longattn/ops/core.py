@@ -55,14 +55,13 @@ def grouped_sinks(sinks: torch.Tensor | None, hk: int, g: int, nq: int) -> torch
 
 
 def buffer_capacity(x: torch.Tensor) -> int:
-    """Tokens ``x [b, h, n, d]`` can hold in place: ``n`` when it is contiguous, ``cap`` when it is the first ``n``
-    tokens of a contiguous ``[b, h, cap, d]`` buffer (the cache layer's room to grow), else 0 (some other view)."""
+    """Tokens ``x [b, h, n, d]`` sits in: ``cap`` when it is the first ``n`` tokens of a contiguous ``[b, h, cap, d]``
+    tensor (the cache layer's room to grow; ``cap == n`` for a plain contiguous tensor), else 0 (another view)."""
     b, h, n, d = x.shape
-    if x.is_contiguous():
-        return n
-    if x.storage_offset() != 0 or d == 0 or x.stride(1) % d:
-        return 0
+    plain = n if x.is_contiguous() else 0
+    if x.storage_offset() != 0 or d == 0 or x.stride(3) != 1 or x.stride(2) != d or x.stride(1) % d:
+        return plain
     cap = x.stride(1) // d
-    if cap < n or x.stride() != (h * cap * d, cap * d, d, 1):
-        return 0
-    return cap if x.untyped_storage().nbytes() >= b * h * cap * d * x.element_size() else 0
+    if cap < n or x.stride(0) != h * cap * d:
+        return plain
+    return cap if x.untyped_storage().nbytes() >= b * h * cap * d * x.element_size() else plain
