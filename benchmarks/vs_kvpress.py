@@ -154,12 +154,12 @@ class _null:
         return False
 
 
-def run_ours(model, spec, ctx, rest, max_new, eos):
+def run_ours(model, spec, ctx, rest, max_new, eos, tokenizer=None):
     from transformers import DynamicCache
 
     kw = cache_kwarg_name(model)
     cache = DynamicCache()
-    with torch.no_grad(), longattn.apply(model, spec) as s:
+    with torch.no_grad(), longattn.apply(model, spec, tokenizer=tokenizer) as s:  # kvzip needs the tokenizer
         t0 = time.perf_counter()
         model(input_ids=torch.tensor([ctx]), use_cache=True, **{kw: cache})
         t = time.perf_counter() - t0
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
                         over.append(t * 1e3)
                     else:
                         gen, t, nbytes, kept, ms = run_ours(model, ours_spec(pol, r, len(ctx), 3), ctx, rest,
-                                                            task.max_new_tokens, eos)
+                                                            task.max_new_tokens, eos, tokenizer=tok)
                         over.append(ms * 1e3)
                     if i == 0:
                         kept_first = kept
