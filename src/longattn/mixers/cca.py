@@ -25,7 +25,7 @@ from torch import nn
 from ..checks import check_int
 from ..registry import register
 from .base import Mixer
-from .softmax import rope
+from .softmax import rope_qkv
 
 __all__ = ["CoreContextAttention"]
 
@@ -46,9 +46,7 @@ class CoreContextAttention(Mixer):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
 
-    def _qkv(self, x):
-        q, k, v = self.qkv(x).chunk(3, -1)
-        return rope(self.split(q)), rope(self.split(k)), self.split(v)
+    _qkv = rope_qkv
 
     def forward(self, x, mask=None):
         self.check_input(x, mask)

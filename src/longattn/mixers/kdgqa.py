@@ -23,7 +23,16 @@ from ..registry import register
 from .base import Mixer
 from .softmax import rope
 
-__all__ = ["KDGQA", "DGQA", "allocate"]
+__all__ = ["KDGQA", "DGQA", "allocate", "gqa_proj"]
+
+
+def gqa_proj(mixer: Mixer, x: torch.Tensor):
+    """``q [b, heads, n, d]``, ``k, v [b, kv_heads, n, d]`` from ``mixer.q`` and ``mixer.kv`` (keys then values),
+    rotary positions on q and k: the projections of the grouped-query mixers."""
+    b, n, _ = x.shape
+    q = rope(mixer.split(mixer.q(x)))
+    k, v = mixer.kv(x).view(b, n, 2, mixer.kv_heads, mixer.head_dim).permute(2, 0, 3, 1, 4)
+    return q, rope(k), v
 
 
 def allocate(norms: torch.Tensor, heads: int) -> list[int]:
@@ -70,10 +79,7 @@ class KDGQA(Mixer):
         self.register_buffer("ema", torch.ones(kv_heads))
 
     def _proj(self, x):
-        b, n, _ = x.shape
-        q = rope(self.split(self.q(x)))
-        k, v = self.kv(x).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, rope(k), v
+        return gqa_proj(self, x)
 
     def groups(self, k: torch.Tensor, mask) -> list[int]:
         """This forward's query heads per kv head (from the keys' norms, or their running average)."""

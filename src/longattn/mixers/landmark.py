@@ -29,20 +29,9 @@ from torch import nn
 from ..checks import check_int
 from ..registry import register
 from .base import Mixer
-from .softmax import rope
+from .softmax import rope, rope_qkv
 
 __all__ = ["LandmarkAttention"]
-
-
-def _rope_at(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Rotary positions on ``x [..., m, d]`` at positions ``pos [m]`` (the convention of ``softmax.rope``)."""
-    d = x.shape[-1]
-    half = d // 2
-    inv = 10000.0 ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
-    ang = pos.to(torch.float64)[:, None] * inv[None]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half : 2 * half]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half :]], -1)
 
 
 @register("landmark_trained", "mixer", paper="Landmark Attention (Mohtashami & Jaggi, NeurIPS 2023) "
@@ -62,9 +51,7 @@ class LandmarkAttention(Mixer):
         self.out = nn.Linear(dim, dim, bias=False)
         self.landmark = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
 
-    def _qkv(self, x):
-        q, k, v = self.qkv(x).chunk(3, -1)
-        return rope(self.split(q)), rope(self.split(k)), self.split(v)
+    _qkv = rope_qkv
 
     def _landmark_keys(self, k, v, real):
         """``[b, h, nb, d]`` the landmarks' keys (``k, v`` of the tokens, rotated), ``[b, nb]`` which exist."""
@@ -73,7 +60,7 @@ class LandmarkAttention(Mixer):
         pad = nb * self.block - n
         last = torch.clamp(torch.arange(nb, device=k.device) * self.block + self.block - 1, max=n - 1)
         wq, wk, _ = self.qkv.weight.chunk(3, 0)
-        ql = _rope_at((self.landmark @ wq.T).view(h, 1, d).expand(h, nb, d), last)  # [h, nb, d]
+        ql = rope((self.landmark @ wq.T).view(h, 1, d).expand(h, nb, d), pos=last)  # [h, nb, d]
         kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(b, h, nb, self.block, d)
         vb = torch.nn.functional.pad(v, (0, 0, 0, pad)).view(b, h, nb, self.block, d)
         rb = torch.nn.functional.pad(real, (0, pad)).view(b, nb, self.block)
@@ -81,7 +68,7 @@ class LandmarkAttention(Mixer):
         p = torch.nan_to_num(s.masked_fill(~rb[:, None], float("-inf")).softmax(-1))
         att = torch.einsum("bhcj,bhcjd->bhcd", p, vb)  # [b, h, nb, d]
         state = self.landmark + att.transpose(1, 2).reshape(b, nb, h * d)  # h_b = e + attn_b(e)
-        kl = _rope_at(self.split(state @ wk.T), last)
+        kl = rope(self.split(state @ wk.T), pos=last)
         return kl, rb.any(-1)
 
     def forward(self, x, mask=None):
@@ -125,13 +112,13 @@ class LandmarkAttention(Mixer):
                 last = torch.tensor([min((c + 1) * self.block, n) - 1])
                 state = self.landmark.clone()
                 for hh in range(h):
-                    ql = _rope_at((self.landmark @ wq.T).view(h, d)[hh][None], last)[0]
+                    ql = rope((self.landmark @ wq.T).view(h, d)[hh][None], pos=last)[0]
                     s = torch.stack([ql @ k[bi, hh, j] / math.sqrt(d) for j in members[c]])
                     pr = torch.softmax(s, 0)
                     o = sum(pr[t] * v[bi, hh, j] for t, j in enumerate(members[c]))
                     state = state + torch.cat([torch.zeros(hh * d, dtype=x.dtype), o,
                                                torch.zeros((h - hh - 1) * d, dtype=x.dtype)])
-                keys_l[c] = [_rope_at((state @ wk.T).view(h, d)[hh][None], last)[0] for hh in range(h)]
+                keys_l[c] = [rope((state @ wk.T).view(h, d)[hh][None], pos=last)[0] for hh in range(h)]
             for hh in range(h):
                 for i in range(n):
                     c = i // self.block

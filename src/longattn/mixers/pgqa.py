@@ -24,7 +24,7 @@ from torch import nn
 from ..checks import check_int
 from ..registry import register
 from .base import Mixer
-from .softmax import rope
+from .kdgqa import gqa_proj
 
 __all__ = ["PGQA", "shaped_noise"]
 
@@ -62,11 +62,7 @@ class PGQA(Mixer):
         self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
 
-    def _proj(self, x):
-        b, n, _ = x.shape
-        q = rope(self.split(self.q(x)))
-        k, v = self.kv(x).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, rope(k), v
+    _proj = gqa_proj
 
     def draws(self, n: int, device, dtype) -> list[torch.Tensor]:
         """One uniform ``[group, n * head_dim]`` matrix per kv group, diagonal zeroed (drawn in group order)."""

@@ -15,19 +15,26 @@ from torch import nn
 from ..registry import register
 from .base import Mixer
 
-__all__ = ["SoftmaxAttention", "rope"]
+__all__ = ["SoftmaxAttention", "rope", "rope_qkv"]
 
 
-def rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotary positions on ``x [b, h, n, d]`` (rotate-half convention, positions 0..n-1)."""
-    b, h, n, d = x.shape
+def rope(x: torch.Tensor, base: float = 10000.0, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary positions on ``x [..., n, d]`` (rotate-half convention) at positions ``pos [n]`` (default 0..n-1)."""
+    n, d = x.shape[-2], x.shape[-1]
     half = d // 2
     inv = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
-    ang = torch.arange(n, dtype=torch.float64, device=x.device)[:, None] * inv[None]
+    pos = torch.arange(n, device=x.device) if pos is None else pos.to(x.device)
+    ang = pos.to(torch.float64)[:, None] * inv[None]
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half : 2 * half]
     rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
     return torch.cat([rot, x[..., 2 * half :]], -1)
+
+
+def rope_qkv(mixer: Mixer, x: torch.Tensor):
+    """``(q, k, v) [b, h, n, d]`` from ``mixer.qkv`` (one ``Linear(dim, 3 dim)``), rotary positions on q and k."""
+    q, k, v = mixer.qkv(x).chunk(3, -1)
+    return rope(mixer.split(q)), rope(mixer.split(k)), mixer.split(v)
 
 
 @register("softmax", "mixer", paper="Attention Is All You Need (Vaswani et al., NeurIPS 2017) "
@@ -40,9 +47,7 @@ class SoftmaxAttention(Mixer):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
 
-    def _qkv(self, x):
-        q, k, v = self.qkv(x).chunk(3, -1)
-        return rope(self.split(q)), rope(self.split(k)), self.split(v)
+    _qkv = rope_qkv
 
     def forward(self, x, mask=None):
         self.check_input(x, mask)
