@@ -725,19 +725,26 @@ def _profile_search(a) -> int:
     return 0
 
 
-def _cmd_train(a) -> int:
+def _run_dir(path: str, names: tuple[str, ...], overwrite: bool):
+    """The ``--out`` directory of a training run: refused when it already holds one of ``names`` (a run) unless
+    ``overwrite``; checked writable (created)."""
+    from pathlib import Path
+
     from .outputs import check_output_dir
+
+    done = [n for n in names if (Path(path) / n).exists()]
+    if done and not overwrite:
+        raise ValueError(f"--out: {path} already holds a run ({', '.join(done)}); give --overwrite to replace it "
+                         "or another --out")
+    return check_output_dir(path, "--out")
+
+
+def _cmd_train(a) -> int:
     from .train import TASKS, TrainConfig, train
 
     if a.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {a.task!r}")
-    from pathlib import Path
-
-    done = [n for n in ("steps.jsonl", "summary.json", "curves.png") if (Path(a.out) / n).exists()]
-    if done and not a.overwrite:
-        raise ValueError(f"--out: {a.out} already holds a run ({', '.join(done)}); give --overwrite to replace it "
-                         "or another --out")
-    out = check_output_dir(a.out, "--out")
+    out = _run_dir(a.out, ("steps.jsonl", "summary.json", "curves.png"), a.overwrite)
     cfg = TrainConfig(task=a.task, mixer=a.mixer, seq=a.seq, steps=a.steps, dim=a.dim, layers=a.layers,
                       heads=a.heads, vocab=a.vocab, batch=a.batch, lr=a.lr, eval_every=a.eval_every, seed=a.seed,
                       causal=False if a.bidirectional else None, pairs=a.pairs)
@@ -749,18 +756,11 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_finetune(a) -> int:
-    from pathlib import Path
-
     from .finetune import METHODS, FinetuneConfig, finetune
-    from .outputs import check_output_dir
 
     if a.method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {a.method!r}")
-    done = [n for n in ("steps.jsonl", "summary.json", "model") if (Path(a.out) / n).exists()]
-    if done and not a.overwrite:
-        raise ValueError(f"--out: {a.out} already holds a run ({', '.join(done)}); give --overwrite to replace it "
-                         "or another --out")
-    out = check_output_dir(a.out, "--out")
+    out = _run_dir(a.out, ("steps.jsonl", "summary.json", "model"), a.overwrite)
     cfg = FinetuneConfig(method=a.method, model=a.model, length=a.length, lora_r=a.lora_r, group=a.group,
                          sink=a.sink, steps=a.steps, lr=a.lr, seed=a.seed)
     s = finetune(cfg, out)

@@ -154,12 +154,10 @@ def scale_rope(model, length: int) -> float:
 def perplexity_by_position(model, ids: torch.Tensor, buckets: int = 8) -> list[dict]:
     """Teacher-forced NLL of ``ids [1, n]`` under the model's own (full) attention, averaged per position bucket:
     ``[{"from", "to", "ppl"}]``."""
+    from .train import bucket_perplexity
+
     logits = model(ids).logits[0, :-1].float()
-    nll = F.cross_entropy(logits, ids[0, 1:], reduction="none")
-    n = nll.shape[0]
-    edges = torch.linspace(0, n, buckets + 1).long().tolist()
-    return [{"from": a + 1, "to": b, "ppl": math.exp(float(nll[a:b].mean()))} for a, b in zip(edges[:-1], edges[1:])
-            if b > a]
+    return bucket_perplexity(F.cross_entropy(logits, ids[0, 1:], reduction="none"), buckets)
 
 
 @dataclass

@@ -333,11 +333,16 @@ def ppl_by_position(model, batches, buckets: int = 8) -> list[dict]:
     for x, y in batches:
         logits = model(x)
         nll.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none"))
-    per_pos = torch.cat(nll).mean(0)  # [seq]
-    n = per_pos.numel()
+    return bucket_perplexity(torch.cat(nll).mean(0), buckets)
+
+
+def bucket_perplexity(nll: torch.Tensor, buckets: int = 8) -> list[dict]:
+    """``nll [n]`` per position -> ``[{"from", "to", "ppl"}]``: the perplexity of ``buckets`` equal position ranges
+    (1-based, inclusive)."""
+    n = nll.numel()
     edges = torch.linspace(0, n, buckets + 1).long().tolist()
-    return [{"from": a + 1, "to": b, "ppl": math.exp(float(per_pos[a:b].mean()))}
-            for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return [{"from": a + 1, "to": b, "ppl": math.exp(float(nll[a:b].mean()))} for a, b in zip(edges[:-1], edges[1:])
+            if b > a]
 
 
 def curves_png(steps: list[dict], path, title: str) -> None:
