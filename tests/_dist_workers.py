@@ -176,3 +176,16 @@ def _ref_masked(q, k, v, w, mask):
     out, lse = reference.attention(q, k, v, causal=True, mask=mask)
     (out * w).sum().backward()
     return out.detach(), lse.float(), q.grad, k.grad, v.grad
+
+
+def sp_model_generate(rank, world, cases, ids, new):
+    """Tiny random models' prompts prefilled sequence parallel, then greedy decoding (``sp_generate``): one
+    result per ``(arch, mode)`` case."""
+    from longattn.distributed.model import sp_generate
+    from longattn.models import tiny_model
+
+    out = {}
+    for arch, mode in cases:
+        model = tiny_model(arch, seed=0)
+        out[(arch, mode)] = sp_generate(model, ids, mode, new, keep_logits=True)
+    return out

@@ -6,6 +6,7 @@ import torch
 
 import _dist_workers as W
 from longattn.distributed.blocks import pair_work, rank_ranges, shard, split_lengths, unshard
+from longattn import cli
 from longattn.distributed.launch import spawn
 from longattn.ops.linear import (
     chunk_state,
@@ -246,3 +247,94 @@ def test_sparse_block_layout_runs_sequence_parallel(world):
         for case, m in res.items():
             for key, err in m.items():
                 assert err < TOL, f"P={world} rank {rank} {case}: {key} off by {err:.2e}"
+
+
+# ---- a real model's prefill split across processes (generate --dist) -----------------------------------------
+def _one_process(arch, ids, new):
+    """The reference: the same tiny model in one process, transformers' own attention, greedy."""
+    from longattn.models import tiny_model
+
+    m = tiny_model(arch, seed=0)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    cfg = m.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    return out.sequences[0, len(ids):].tolist(), torch.stack([lg[0].float() for lg in out.logits]), per_token
+
+
+@pytest.mark.parametrize("world", [2, 3], ids=["2-ranks", "3-ranks"])
+def test_sequence_parallel_prefill_decodes_what_one_process_decodes(world):
+    ids = torch.randint(4, 128, (37,), generator=torch.Generator().manual_seed(1)).tolist()  # 37: no even split
+    new = 6
+    modes = ("ring", "zigzag", "ulysses") if world == 2 else ("ring", "zigzag")  # 4 heads: ulysses needs P | 4
+    cases = [(arch, mode) for arch in ("llama", "qwen3") for mode in modes]
+    results = _ok(spawn(W.sp_model_generate, world, (cases, ids, new), timeout_s=120))
+    for arch in ("llama", "qwen3"):
+        tokens, logits, per_token = _one_process(arch, ids, new)
+        for mode in modes:
+            got = [r[(arch, mode)] for r in results]
+            for rank, g in enumerate(got):
+                assert g["tokens"] == tokens, (arch, mode, rank)
+                assert torch.allclose(g["logits"], logits, atol=1e-4), (arch, mode, rank)
+                # each rank keeps its shard of the prompt (plus the decoded tokens fed back), not the whole cache
+                assert g["cache_bytes"] == (g["lengths"][rank] + new - 1) * per_token, (arch, mode, rank)
+            assert sum(got[0]["lengths"]) == len(ids) and max(got[0]["lengths"]) <= len(ids) // world + 2
+
+
+def test_sequence_parallel_prefill_refuses_what_it_cannot_run_exactly():
+    from longattn.distributed.model import check_model, local_lengths
+    from longattn.models import tiny_model
+
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        check_model(tiny_model("mistral-window"), "ring", 2)
+    with pytest.raises(ValueError, match="query heads are not divisible by 3 ranks"):
+        check_model(tiny_model("llama"), "ulysses", 3)
+    with pytest.raises(ValueError, match="--dist must be one of ring, zigzag, ulysses"):
+        check_model(tiny_model("llama"), "allgather", 2)
+    with pytest.raises(ValueError, match="cannot be cut into 4 chunks"):
+        local_lengths(3, "zigzag", 2)
+    assert local_lengths(37, "zigzag", 2) == [19, 18] and local_lengths(37, "ring", 3) == [13, 12, 12]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--dist", "ring"], "run under torchrun"),
+    (["--dist", "ring", "--recipe", "snapkv"], "runs dense attention"),
+    (["--dist", "ring", "--dist-backend", "deepspeed"], "only with --dist ulysses"),
+    (["--dist", "mesh"], "invalid choice"),
+])
+def test_generate_dist_bad_arguments_exit_2(argv, match, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello")
+    try:
+        rc = cli.main(["generate", "--prompt-file", str(prompt), *argv])
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+
+
+def test_generate_dist_under_torchrun_prints_what_one_process_prints(tmp_path):
+    import subprocess
+    import sys
+
+    from longattn.distributed.launch import free_port
+    from longattn.models import tiny_model, tiny_tokenizer
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog, again and again.")
+    args = ["generate", "--model", str(tmp_path / "m"), "--prompt-file", str(prompt), "--max-new-tokens", "8"]
+    one = subprocess.run([sys.executable, "-m", "longattn.cli", *args], capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          f"--master-port={free_port()}", "-m", "longattn.cli", *args, "--dist", "zigzag"],
+                         capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
+    line = [ln for ln in two.stderr.splitlines() if ln.startswith("[longattn] dist=zigzag ranks=2")]
+    assert len(line) == 1 and "local_tokens=" in line[0] and "kv_cache_bytes_per_rank=" in line[0]

@@ -57,6 +57,12 @@ def _build() -> argparse.ArgumentParser:
                    help="allow a prompt longer than the model's trained positions")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the model's dtype (methods run in it; default float32)")
+    g.add_argument("--dist", choices=["ring", "zigzag", "ulysses"],
+                   help="prefill the prompt sequence parallel across the processes of `torchrun --nproc-per-node P "
+                   "longattn generate ...` (gloo; dense attention, full-attention models) and decode from the split "
+                   "cache; rank 0 prints")
+    g.add_argument("--dist-backend", default="torch", choices=["torch", "deepspeed"],
+                   help="--dist ulysses: our all-to-all (torch) or DeepSpeed's DistributedAttention (needs deepspeed)")
 
     c = sub.add_parser("compress", help="prefill and compress a context once and save it for later questions")
     c.add_argument("--model", default="smollm2-135m",
@@ -279,6 +285,8 @@ def _cmd_generate(a) -> int:
         from .context import read_header
 
         header = read_header(a.context)  # a bad file fails before the model loads
+    if a.dist:
+        return _generate_dist(a, text)
     recipe = api.parse(a.recipe if a.recipe != "dense" or header is None else header["recipe"])
     model, tok = models.load(a.model, dtype=getattr(torch, a.dtype))
     eos = set(tok.all_special_ids)
@@ -309,6 +317,48 @@ def _cmd_generate(a) -> int:
     print(tok.decode(gen, skip_special_tokens=True))
     print(f"[longattn] recipe={recipe} prompt_tokens={n_prompt} kv_cache_bytes={nbytes} "
           f"method_s={s.method_s:.3f}", file=sys.stderr)
+    return 0
+
+
+def _generate_dist(a, text: str) -> int:
+    """``generate --dist MODE`` in one rank of ``torchrun``: the prompt's prefill split across the ranks."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from . import models
+    from .distributed.model import check_model, local_lengths, sp_generate
+
+    if a.context:
+        raise ValueError("--dist: answering from a saved --context is not sequence parallel; drop one of them")
+    if a.recipe != "dense":
+        raise ValueError(f"--dist: the sequence-parallel prefill runs dense attention; got --recipe {a.recipe!r}")
+    if a.dist_backend == "deepspeed" and a.dist != "ulysses":
+        raise ValueError(f"--dist-backend deepspeed: only with --dist ulysses (got --dist {a.dist})")
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        raise ValueError(f"--dist {a.dist}: run under torchrun (torchrun --nproc-per-node P -m longattn.cli generate "
+                         "...): WORLD_SIZE and RANK are not set")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
+    rank, nproc = dist.get_rank(), dist.get_world_size()
+    try:
+        model, tok = models.load(a.model, dtype=getattr(torch, a.dtype))
+        check_model(model, a.dist, nproc)
+        ids, _ = _prompt_ids(tok, text, None)
+        local_lengths(len(ids), a.dist, nproc)
+        _check_positions(model, len(ids) + a.max_new_tokens, "--prompt-file", a.extrapolate, a.model)
+        res = sp_generate(model, ids, a.dist, a.max_new_tokens, eos=set(tok.all_special_ids),
+                          backend=a.dist_backend)
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        print(tok.decode(res["tokens"], skip_special_tokens=True))
+        per = ",".join(str(b) for b in res["cache_bytes_per_rank"])
+        print(f"[longattn] dist={a.dist} ranks={nproc} prompt_tokens={len(ids)} local_tokens="
+              f"{','.join(map(str, res['lengths']))} kv_cache_bytes_per_rank={per} prefill_s={res['prefill_s']:.3f}",
+              file=sys.stderr)
     return 0
 
 
