@@ -189,3 +189,27 @@ def sp_model_generate(rank, world, cases, ids, new):
         model = tiny_model(arch, seed=0)
         out[(arch, mode)] = sp_generate(model, ids, mode, new, keep_logits=True)
     return out
+
+
+def check_deepspeed(rank, world):
+    """Ulysses through DeepSpeed's DistributedAttention vs ours and the single-process reference (outputs and
+    gradients; contiguous equal shards, the layout DeepSpeed's all-to-all needs)."""
+    n = 32
+    q, k, v, w = _full(3, n=n)
+    ref = _ref_grads(q, k, v, w)
+    res = {}
+    for backend in ("torch", "deepspeed"):
+        ql, kl, vl = (shard(t, "contiguous", world, rank).clone().requires_grad_(True) for t in (q, k, v))
+        wl = shard(w, "contiguous", world, rank)
+        out = ulysses(ql, kl, vl, backend=backend)
+        (out * wl).sum().backward()
+        want = [shard(t, "contiguous", world, rank) for t in (ref[0], ref[2], ref[3], ref[4])]
+        res[backend] = {name: _err(a, b) for name, a, b in
+                        zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad), want)}
+        res[backend]["out_tensor"] = out.detach()
+    from longattn.distributed.model import sp_generate
+    from longattn.models import tiny_model
+
+    ids = torch.randint(4, 128, (36,), generator=torch.Generator().manual_seed(1)).tolist()
+    res["model"] = sp_generate(tiny_model("llama", seed=0), ids, "ulysses", 4, backend="deepspeed", keep_logits=True)
+    return res

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import _dist_workers as W
-from longattn.distributed.blocks import pair_work, rank_ranges, shard, split_lengths, unshard
 from longattn import cli
+from longattn.distributed.blocks import pair_work, rank_ranges, shard, split_lengths, unshard
 from longattn.distributed.launch import spawn
 from longattn.ops.linear import (
     chunk_state,
@@ -338,3 +338,25 @@ def test_generate_dist_under_torchrun_prints_what_one_process_prints(tmp_path):
     assert two.stdout == one.stdout and one.stdout.strip()
     line = [ln for ln in two.stderr.splitlines() if ln.startswith("[longattn] dist=zigzag ranks=2")]
     assert len(line) == 1 and "local_tokens=" in line[0] and "kv_cache_bytes_per_rank=" in line[0]
+
+
+def test_ulysses_through_deepspeed_equals_ours_and_the_reference():
+    pytest.importorskip("deepspeed", reason="deepspeed not installed (the optional Ulysses backend)")
+    for rank, res in enumerate(_ok(spawn(W.check_deepspeed, 2, timeout_s=120, startup_s=120))):
+        for backend in ("torch", "deepspeed"):
+            for name in ("out", "dq", "dk", "dv"):
+                assert res[backend][name] < 1e-5, (rank, backend, name, res[backend][name])
+        assert torch.allclose(res["torch"]["out_tensor"], res["deepspeed"]["out_tensor"], atol=1e-6)
+        tokens, logits, _ = _one_process("llama", torch.randint(4, 128, (36,), generator=torch.Generator().manual_seed(1))
+                                         .tolist(), 4)  # generate --dist ulysses --dist-backend deepspeed
+        assert res["model"]["tokens"] == tokens and torch.allclose(res["model"]["logits"], logits, atol=1e-4)
+
+
+def test_ulysses_deepspeed_without_deepspeed_is_one_clear_line(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    assert cli.main(["dist-bench", "--nproc", "2", "--method", "ulysses_deepspeed", "--seq", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the deepspeed package" in err[0] and "allowed without it: ring" in err[0]

@@ -212,7 +212,7 @@ def _build() -> argparse.ArgumentParser:
     d = sub.add_parser("dist-bench", help="sequence-parallel attention on local gloo processes vs one process")
     d.add_argument("--nproc", type=int, required=True, help="processes (ranks)")
     d.add_argument("--method", required=True,
-                   choices=["ring", "zigzag", "allgather", "ulysses", "dist_decode", "lasp2"],
+                   choices=["ring", "zigzag", "allgather", "ulysses", "dist_decode", "lasp2", "ulysses_deepspeed"],
                    help="sequence-parallel method")
     d.add_argument("--seq", type=int, required=True, help="total sequence length (tokens)")
     d.add_argument("--heads", type=int, default=8, help="query heads (default 8)")

@@ -8,7 +8,9 @@ single-process equivalent on the whole sequence in the same run, with the same n
 gathered distributed output against it (``max_err``).
 
 Methods: ``ring``, ``zigzag`` (ring, zigzag layout), ``allgather``, ``ulysses``, ``dist_decode`` (one decode
-query over a cache of ``seq`` tokens split across ranks), ``lasp2`` (linear attention).
+query over a cache of ``seq`` tokens split across ranks), ``lasp2`` (linear attention), ``ulysses_deepspeed``
+(Ulysses through DeepSpeed's ``DistributedAttention``, when deepspeed is installed: its all-to-alls are its own,
+so the compute / wait / bytes columns, which count ours, are not measured for it).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..checks import check_int
 
 __all__ = ["DistBenchConfig", "run_dist_bench", "METHODS"]
 
-METHODS = ("ring", "zigzag", "allgather", "ulysses", "dist_decode", "lasp2")
+METHODS = ("ring", "zigzag", "allgather", "ulysses", "dist_decode", "lasp2", "ulysses_deepspeed")
 
 
 @dataclass
@@ -53,8 +55,19 @@ class DistBenchConfig:
             raise ValueError(f"--kv-heads ({self.kv_heads}) must divide --heads ({self.heads})")
         if self.seq < 2 * self.nproc:
             raise ValueError(f"--seq must be >= 2 * --nproc ({2 * self.nproc}), got {self.seq}")
-        if self.method == "ulysses" and self.heads % self.nproc:
-            raise ValueError(f"--method ulysses: --heads ({self.heads}) must be divisible by --nproc ({self.nproc})")
+        if self.method.startswith("ulysses") and self.heads % self.nproc:
+            raise ValueError(f"--method {self.method}: --heads ({self.heads}) must be divisible by --nproc "
+                             f"({self.nproc})")
+        if self.method == "ulysses_deepspeed":
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ValueError("--method ulysses_deepspeed needs the deepspeed package (pip install "
+                                 "--no-build-isolation deepspeed); allowed without it: "
+                                 f"{', '.join(m for m in METHODS if m != 'ulysses_deepspeed')}")
+            if self.seq % self.nproc:
+                raise ValueError(f"--method ulysses_deepspeed: --seq ({self.seq}) must be divisible by --nproc "
+                                 f"({self.nproc}) (DeepSpeed's all-to-all needs equal shards)")
 
 
 def _inputs(cfg: DistBenchConfig):
@@ -100,7 +113,9 @@ def worker(rank: int, world: int, cfg_dict: dict) -> dict:
         ql, kl, vl = (shard(t, layout, world, rank) for t in (q, k, v))
         lens = [shard(q, layout, world, r).shape[2] for r in range(world)]
         fns = {"ring": ring_attention, "zigzag": ring_attention, "allgather": allgather_kv, "ulysses": ulysses}
-        if cfg.method == "lasp2":
+        if cfg.method == "ulysses_deepspeed":
+            call = lambda: ulysses(ql, kl, vl, lengths=lens, kernel=cfg.kernel, backend="deepspeed")  # noqa: E731
+        elif cfg.method == "lasp2":
             call = lambda: lasp2(ql, kl, vl, decay=0.99)  # noqa: E731
         else:
             call = lambda: fns[cfg.method](ql, kl, vl, layout=layout, lengths=lens, kernel=cfg.kernel)  # noqa: E731
@@ -115,6 +130,8 @@ def worker(rank: int, world: int, cfg_dict: dict) -> dict:
             out = call()
             rows.append((time.perf_counter() - t0, STATS.compute_s, STATS.wait_s, STATS.bytes_sent, dict(STATS.calls)))
     med = sorted(rows, key=lambda r: r[0])[len(rows) // 2]
+    if cfg.method == "ulysses_deepspeed":  # DeepSpeed's collectives are not counted by ours
+        return {"ms": med[0] * 1e3, "compute_ms": None, "wait_ms": None, "bytes_sent": None, "calls": {}, "out": out}
     return {"ms": med[0] * 1e3, "compute_ms": med[1] * 1e3, "wait_ms": med[2] * 1e3, "bytes_sent": med[3],
             "calls": med[4], "out": out}
 
@@ -169,7 +186,10 @@ def dist_table(recs: list[dict]) -> str:
 
     head = ["method", "P", "N", "rank", "compute ms", "wait ms", "sent MiB", "total ms", "single ms", "speedup",
             "max err"]
-    rows = [[r["method"], str(r["nproc"]), str(r["N"]), str(r["rank"]), f"{r['compute_ms']:.1f}",
-             f"{r['wait_ms']:.1f}", f"{r['bytes_sent'] / 2**20:.2f}", f"{r['ms']:.1f}", f"{r['single_ms']:.1f}",
-             f"{r['speedup']:.2f}x", f"{r['max_err']:.1e}"] for r in recs]
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    rows = [[r["method"], str(r["nproc"]), str(r["N"]), str(r["rank"]), f(r["compute_ms"], ".1f"),
+             f(r["wait_ms"], ".1f"), f(None if r["bytes_sent"] is None else r["bytes_sent"] / 2**20, ".2f"),
+             f"{r['ms']:.1f}", f"{r['single_ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['max_err']:.1e}"] for r in recs]
     return _render(head, rows)

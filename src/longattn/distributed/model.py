@@ -38,7 +38,7 @@ __all__ = ["MODES", "check_model", "local_lengths", "sp_generate"]
 
 MODES = ("ring", "zigzag", "ulysses")
 NAME = "longattn_sp"
-_STATES: dict[int, "_State"] = {}
+_STATES: dict[int, _State] = {}
 _REGISTERED = False
 
 

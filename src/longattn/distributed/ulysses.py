@@ -9,8 +9,10 @@ packed q/k/v gradients). With GQA, kv heads are split across ranks too when ``P`
 repeated to the query heads first.
 
 ``backend="torch"`` (default) is this implementation on ``all_to_all_single``; ``backend="deepspeed"`` hands the
-same local attention to DeepSpeed's ``DistributedAttention`` (needs the optional ``deepspeed`` package; not
-exercised by the test suite here, which has no DeepSpeed).
+same local attention to DeepSpeed's ``DistributedAttention`` (the optional ``deepspeed`` package: 0.19.8 runs on
+CPU with gloo, installed with ``pip install --no-build-isolation deepspeed``; its comm layer is initialised over
+the process group already running). DeepSpeed sends q, k and v in three all-to-alls where ours packs them into
+one; equal local lengths only. Tested against ours and the reference where deepspeed is installed (skipped else).
 
 Collectives per call: forward 2 all-to-alls (+1 lengths all-gather unless given); backward 2. Volume per rank:
 ``(P - 1) / P`` of its ``(hq + 2 hk) * n_local * dim`` (in) and ``hq * n_local * dim`` (out) elements.
@@ -132,5 +134,10 @@ def _deepspeed(q, k, v, group, ranges, causal, scale, kernel):
                              scale=scale, kernel=kernel)
         return o.to(qh.dtype).transpose(1, 2)
 
-    attn = DistributedAttention(local, group, scatter_idx=2, gather_idx=1)
-    return attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    import deepspeed.comm as ds_comm
+    import torch.distributed as dist
+
+    if not ds_comm.is_initialized():  # DeepSpeed's comm layer wraps the process group already running
+        ds_comm.init_distributed(dist_backend=dist.get_backend(group), auto_mpi_discovery=False, verbose=False)
+    attn = DistributedAttention(local, group if group is not None else dist.group.WORLD, scatter_idx=2, gather_idx=1)
+    return attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0).transpose(1, 2)  # batch dim 0
