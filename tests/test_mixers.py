@@ -136,3 +136,27 @@ def test_pgqa_perturbs_each_group_by_noise_of_its_own_mean_and_std_in_training()
     torch.manual_seed(8)
     other = m.train()(x, mask)
     assert not torch.allclose(other, got)  # fresh noise per forward
+
+
+def test_lightning_decay_is_transnormers_alibi_schedule_by_depth():
+    """TransNormerLLM's decay, written out: head h's ALiBi slope s_h (the ALiBi paper's values), scaled by the
+    layer's depth factor 1 - l / (L - 1) + 1e-5; the trainer tells every layer its index."""
+    import math
+
+    from longattn.mixers import Lightning
+    from longattn.train import TinyModel, _mixer_factory
+
+    slopes = {4: [1 / 4, 1 / 16, 1 / 64, 1 / 256], 8: [1 / 2 ** (i + 1) for i in range(8)],
+              6: [1 / 4, 1 / 16, 1 / 64, 1 / 256, 1 / 2, 1 / 8]}  # 6: the 4-head slopes, then every other 8-head one
+    for heads, want in slopes.items():
+        for layer, layers in ((0, 1), (0, 3), (1, 3), (2, 3)):
+            depth = 1 - layer / (layers - 1) + 1e-5 if layers > 1 else 1 + 1e-5
+            m = Lightning(heads * 4, heads=heads, layer_idx=layer, num_layers=layers)
+            expect = torch.tensor([math.exp(-s * depth) for s in want])
+            torch.testing.assert_close(m.decay, expect, rtol=1e-6, atol=0)
+    make, _ = _mixer_factory("lightning", 16, 4, True)
+    model = TinyModel(8, 16, 3, make)
+    assert [round(float(b["mix"].decay[0]), 4) for b in model.blocks] == [round(math.exp(-0.25 * f), 4)
+                                                                           for f in (1 + 1e-5, 0.5 + 1e-5, 1e-5)]
+    with pytest.raises(ValueError, match="layer_idx must be in"):
+        Lightning(16, heads=4, layer_idx=3, num_layers=3)

@@ -180,15 +180,16 @@ def listops_expression(limit: int, g: torch.Generator, max_depth: int = 10, max_
 
 
 class TinyModel(nn.Module):
-    """Embedding, ``layers`` x (norm, mixer, residual, norm, MLP, residual), norm, head."""
+    """Embedding, ``layers`` x (norm, mixer, residual, norm, MLP, residual), norm, head. ``make_mixer(i, layers)``
+    builds layer ``i``'s mixer."""
 
     def __init__(self, vocab: int, dim: int, layers: int, make_mixer) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList()
-        for _ in range(layers):
+        for i in range(layers):
             self.blocks.append(nn.ModuleDict({
-                "n1": nn.LayerNorm(dim), "mix": make_mixer(), "n2": nn.LayerNorm(dim),
+                "n1": nn.LayerNorm(dim), "mix": make_mixer(i, layers), "n2": nn.LayerNorm(dim),
                 "mlp": nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))}))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab)
@@ -206,6 +207,10 @@ class TinyModel(nn.Module):
                    0.0)
 
 
+# constructor arguments a mixer may take to know its depth (TransNormerLLM's decay schedule): the trainer's
+DEPTH_ARGS = ("layer_idx", "num_layers")
+
+
 def mixer_settings(cls) -> dict:
     """A mixer's own settings: ``{name: (type, default)}`` from its constructor (``dim``, ``heads``, ``causal``
     are the trainer's)."""
@@ -214,7 +219,8 @@ def mixer_settings(cls) -> dict:
 
     hints = typing.get_type_hints(cls.__init__)
     return {n: (hints.get(n, str), p.default) for n, p in inspect.signature(cls.__init__).parameters.items()
-            if n not in ("self", "dim", "heads", "causal")}
+            if n not in ("self", "dim", "heads", "causal") + DEPTH_ARGS}
+
 
 
 def parse_mixer(spec: str):
@@ -242,7 +248,15 @@ def _mixer_factory(spec: str, dim: int, heads: int, causal: bool | None):
     form = cls.supports_causal[0] if causal is None else causal
     if form not in cls.supports_causal:
         raise ValueError(f"--mixer {name}: {'causal' if form else 'bidirectional'} is not a form of this mixer")
-    return (lambda: cls(dim, heads=heads, causal=form, **kw)), form
+    import inspect
+
+    takes_depth = set(DEPTH_ARGS) <= set(inspect.signature(cls.__init__).parameters)
+
+    def make(i: int, layers: int):
+        depth = {"layer_idx": i, "num_layers": layers} if takes_depth else {}
+        return cls(dim, heads=heads, causal=form, **kw, **depth)
+
+    return make, form
 
 
 def _peak_rss() -> int:

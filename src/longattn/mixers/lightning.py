@@ -2,11 +2,17 @@
 
 Papers: "TransNormerLLM" (Qin et al., 2023, https://arxiv.org/abs/2307.14995) and "Lightning Attention-2" (Qin et
 al., 2024, https://arxiv.org/abs/2401.04658). ``o_t = q_t sum_{s<=t} lambda_h^(t-s) k_s^T v_s`` with SiLU feature
-maps on q and k, head ``h``'s decay ``lambda_h = exp(-8 (h + 1) / H)`` (TransNormerLLM's fixed schedule), the
-per-head output normalised by an RMS norm, then gated by ``silu(x W_u)`` and projected. Bidirectional form: no
-decay, ``o = q (sum_s k_s^T v_s)``. Recurrent form: the ``[heads, d, d]`` state, one token at a time.
+maps on q and k, the per-head output normalised by an RMS norm, then gated by ``silu(x W_u)`` and projected.
+Decay (TransNormerLLM's schedule as its reference code builds it): ``lambda_h = exp(-s_h (1 - l / (L - 1) +
+1e-5))`` with ``s_h`` head ``h``'s ALiBi slope (``2^(-8 (h + 1) / H)`` for ``H`` a power of two; ALiBi's
+interleave otherwise), ``l`` the layer's index among ``L`` (``layer_idx`` / ``num_layers``, set by the trainer):
+the first layer's heads forget at rates from ``exp(-2^(-8/H))`` down to nearly none, and the last layer does not
+decay at all (``lambda = exp(-1e-5 s_h)``). Bidirectional form: no decay, ``o = q (sum_s k_s^T v_s)``. Recurrent
+form: the ``[heads, d, d]`` state, one token at a time.
 
-Departure: TransNormerLLM's SRMSNorm is an RMS norm without a learned gain here.
+Departure: TransNormerLLM's SRMSNorm is an RMS norm without a learned gain here. (Until this version the decay
+was ``exp(-8 (h + 1) / H)`` — the paper's ``8h/H`` read as the slope itself, which forgets a token within one
+or two steps on every head; the model then sat at chance on MQAR.)
 """
 
 from __future__ import annotations
@@ -19,7 +25,19 @@ from ..ops.linear import lightning_attention, linear_decode_step
 from ..registry import register
 from .base import Mixer
 
-__all__ = ["Lightning"]
+__all__ = ["Lightning", "alibi_slopes"]
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al., 2022): ``2^(-8 (h + 1) / H)`` for ``H`` a power of two; otherwise
+    those of the largest power of two below ``H`` followed by every other slope of twice that."""
+    def pow2(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    if heads & (heads - 1) == 0:
+        return torch.tensor(pow2(heads), dtype=torch.float64).float()
+    p = 1 << (heads.bit_length() - 1)
+    return torch.tensor(pow2(p) + pow2(2 * p)[0::2][: heads - p], dtype=torch.float64).float()
 
 
 @register("lightning", "mixer", paper="TransNormerLLM (Qin et al., 2023) https://arxiv.org/abs/2307.14995; "
@@ -31,12 +49,16 @@ class Lightning(Mixer):
     recurrent = True
     examples = ({}, {"block_size": 8})
 
-    def __init__(self, dim: int, heads: int = 4, causal: bool = True, block_size: int = 64) -> None:
+    def __init__(self, dim: int, heads: int = 4, causal: bool = True, block_size: int = 64, layer_idx: int = 0,
+                 num_layers: int = 1) -> None:
         super().__init__(dim, heads, causal)
+        if not 0 <= layer_idx < num_layers:
+            raise ValueError(f"lightning: layer_idx must be in [0, num_layers), got {layer_idx} of {num_layers}")
         self.block_size = block_size
         self.qkvu = nn.Linear(dim, 4 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
-        self.register_buffer("decay", torch.exp(-8.0 * torch.arange(1, heads + 1) / heads), persistent=False)
+        depth = 1.0 - layer_idx / (num_layers - 1) + 1e-5 if num_layers > 1 else 1.0 + 1e-5
+        self.register_buffer("decay", torch.exp(-alibi_slopes(heads) * depth), persistent=False)
 
     def _proj(self, x, mask):
         q, k, v, u = self.qkvu(x).chunk(4, -1)
