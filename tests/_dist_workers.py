@@ -213,3 +213,11 @@ def check_deepspeed(rank, world):
     ids = torch.randint(4, 128, (36,), generator=torch.Generator().manual_seed(1)).tolist()
     res["model"] = sp_generate(tiny_model("llama", seed=0), ids, "ulysses", 4, backend="deepspeed", keep_logits=True)
     return res
+
+
+def report_pid_and_sleep(rank, world, directory):
+    """Writes this rank's pid to ``directory/rank{rank}`` and sleeps (a caller killed meanwhile)."""
+    from pathlib import Path
+
+    Path(directory, f"rank{rank}").write_text(str(os.getpid()))
+    time.sleep(120)

@@ -1,6 +1,8 @@
 """Sequence-parallel attention on gloo (2 and 4 local processes) against the single-process reference, and
 linear attention against its quadratic and recurrent references."""
 
+import sys
+
 import pytest
 import torch
 
@@ -360,3 +362,39 @@ def test_ulysses_deepspeed_without_deepspeed_is_one_clear_line(capsys):
     assert cli.main(["dist-bench", "--nproc", "2", "--method", "ulysses_deepspeed", "--seq", "64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the deepspeed package" in err[0] and "allowed without it: ring" in err[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_ranks_die_with_the_process_that_launched_them(tmp_path):
+    """A killed caller (a bench stopped with kill) must not leave its ranks computing."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    code = ("import sys; sys.path.insert(0, 'tests'); import _dist_workers as W; "
+            "from longattn.distributed.launch import spawn; "
+            f"spawn(W.report_pid_and_sleep, 2, ({str(tmp_path)!r},), timeout_s=300)")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("rank*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = [int(p.read_text()) for p in tmp_path.glob("rank*")]
+        assert len(pids) == 2
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its reaper is dead
+            return f.read().split()[2] != "Z"
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)

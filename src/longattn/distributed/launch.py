@@ -2,7 +2,8 @@
 
 Used by ``longattn dist-bench`` and the tests. Every process gets ``torch.set_num_threads(threads)`` and a
 process group with ``timeout_s`` on its collectives; the whole launch is bounded too (``timeout_s`` plus the
-start-up), so a hung rank cannot hang the caller: its process is killed and reported.
+start-up), so a hung rank cannot hang the caller: its process is killed and reported; on Linux a rank also dies
+with the process that launched it (a killed caller leaves no ranks computing).
 """
 
 from __future__ import annotations
@@ -27,7 +28,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank: int, world: int, port: int, timeout_s: float, threads: int, out_dir: str, args) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: this rank is killed when the launching process dies (a killed bench or test must not leave its ranks
+    computing); elsewhere a no-op."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _entry(fn, rank: int, world: int, port: int, timeout_s: float, threads: int, out_dir: str, args,
+           parent: int | None = None) -> None:
+    if parent is not None:
+        _die_with_parent(parent)
     import torch
     import torch.distributed as dist
 
@@ -60,8 +78,8 @@ def spawn(fn, nproc: int, args: tuple = (), *, timeout_s: float = 60.0, threads:
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="longattn-dist-") as tmp:
-        procs = [ctx.Process(target=_entry, args=(fn, r, nproc, port, timeout_s, threads, tmp, args), daemon=True)
-                 for r in range(nproc)]
+        procs = [ctx.Process(target=_entry, args=(fn, r, nproc, port, timeout_s, threads, tmp, args, os.getpid()),
+                             daemon=True) for r in range(nproc)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout_s + startup_s

@@ -6,8 +6,10 @@ associative loss ``l_t(M) = ||M k_t - v_t||^2`` (keys L2-normalised); the surpri
 ``S_t = eta S_{t-1} - theta grad l_t``, and the memory forgets, ``M_t = (1 - alpha) M_{t-1} + S_t``; the layer
 reads ``y_t = M_t q_t``. Training is parallel by chunks as in the paper: inside a chunk of ``chunk`` tokens every
 gradient is taken at the memory of the chunk's start; momentum and forgetting are then cumulative products,
-computed for the whole chunk with two weight matrices. ``chunk=1`` is the fully recurrent rule, which ``step``
-runs token by token.
+computed for the whole chunk with two weight matrices; since every gradient is rank one (``2 e_s k_s^T``), the
+reads ``M_t q_t`` and the chunk's final memory and momentum come from ``[chunk, chunk]`` and ``[chunk, d]`` products
+(``O(C^2 d + C d^2)`` per chunk, no ``d x d`` memory per token). ``chunk=1`` is the fully recurrent rule, which
+``step`` runs token by token.
 
 Departures: ``eta``, ``theta``, ``alpha`` are learned per head (sigmoids of parameters), not functions of the token
 (the paper's data-dependent gates); the memory is linear (the paper also uses deeper MLP memories); padded tokens
@@ -60,26 +62,30 @@ class Titans(Mixer):
         real = torch.ones(b, n, dtype=q.dtype, device=x.device) if mask is None else mask.to(q.dtype)
         m = torch.zeros(b, h, d, d, dtype=q.dtype, device=x.device)
         s = torch.zeros_like(m)
+        th = theta[None, :, None, None]
         ys = []
         for c0 in range(0, n, self.chunk):
             c1 = min(n, c0 + self.chunk)
             kc, vc, qc, rc = k[:, :, c0:c1], v[:, :, c0:c1], q[:, :, c0:c1], real[:, None, c0:c1]  # rc [b, 1, C]
-            # gradients at the chunk's start memory: 2 (M k - v) k^T per token, none for padding
-            err = torch.einsum("bhij,bhcj->bhci", m, kc) - vc
-            grad = 2 * torch.einsum("bhci,bhcj->bhcij", err, kc) * rc[..., None, None]
+            # gradients at the chunk's start memory, 2 e_s k_s^T with e_s = M0 k_s - v_s (0 on padding): rank one,
+            # so no d x d matrix per token is ever formed
+            e = (torch.einsum("bhij,bhcj->bhci", m, kc) - vc) * rc[..., None]
             # per-token factors, 1 on padding: log-cumulative products give the weights of every pair (t, s)
-            le = torch.log(eta)[None, :, None] * rc  # [b, h, C]
-            la = torch.log1p(-alpha)[None, :, None] * rc
-            ce, ca = le.cumsum(-1), la.cumsum(-1)
+            ce = (torch.log(eta)[None, :, None] * rc).cumsum(-1)  # [b, h, C]
+            ca = (torch.log1p(-alpha)[None, :, None] * rc).cumsum(-1)
             t = torch.arange(c1 - c0, device=x.device)
             tri = (t[:, None] >= t[None, :]).to(q.dtype)
-            w_s = torch.exp(ce[..., :, None] - ce[..., None, :]) * tri  # eta^(t - s)
-            w_m = torch.exp(ca[..., :, None] - ca[..., None, :]) * tri * rc[..., None, :]  # (1-alpha)^(t-s), real s
-            s_t = torch.exp(ce)[..., None, None] * s[:, :, None] - theta[None, :, None, None, None] * torch.einsum(
-                "bhts,bhsij->bhtij", w_s, grad)
-            m_t = torch.exp(ca)[..., None, None] * m[:, :, None] + torch.einsum("bhts,bhsij->bhtij", w_m, s_t)
-            ys.append(torch.einsum("bhtij,bhtj->bhti", m_t, qc))
-            m, s = m_t[:, :, -1], s_t[:, :, -1]
+            w_s = torch.exp(ce[..., :, None] - ce[..., None, :]) * tri  # S_t = E_t S0 - theta sum_s w_s(t,s) G_s
+            w_m = torch.exp(ca[..., :, None] - ca[..., None, :]) * tri * rc[..., None, :]  # M_t = A_t M0 + sum w_m S_s
+            big_e, big_a = torch.exp(ce), torch.exp(ca)
+            w = w_m @ w_s  # M_t = A_t M0 + c_t S0 - 2 theta sum_r W(t, r) e_r k_r^T
+            c = (w_m @ big_e[..., None])[..., 0]
+            read = torch.einsum("bhij,bhtj->bhti", m, qc) * big_a[..., None] + \
+                torch.einsum("bhij,bhtj->bhti", s, qc) * c[..., None]
+            ys.append(read - 2 * th * ((w * (qc @ kc.transpose(-1, -2))) @ e))  # y_t = M_t q_t
+            m, s = (big_a[..., -1, None, None] * m + c[..., -1, None, None] * s
+                    - 2 * th * torch.einsum("bhr,bhri,bhrj->bhij", w[..., -1, :], e, kc),
+                    big_e[..., -1, None, None] * s - 2 * th * torch.einsum("bhr,bhri,bhrj->bhij", w_s[..., -1, :], e, kc))
         y = torch.cat(ys, 2)
         return self.masked(self.out(self.merge(y)), mask)
 
