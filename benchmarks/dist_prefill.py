@@ -36,6 +36,8 @@ def _reset_peak() -> None:
 
 
 def _prompt(model_name: str, length: int, seed: int):
+    import torch
+
     from longattn import models
     from longattn.bench.prompts import encode
     from longattn.bench.tasks import Passkey
@@ -44,6 +46,8 @@ def _prompt(model_name: str, length: int, seed: int):
     task = Passkey()
     sample = task.make(tok, length, 0, seed)
     ctx, rest = encode(tok, sample)
+    with torch.no_grad():  # warm-up: the weights (memory-mapped) paged in before the peak is measured
+        model(torch.tensor([ctx[:16]]))
     return model, tok, task, sample, ctx + rest
 
 
