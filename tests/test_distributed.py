@@ -186,15 +186,20 @@ def test_linear_bad_arguments(kwargs, match):
         lightning_attention(q, q, q, **kwargs)
 
 
-def test_dist_bench_runs_and_checks_its_output(capsys):
+def test_dist_bench_runs_and_checks_its_output(capsys, tmp_path):
+    import json
+
     from longattn import cli
 
     assert cli.main(["dist-bench", "--nproc", "2", "--method", "zigzag", "--seq", "96", "--repeats", "1",
-                     "--heads", "4", "--kv-heads", "2", "--dim", "8"]) == 0
+                     "--heads", "4", "--kv-heads", "2", "--dim", "8", "--json", str(tmp_path / "d.json")]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines()[2:]]
     assert len(rows) == 2 and all(r[0] == "zigzag" for r in rows)
     assert float(rows[0][-1]) < 1e-5  # max error of the gathered output vs the single process
+    recs = json.loads((tmp_path / "d.json").read_text())  # each record names the machine it ran on
+    assert len(recs) == 2 and all(r["cpu"] and r["isa"] and r["versions"]["torch"] == torch.__version__ for r in recs)
+    assert all(r["kernel_isa"] == torch.backends.cpu.get_cpu_capability() and r["threads"] == 1 for r in recs)
 
 
 @pytest.mark.parametrize("argv", [

@@ -550,10 +550,14 @@ def _check_json(a) -> None:
 
 
 def _write_json(path, recs) -> None:
+    """The records of an ops / decode / linear / CAB / dist bench, each with the machine it ran on (CPU model,
+    vector ISA, the ISA torch's kernels dispatch to, threads, versions), as bench records carry it."""
     if path:
+        from .bench.records import environment
         from .outputs import write_atomic
 
-        write_atomic(path, json.dumps(recs, indent=1))
+        env = environment()
+        write_atomic(path, json.dumps([{**env, **r} if isinstance(r, dict) else r for r in recs], indent=1))
 
 
 def _cab_bench(a) -> int:

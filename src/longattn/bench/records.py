@@ -126,7 +126,11 @@ def environment() -> dict:
     import transformers
 
     cpu, isa = _cpu()
-    return {"commit": _commit(), "cpu": cpu, "isa": isa, "threads": torch.get_num_threads(),
+    try:  # what torch's kernels dispatch to (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU emulates an AVX2 one)
+        kernels = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - best effort
+        kernels = "unknown"
+    return {"commit": _commit(), "cpu": cpu, "isa": isa, "kernel_isa": kernels, "threads": torch.get_num_threads(),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__}}
