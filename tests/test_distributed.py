@@ -259,6 +259,7 @@ def test_sparse_block_layout_runs_sequence_parallel(world):
 # ---- a real model's prefill split across processes (generate --dist) -----------------------------------------
 def _one_process(arch, ids, new):
     """The reference: the same tiny model in one process, transformers' own attention, greedy."""
+    from longattn.hf import layer_kinds
     from longattn.models import tiny_model
 
     m = tiny_model(arch, seed=0)
@@ -267,8 +268,13 @@ def _one_process(arch, ids, new):
         out = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)
     cfg = m.config
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
-    return out.sequences[0, len(ids):].tolist(), torch.stack([lg[0].float() for lg in out.logits]), per_token
+    per_layer_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    return out.sequences[0, len(ids):].tolist(), torch.stack([lg[0].float() for lg in out.logits]), \
+        (per_layer_token, layer_kinds(m))
+
+
+# sliding windows (gemma3_text, mistral-window: 16 and 64 tokens), sink logits and MoE (gpt_oss), q/k norms (qwen3)
+SP_ARCHS = ("llama", "qwen3", "gemma3_text", "mistral-window", "gpt_oss")
 
 
 @pytest.mark.parametrize("world", [2, 3], ids=["2-ranks", "3-ranks"])
@@ -276,17 +282,23 @@ def test_sequence_parallel_prefill_decodes_what_one_process_decodes(world):
     ids = torch.randint(4, 128, (37,), generator=torch.Generator().manual_seed(1)).tolist()  # 37: no even split
     new = 6
     modes = ("ring", "zigzag", "ulysses") if world == 2 else ("ring", "zigzag")  # 4 heads: ulysses needs P | 4
-    cases = [(arch, mode) for arch in ("llama", "qwen3") for mode in modes]
-    results = _ok(spawn(W.sp_model_generate, world, (cases, ids, new), timeout_s=120))
-    for arch in ("llama", "qwen3"):
-        tokens, logits, per_token = _one_process(arch, ids, new)
+    cases = [(arch, mode) for arch in SP_ARCHS for mode in modes if not (mode == "ulysses" and arch == "gpt_oss")]
+    results = _ok(spawn(W.sp_model_generate, world, (cases, ids, new), timeout_s=180))
+    for arch in SP_ARCHS:
+        tokens, logits, (per_token, kinds) = _one_process(arch, ids, new)
         for mode in modes:
+            if (arch, mode) not in cases:
+                continue
             got = [r[(arch, mode)] for r in results]
             for rank, g in enumerate(got):
                 assert g["tokens"] == tokens, (arch, mode, rank)
                 assert torch.allclose(g["logits"], logits, atol=1e-4), (arch, mode, rank)
-                # each rank keeps its shard of the prompt (plus the decoded tokens fed back), not the whole cache
-                assert g["cache_bytes"] == (g["lengths"][rank] + new - 1) * per_token, (arch, mode, rank)
+                # full layers: this rank's shard of the prompt (plus the decoded tokens fed back), not the whole
+                # cache; sliding layers: the window on every rank, as one process holds it (the last window - 1
+                # tokens, a view of the window-token storage the last step's concatenation made)
+                held = sum(g["lengths"][rank] + new - 1 if kind == "full_attention" else min(window, len(ids) + new - 1)
+                           for kind, window in kinds)
+                assert g["cache_bytes"] == held * per_token, (arch, mode, rank)
             assert sum(got[0]["lengths"]) == len(ids) and max(got[0]["lengths"]) <= len(ids) // world + 2
 
 
@@ -294,8 +306,10 @@ def test_sequence_parallel_prefill_refuses_what_it_cannot_run_exactly():
     from longattn.distributed.model import check_model, local_lengths
     from longattn.models import tiny_model
 
-    with pytest.raises(ValueError, match="sliding-window layers"):
-        check_model(tiny_model("mistral-window"), "ring", 2)
+    with pytest.raises(ValueError, match="caps its attention logits"):
+        check_model(tiny_model("gemma2"), "ring", 2)
+    with pytest.raises(ValueError, match="sink logits, which need the merged log-sum-exp"):
+        check_model(tiny_model("gpt_oss"), "ulysses", 2)
     with pytest.raises(ValueError, match="query heads are not divisible by 3 ranks"):
         check_model(tiny_model("llama"), "ulysses", 3)
     with pytest.raises(ValueError, match="--dist must be one of ring, zigzag, ulysses"):

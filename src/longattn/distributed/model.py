@@ -17,9 +17,11 @@ tokens' keys are appended to every rank's cache by the model (a few tokens) but 
 last); the logits of the prompt's last token come from the rank holding it, and each greedy token is broadcast
 from rank 0, so every rank decodes the same tokens.
 
-Supported: decoder models of full causal attention without logit softcapping or sink logits (Llama, Qwen,
-Mistral without a window, ...); a model with sliding-window layers, softcap or sinks is refused by name (a window
-would need the neighbour's halo, not the ring). Batch 1, no padding, no recipe (dense attention).
+Sliding-window layers (Gemma 3, Mistral with a window, gpt-oss): one all-gather of that layer's keys and values
+(freed after the layer) and each local query attends its window; every rank then holds the prompt's last
+``window - 1`` tokens for that layer, as one process does, and decodes it locally. Sink logits (gpt-oss) are
+added to the merged log-sum-exp (ring and zigzag). Refused by name: logit softcapping (Gemma 2), and Ulysses
+with sinks. Batch 1, no padding, no recipe (dense attention).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import time
 import torch
 
 from .. import hf
-from .blocks import positions, rank_ranges, split_lengths
-from .comm import all_gather_equal, compute_timer, guard, world
+from ..ops.core import add_sinks, masked_attention
+from ..ops.merge import merge_attention
+from .blocks import positions, rank_ranges, split_lengths, unshard
+from .comm import all_gather_equal, all_gather_var, compute_timer, guard, world
 from .ring import ring_attention
 from .ulysses import ulysses
 
@@ -60,14 +64,13 @@ def check_model(model, mode: str, nproc: int) -> None:
         raise ValueError(f"--dist must be one of {', '.join(MODES)}, got {mode!r}")
     hf.check_model(model)
     cfg = hf.text_config(model.config)
-    sliding = sum(kind == "sliding_attention" for kind, _ in hf.layer_kinds(model))
-    if sliding:
-        raise ValueError(f"--dist {mode}: {cfg.model_type!r} has {sliding} sliding-window layers, which the "
-                         "sequence-parallel prefill does not run (full-attention models only)")
     feats = hf.model_features(model)
-    if feats:
-        raise ValueError(f"--dist {mode}: {cfg.model_type!r} uses {', '.join(feats)}, which the sequence-parallel "
-                         "prefill does not run")
+    if "softcap" in feats:
+        raise ValueError(f"--dist {mode}: {cfg.model_type!r} caps its attention logits (softcap), which the "
+                         "sequence-parallel prefill does not run")
+    if "sinks" in feats and mode == "ulysses":
+        raise ValueError(f"--dist ulysses: {cfg.model_type!r} has sink logits, which need the merged log-sum-exp; "
+                         "use ring or zigzag")
     if mode == "ulysses" and cfg.num_attention_heads % nproc:
         raise ValueError(f"--dist ulysses: the model's {cfg.num_attention_heads} query heads are not divisible by "
                          f"{nproc} ranks; use ring or zigzag, or a rank count that divides the heads")
@@ -91,6 +94,7 @@ class _State:
         self.layout = "zigzag" if mode == "zigzag" else "contiguous"
         self.rank, self.world = world(group)
         self.decoding = False
+        self.cache = None
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -98,37 +102,92 @@ def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs
     if st is None:
         raise RuntimeError("the 'longattn_sp' attention implementation is only usable inside sp_generate()")
     feats = hf.call_features(module, kwargs)
-    if feats.window or feats.softcap or feats.sinks is not None:
-        raise ValueError("--dist: a sliding window, softcap or sink logits reached the sequence-parallel attention")
+    if feats.softcap:
+        raise ValueError("--dist: logit softcapping reached the sequence-parallel attention")
     if attention_mask is not None:
         raise ValueError("--dist: padded inputs are not supported (batch 1, no padding)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     n_local = st.lengths[st.rank]
-    if not st.decoding:
-        if key.shape[2] != n_local or query.shape[2] != n_local:
-            raise RuntimeError(f"sequence-parallel prefill: expected {n_local} local tokens in an empty cache, got "
-                               f"{query.shape[2]} queries over {key.shape[2]} keys")
-        if st.mode == "ulysses":
-            out = ulysses(query, key, value, group=st.group, causal=True, layout=st.layout, scale=scale,
-                          kernel=st.kernel, lengths=st.lengths, backend=st.backend)
+    if not st.decoding and (key.shape[2] != n_local or query.shape[2] != n_local):
+        raise RuntimeError(f"sequence-parallel prefill: expected {n_local} local tokens in an empty cache, got "
+                           f"{query.shape[2]} queries over {key.shape[2]} keys")
+    lse = None
+    if feats.window:  # a sliding-window layer: every rank holds the window itself
+        if st.decoding:
+            out, lse = _window_decode(query, key, value, feats.window, scale)
         else:
-            out = ring_attention(query, key, value, group=st.group, causal=True, layout=st.layout, scale=scale,
-                                 kernel=st.kernel, lengths=st.lengths)
+            out, lse = _window_prefill(query, key, value, feats.window, scale, st, module.layer_idx)
+    elif st.decoding:
+        out, lse = _decode(query, key, value, n_local, st.rank == st.world - 1, scale, st.group)
+    elif st.mode == "ulysses":
+        out = ulysses(query, key, value, group=st.group, causal=True, layout=st.layout, scale=scale,
+                      kernel=st.kernel, lengths=st.lengths, backend=st.backend)
     else:
-        out = _decode(query, key, value, n_local, st.rank == st.world - 1, scale, st.group)
-    return out.transpose(1, 2).contiguous(), None
+        out, lse = ring_attention(query, key, value, group=st.group, causal=True, layout=st.layout, scale=scale,
+                                  kernel=st.kernel, lengths=st.lengths, return_lse=True)
+    if feats.sinks is not None:  # one more softmax entry per head, no value: exact on the merged lse
+        if lse is None:
+            raise ValueError("--dist ulysses: sink logits need the log-sum-exp; use ring or zigzag")
+        out, _ = add_sinks(out.float(), lse.float(), feats.sinks.float().view(1, -1, 1))
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _gqa_attention(q, k, v, allowed, scale):
+    """``q [b, hq, nq, d]`` over ``k, v [b, hk, nk, d]`` with ``allowed [nq, nk]`` (or None): ``(out, lse)``."""
+    b, hq, nq, d = q.shape
+    hk = k.shape[1]
+    g = hq // hk
+    o, lse = masked_attention(q.reshape(b, hk, g * nq, d), k, v, None if allowed is None else allowed.repeat(g, 1),
+                              scale)
+    return o.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
+
+
+def _window_prefill(q, k, v, window: int, scale: float, st, layer_idx: int, chunk: int = 1024):
+    """A sliding-window layer's prefill: one all-gather of every rank's keys and values (this layer's, freed after
+    it), each local query attends the ``window`` positions up to its own (in query chunks), and the layer's cache
+    is set to the prompt's last ``window - 1`` tokens on every rank (what one process's cache holds)."""
+    with compute_timer():
+        kv = torch.stack([k, v])  # [2, b, hk, n_local, d]
+    parts = all_gather_var(kv, st.lengths, 3, "dist window prefill", st.group)
+    with compute_timer():
+        full = unshard(parts, st.layout, dim=3)  # [2, b, hk, N, d], global order
+        n = full.shape[3]
+        outs, lses, off = [], [], 0
+        for s, e in rank_ranges(st.lengths, st.layout)[st.rank]:
+            for c0 in range(s, e, chunk):
+                c1 = min(e, c0 + chunk)
+                k0 = max(0, c0 - window + 1)
+                qpos = torch.arange(c0, c1, device=q.device)[:, None]
+                kpos = torch.arange(k0, c1, device=q.device)[None, :]
+                allowed = (kpos <= qpos) & (kpos > qpos - window)
+                qc = q[:, :, off + c0 - s : off + c1 - s]
+                o, lz = _gqa_attention(qc, full[0][:, :, k0:c1], full[1][:, :, k0:c1], allowed, scale)
+                outs.append(o)
+                lses.append(lz)
+            off += e - s
+        layer = st.cache.layers[layer_idx]
+        keep = max(0, n - (window - 1))
+        layer.keys, layer.values = full[0][:, :, keep:].clone(), full[1][:, :, keep:].clone()
+        layer.cumulative_length = n
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _window_decode(q, k, v, window: int, scale: float):
+    """A sliding-window layer while decoding: the cache (the same on every rank) already is the window."""
+    nq, nk = q.shape[2], k.shape[2]
+    if nq != 1 or nk > window:
+        raise RuntimeError(f"sequence-parallel decode: one query over at most {window} window keys, got {nq} over {nk}")
+    with compute_timer():
+        return _gqa_attention(q, k, v, None, scale)
 
 
 def _decode(q, k, v, n_local: int, owner: bool, scale: float, group):
     """New queries ``q [1, hq, nq, d]`` over this rank's cache ``k, v [1, hk, n_local + t, d]`` (its prompt shard
     and the ``t`` tokens decoded so far, the last ``nq`` of them the queries' own): the prompt shard is all
-    allowed, the decoded tokens only on the owner and causally; one all-gather merges every rank's part."""
-    from ..ops.core import masked_attention
-    from ..ops.merge import merge_attention
-
+    allowed, the decoded tokens only on the owner and causally; one all-gather merges every rank's part.
+    Returns ``(out, lse)``."""
     b, hq, nq, d = q.shape
-    hk, nk = k.shape[1], k.shape[2]
-    g = hq // hk
+    nk = k.shape[2]
     with compute_timer():
         t = nk - n_local
         allowed = torch.zeros(nq, nk, dtype=torch.bool, device=q.device)
@@ -136,12 +195,12 @@ def _decode(q, k, v, n_local: int, owner: bool, scale: float, group):
         if owner:
             qpos = torch.arange(t - nq, t, device=q.device)[:, None]
             allowed[:, n_local:] = torch.arange(t, device=q.device)[None, :] <= qpos
-        o, lse = masked_attention(q.reshape(b, hk, g * nq, d), k, v, allowed.repeat(g, 1), scale)
+        o, lse = _gqa_attention(q, k, v, allowed, scale)
         packed = torch.cat([o, lse.unsqueeze(-1)], -1).float()
     got = all_gather_equal(packed, "dist decode", group)
     with compute_timer():
-        out, _ = merge_attention(list(got[..., :d]), list(got[..., d]))
-    return out.reshape(b, hq, nq, d).to(q.dtype)
+        out, total = merge_attention(list(got[..., :d]), list(got[..., d]))
+    return out, total
 
 
 def _broadcast(x: torch.Tensor, src: int, group) -> torch.Tensor:
@@ -184,7 +243,7 @@ def sp_generate(model, ids: list[int], mode: str, max_new_tokens: int, *, eos=()
     for i in mods:
         _STATES[i] = st
     kw = hf.cache_kwarg_name(model)
-    cache = DynamicCache(config=model.config)
+    cache = st.cache = DynamicCache(config=model.config)
     dev = next(model.parameters()).device
     logits_kept = []
     try:
