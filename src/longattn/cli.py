@@ -59,8 +59,8 @@ def _build() -> argparse.ArgumentParser:
                    help="the model's dtype (methods run in it; default float32)")
     g.add_argument("--dist", choices=["ring", "zigzag", "ulysses"],
                    help="prefill the prompt sequence parallel across the processes of `torchrun --nproc-per-node P "
-                   "longattn generate ...` (gloo; dense attention, full-attention models) and decode from the split "
-                   "cache; rank 0 prints")
+                   "-m longattn.cli generate ...` (gloo; dense attention; softcapped models refused) and decode from "
+                   "the split cache; rank 0 prints")
     g.add_argument("--dist-backend", default="torch", choices=["torch", "deepspeed"],
                    help="--dist ulysses: our all-to-all (torch) or DeepSpeed's DistributedAttention (needs deepspeed)")
 

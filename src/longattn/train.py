@@ -222,7 +222,6 @@ def mixer_settings(cls) -> dict:
             if n not in ("self", "dim", "heads", "causal") + DEPTH_ARGS}
 
 
-
 def parse_mixer(spec: str):
     """``"titans:chunk=8"`` -> ``(Titans, {"chunk": 8})``; unknown names and arguments refused by name."""
     from . import registry
