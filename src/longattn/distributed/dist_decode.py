@@ -23,18 +23,24 @@ __all__ = ["dist_decode"]
 
 
 def dist_decode(q, k, v, *, group=None, key_valid: torch.Tensor | None = None, scale: float | None = None,
-                return_lse: bool = False):
+                return_lse: bool = False, allowed: torch.Tensor | None = None):
     """``q [b, hq, nq, d]`` (the same on every rank), ``k, v [b, hk, n_local, d]`` this rank's cache slice,
-    ``key_valid [b, n_local]`` its padding. Every rank returns the attention over the whole cache."""
+    ``key_valid [b, n_local]`` its padding, ``allowed [nq, n_local]`` which of its keys each query may see (e.g.
+    causality among several new tokens). Every rank returns the attention over the whole cache."""
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[1] % k.shape[1]:
         raise ValueError(f"dist_decode: q [b, hq, nq, d] and k, v [b, hk, n_local, d] with hq a multiple of hk, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     b, hq, nq, d = q.shape
     hk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if allowed is not None and tuple(allowed.shape) != (nq, k.shape[2]):
+        raise ValueError(f"dist_decode: allowed must be [nq, n_local] = [{nq}, {k.shape[2]}], got {tuple(allowed.shape)}")
     with compute_timer():
-        allowed = None if key_valid is None else key_valid[:, None, None, :]
-        o, lse = masked_attention(q.reshape(b, hk, hq // hk * nq, d), k, v, allowed, scale)
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        if allowed is not None:  # query-major rows repeated per query head of a kv group: [g * nq, n_local]
+            rows = allowed.repeat(hq // hk, 1)[None, None]
+            mask = rows if mask is None else mask & rows
+        o, lse = masked_attention(q.reshape(b, hk, hq // hk * nq, d), k, v, mask, scale)
         packed = torch.cat([o, lse.unsqueeze(-1)], -1).float()  # [b, hk, g*nq, d + 1]
     got = all_gather_equal(packed, "dist_decode", group)  # [P, ...]
     with compute_timer():

@@ -32,9 +32,9 @@ import torch
 
 from .. import hf
 from ..ops.core import add_sinks, masked_attention
-from ..ops.merge import merge_attention
 from .blocks import positions, rank_ranges, split_lengths, unshard
 from .comm import all_gather_equal, all_gather_var, compute_timer, guard, world
+from .dist_decode import dist_decode
 from .ring import ring_attention
 from .ulysses import ulysses
 
@@ -184,23 +184,16 @@ def _window_decode(q, k, v, window: int, scale: float):
 def _decode(q, k, v, n_local: int, owner: bool, scale: float, group):
     """New queries ``q [1, hq, nq, d]`` over this rank's cache ``k, v [1, hk, n_local + t, d]`` (its prompt shard
     and the ``t`` tokens decoded so far, the last ``nq`` of them the queries' own): the prompt shard is all
-    allowed, the decoded tokens only on the owner and causally; one all-gather merges every rank's part.
+    allowed, the decoded tokens only on the owner and causally; ``dist_decode`` merges every rank's part.
     Returns ``(out, lse)``."""
-    b, hq, nq, d = q.shape
-    nk = k.shape[2]
-    with compute_timer():
-        t = nk - n_local
-        allowed = torch.zeros(nq, nk, dtype=torch.bool, device=q.device)
-        allowed[:, :n_local] = True
-        if owner:
-            qpos = torch.arange(t - nq, t, device=q.device)[:, None]
-            allowed[:, n_local:] = torch.arange(t, device=q.device)[None, :] <= qpos
-        o, lse = _gqa_attention(q, k, v, allowed, scale)
-        packed = torch.cat([o, lse.unsqueeze(-1)], -1).float()
-    got = all_gather_equal(packed, "dist decode", group)
-    with compute_timer():
-        out, total = merge_attention(list(got[..., :d]), list(got[..., d]))
-    return out, total
+    nq, nk = q.shape[2], k.shape[2]
+    t = nk - n_local
+    allowed = torch.zeros(nq, nk, dtype=torch.bool, device=q.device)
+    allowed[:, :n_local] = True
+    if owner:
+        qpos = torch.arange(t - nq, t, device=q.device)[:, None]
+        allowed[:, n_local:] = torch.arange(t, device=q.device)[None, :] <= qpos
+    return dist_decode(q, k, v, group=group, scale=scale, return_lse=True, allowed=allowed)
 
 
 def _broadcast(x: torch.Tensor, src: int, group) -> torch.Tensor:
