@@ -19,27 +19,33 @@ import torch
 from transformers.cache_utils import DynamicLayer as BaseLayer
 
 __all__ = ["NAME", "BaseLayer", "Features", "call_features", "kv_heads", "layer_kinds", "module_logits", "plain_cache_bytes", "Rope", "rope_of", "query_positions", "activate", "adopt_cache", "cache_kwarg_name",
-           "check_model", "deactivate", "install_cache_hook", "mask_query_length", "register", "set_prefill_chunk"]
+           "check_model", "deactivate", "install_cache_hook", "mask_query_length", "register", "register_attention",
+           "set_prefill_chunk"]
 
 NAME = "longattn"
 
 # id(module) -> the active Session of the model that module belongs to (every submodule of an applied model), so
 # the registered attention function never mixes up two models, even two that share one config object
 _SESSIONS: dict = {}
-_REGISTERED = False
+_REGISTERED: set = set()
 
 
-def register() -> None:
-    """Register the ``longattn`` attention and mask functions with transformers (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
+def register_attention(name: str, fn) -> None:
+    """Register ``fn`` as transformers' attention implementation ``name``, with longattn's mask function (the 2-D
+    key validity instead of an N x N mask); idempotent per name."""
+    if name in _REGISTERED:
         return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(NAME, _attention)
-    AttentionMaskInterface.register(NAME, _mask)
-    _REGISTERED = True
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, _mask)
+    _REGISTERED.add(name)
+
+
+def register() -> None:
+    """Register the ``longattn`` attention and mask functions with transformers (idempotent)."""
+    register_attention(NAME, _attention)
 
 
 @dataclass(frozen=True)

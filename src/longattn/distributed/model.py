@@ -43,19 +43,6 @@ __all__ = ["MODES", "check_model", "local_lengths", "sp_generate"]
 MODES = ("ring", "zigzag", "ulysses")
 NAME = "longattn_sp"
 _STATES: dict[int, _State] = {}
-_REGISTERED = False
-
-
-def _register() -> None:
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(NAME, _attention)
-    AttentionMaskInterface.register(NAME, hf._mask)
-    _REGISTERED = True
 
 
 def check_model(model, mode: str, nproc: int) -> None:
@@ -229,7 +216,7 @@ def sp_generate(model, ids: list[int], mode: str, max_new_tokens: int, *, eos=()
     pos = positions(ranges[rank])
     x = torch.tensor(ids, dtype=torch.long)[pos][None]
     st = _State(mode, group, lengths, kernel, backend)
-    _register()
+    hf.register_attention(NAME, _attention)
     prev = model.config._attn_implementation
     mods = [id(m) for m in model.modules()]
     model.set_attn_implementation(NAME)
