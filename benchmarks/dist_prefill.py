@@ -138,13 +138,12 @@ def main(argv=None) -> int:
             if bad:
                 raise SystemExit(f"dist_prefill: rank {bad[0]['rank']} failed: {bad[0]['error']}")
             rr = [r["result"] for r in res]
-            pre = statistics.median(max(r["prefill_s"][i] for r in rr) for i in range(a.repeats))
-            dec = statistics.median(max(r["decode_s"][i] for r in rr) for i in range(a.repeats))
+            # per repeat, the slowest rank's seconds (the ranks wait for each other)
+            pres = [max(t) for t in zip(*(r["prefill_s"] for r in rr))]
+            pre = statistics.median(pres)
+            dec = statistics.median(max(t) for t in zip(*(r["decode_s"] for r in rr)))
             rec = {"mode": mode, "nproc": a.nproc, "length": one["n_tokens"], "threads": 1, "prefill_s": pre,
-                   "prefill_x": p1 / pre, "prefill_s_spread": [min(max(r["prefill_s"][i] for r in rr)
-                                                                   for i in range(a.repeats)),
-                                                               max(max(r["prefill_s"][i] for r in rr)
-                                                                   for i in range(a.repeats))],
+                   "prefill_x": p1 / pre, "prefill_s_spread": [min(pres), max(pres)],
                    "decode_tok_s": (len(rr[0]["tokens"]) - 1) / dec, "cache_bytes": [r["cache_bytes"] for r in rr],
                    "local_tokens": rr[0]["lengths"], "peak_rss_above_model_mib": [round(r["peak_rss_above_model_mib"])
                                                                                   for r in rr],
