@@ -361,6 +361,90 @@ def test_generate_dist_under_torchrun_prints_what_one_process_prints(tmp_path):
     assert len(line) == 1 and "local_tokens=" in line[0] and "kv_cache_bytes_per_rank=" in line[0]
 
 
+def _torchrun(args, nproc=2, timeout=240):
+    import subprocess
+
+    from longattn.distributed.launch import free_port
+
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           f"--master-port={free_port()}", "-m", "longattn.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_dist_rows_beside_dense_in_one_run_and_resume(tmp_path):
+    """``bench --dist zigzag`` under torchrun: per sample a dense row (one process) and a dist row that answers
+    the same, matches dense's logits, holds a share of the cache per rank that sums to the whole prompt's, and
+    is written once by rank 0; ``--resume`` recomputes nothing; an existing --out is refused on every rank."""
+    import json
+
+    from longattn.models import tiny_model, tiny_tokenizer
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    out = tmp_path / "runs"
+    args = ["bench", "--model", str(tmp_path / "m"), "--task", "passkey", "--lengths", "200", "--samples", "2",
+            "--dist", "zigzag", "--out", str(out)]
+    run = _torchrun(args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = (out / "results.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert sorted((r["method"], r["sample"]) for r in recs) == [("dense", 0), ("dense", 1),
+                                                               ("dist:zigzag:nproc=2", 0), ("dist:zigzag:nproc=2", 1)]
+    for i in (0, 1):
+        d = next(r for r in recs if r["method"] == "dense" and r["sample"] == i)
+        p = next(r for r in recs if r["method"] != "dense" and r["sample"] == i)
+        assert p["prediction"] == d["prediction"] and p["dist"]["same_answer"]
+        assert p["kl"] < 1e-6 and p["top1_agree"] == 1.0 and p["dist"]["fidelity_tokens"] >= 1
+        assert p["threads"] * 2 == d["threads"]
+        per = p["dist"]["kv_cache_bytes_per_rank"]
+        assert len(per) == 2 and sum(per) == p["plain_bytes"] and p["kv_cache_bytes"] == max(per)
+        assert sum(p["dist"]["lengths"]) == p["n_tokens"] == d["n_tokens"]
+        assert p["prefill_s"] == max(p["dist"]["prefill_s_per_rank"])
+    assert "dist:zigzag:nproc=2" in (out / "table.txt").read_text()
+    again = _torchrun(args + ["--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+    refused = _torchrun(args)
+    assert refused.returncode != 0
+    said = [ln for ln in refused.stderr.splitlines() if ln.startswith("longattn: error:")]
+    assert len(said) == 1 and "already holds 4 records" in said[0], refused.stderr[-3000:]
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--dist", "ring"], "--dist ring: run under torchrun"),
+    (["--dist-backend", "deepspeed"], "--dist-backend: only with --dist ulysses"),
+    (["--dist", "mesh"], "invalid choice"),
+])
+def test_bench_dist_bad_arguments_exit_2(argv, match, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    try:
+        rc = cli.main(["bench", *argv])
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"methods": ("dense", "snapkv:ratio=0.5")}, "--methods must be dense (got snapkv:ratio=0.5)"),
+    ({"tasks": ("shared_context",)}, "runs the shared_context protocol"),
+    ({"peer": "kvpress"}, "--peer kvpress runs in one process"),
+])
+def test_bench_dist_refuses_what_it_does_not_run(kw, match):
+    from longattn.bench.dist_runner import _check
+    from longattn.bench.runner import BenchConfig
+
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(match)):
+        _check(BenchConfig(**{"methods": ("dense",), **kw}), "zigzag", "torch")
+    with pytest.raises(ValueError, match="only with --dist ulysses"):
+        _check(BenchConfig(methods=("dense",)), "ring", "deepspeed")
+    _check(BenchConfig(methods=("dense",), tasks=("passkey", "niah")), "ulysses", "deepspeed")  # allowed
+
+
 def test_ulysses_through_deepspeed_equals_ours_and_the_reference():
     pytest.importorskip("deepspeed", reason="deepspeed not installed (the optional Ulysses backend)")
     for rank, res in enumerate(_ok(spawn(W.check_deepspeed, 2, timeout_s=120, startup_s=120))):

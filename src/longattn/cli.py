@@ -103,6 +103,12 @@ def _build() -> argparse.ArgumentParser:
                    help="allow lengths beyond the model's trained positions (refused otherwise)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the model's dtype (methods run in it; default float32)")
+    b.add_argument("--dist", choices=["ring", "zigzag", "ulysses"],
+                   help="under `torchrun --nproc-per-node P -m longattn.cli bench ...`: every prompt prefilled sequence "
+                   "parallel across the ranks (dense attention, single-question tasks), a dist:MODE:nproc=P row beside "
+                   "dense in one process (rank 0 with every rank's threads); rank 0 writes")
+    b.add_argument("--dist-backend", default="torch", choices=["torch", "deepspeed"],
+                   help="--dist ulysses: our all-to-all (torch) or DeepSpeed's DistributedAttention (needs deepspeed)")
 
     r = sub.add_parser("report", help="re-render the table, plots and report.html of a bench --out DIR")
     r.add_argument("dir", help="a directory written by bench --out")
@@ -322,9 +328,6 @@ def _cmd_generate(a) -> int:
 
 def _generate_dist(a, text: str) -> int:
     """``generate --dist MODE`` in one rank of ``torchrun``: the prompt's prefill split across the ranks."""
-    import datetime
-    import os
-
     import torch
     import torch.distributed as dist
 
@@ -337,12 +340,8 @@ def _generate_dist(a, text: str) -> int:
         raise ValueError(f"--dist: the sequence-parallel prefill runs dense attention; got --recipe {a.recipe!r}")
     if a.dist_backend == "deepspeed" and a.dist != "ulysses":
         raise ValueError(f"--dist-backend deepspeed: only with --dist ulysses (got --dist {a.dist})")
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        raise ValueError(f"--dist {a.dist}: run under torchrun (torchrun --nproc-per-node P -m longattn.cli generate "
-                         "...): WORLD_SIZE and RANK are not set")
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
-    rank, nproc = dist.get_rank(), dist.get_world_size()
+    rank = _init_torchrun(f"--dist {a.dist}", "generate")
+    nproc = dist.get_world_size()
     try:
         model, tok = models.load(a.model, dtype=getattr(torch, a.dtype))
         check_model(model, a.dist, nproc)
@@ -479,6 +478,12 @@ def _cmd_bench(a) -> int:
             setattr(cfg, field_, _config_value(k, v, kind))
     if a.scorer not in ("contains", "exact", "rouge"):  # pragma: no cover - argparse choices
         raise ValueError(f"--scorer must be one of contains, exact, rouge; got {a.scorer!r}")
+    if a.dist:
+        if a.methods is None and not a.config:
+            cfg.methods = ("dense",)
+        return _bench_dist(a, cfg)
+    if a.dist_backend != "torch":
+        raise ValueError("--dist-backend: only with --dist ulysses")
     records = run(cfg)
     if a.out:
         from .bench.report import render_dir
@@ -487,6 +492,42 @@ def _cmd_bench(a) -> int:
     else:
         print(bench_table(records))
     return 0
+
+
+def _bench_dist(a, cfg) -> int:
+    """``bench --dist MODE`` in one rank of ``torchrun``; rank 0 prints the table (and writes the outputs)."""
+    import torch.distributed as dist
+
+    from .bench.dist_runner import run_dist
+    from .bench.report import bench_table, render_dir
+
+    rank = _init_torchrun(f"--dist {a.dist}", "bench")
+    try:
+        records = run_dist(cfg, a.dist, a.dist_backend)
+    except ValueError:
+        if rank != 0:  # every rank stops with the same line: rank 0 says it
+            return 2
+        raise
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        print(render_dir(records, a.out) if a.out else bench_table(records))
+    return 0
+
+
+def _init_torchrun(flag: str, cmd: str) -> int:
+    """This process's rank in the gloo group of ``torchrun`` (initialised here); one clear line outside it."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        raise ValueError(f"{flag}: run under torchrun (torchrun --nproc-per-node P -m longattn.cli {cmd} "
+                         "...): WORLD_SIZE and RANK are not set")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
+    return dist.get_rank()
 
 
 def _cmd_report(a) -> int:

@@ -128,6 +128,8 @@ def bench_table(records: list[dict]) -> str:
         ci = wilson(sum(scores), len(scores)) if scores else None
         sp, sd = shares.get((t, n), (None, None))
         dp, dd = kept_work(rs)
+        if any(r.get("dist") for r in rs):  # sequence parallel keeps all the work, on more processes: no bound
+            sp = sd = None
         rows.append([
             t, str(n), m, _fmt(_mean(scores), ".2f"), str(len(rs)),
             "-" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}",

@@ -196,7 +196,8 @@ def sp_generate(model, ids: list[int], mode: str, max_new_tokens: int, *, eos=()
     """Greedy generation with the prompt ``ids`` prefilled sequence parallel over the process group (every rank
     calls it with the same arguments). Returns, the same on every rank: ``tokens``, ``prefill_s`` /
     ``decode_s`` (this rank's), ``local_tokens`` (this rank's share of the prompt), ``cache_bytes`` (this
-    rank's cache storage after generating) and ``cache_bytes_per_rank`` (every rank's), ``lengths`` (every
+    rank's cache storage after generating) and ``cache_bytes_per_rank`` (every rank's),
+    ``prefill_cache_bytes_per_rank`` (every rank's cache storage after the prefill), ``lengths`` (every
     rank's share), and with ``keep_logits`` the float32 ``logits`` of every generated position."""
     from transformers import DynamicCache
 
@@ -234,6 +235,7 @@ def sp_generate(model, ids: list[int], mode: str, max_new_tokens: int, *, eos=()
             last = out.logits[0, -1].float() if rank == holder else torch.empty(out.logits.shape[-1], device=dev)
             last = _broadcast(last.contiguous(), holder, group)
             prefill_s = time.perf_counter() - t0
+            own_prefill = cache_nbytes(cache)
             st.decoding = True
             tokens, logits = [], last
             t0 = time.perf_counter()
@@ -253,9 +255,11 @@ def sp_generate(model, ids: list[int], mode: str, max_new_tokens: int, *, eos=()
             _STATES.pop(i, None)
         model.set_attn_implementation(prev)
     own = cache_nbytes(cache)
-    per_rank = all_gather_equal(torch.tensor([own], dtype=torch.int64), "dist generate", group)
+    per_rank = all_gather_equal(torch.tensor([[own_prefill, own]], dtype=torch.int64), "dist generate", group)
+    per_rank = per_rank.view(nproc, 2).tolist()
     res = {"tokens": tokens, "prefill_s": prefill_s, "decode_s": decode_s, "local_tokens": lengths[rank],
-           "cache_bytes": own, "cache_bytes_per_rank": [int(b) for b in per_rank.view(-1).tolist()],
+           "cache_bytes": own, "cache_bytes_per_rank": [int(b) for _, b in per_rank],
+           "prefill_cache_bytes_per_rank": [int(b) for b, _ in per_rank],
            "lengths": lengths, "mode": mode, "nproc": nproc}
     if keep_logits:
         res["logits"] = torch.stack(logits_kept)
