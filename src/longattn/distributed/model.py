@@ -31,7 +31,8 @@ import time
 import torch
 
 from .. import hf
-from ..ops.core import add_sinks, masked_attention
+from ..ops.core import add_sinks
+from ..ops.dense import masked_grouped
 from .blocks import positions, rank_ranges, split_lengths, unshard
 from .comm import all_gather_equal, all_gather_var, compute_timer, guard, world
 from .dist_decode import dist_decode
@@ -119,16 +120,6 @@ def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _gqa_attention(q, k, v, allowed, scale):
-    """``q [b, hq, nq, d]`` over ``k, v [b, hk, nk, d]`` with ``allowed [nq, nk]`` (or None): ``(out, lse)``."""
-    b, hq, nq, d = q.shape
-    hk = k.shape[1]
-    g = hq // hk
-    o, lse = masked_attention(q.reshape(b, hk, g * nq, d), k, v, None if allowed is None else allowed.repeat(g, 1),
-                              scale)
-    return o.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
-
-
 def _window_prefill(q, k, v, window: int, scale: float, st, layer_idx: int, chunk: int = 1024):
     """A sliding-window layer's prefill: one all-gather of every rank's keys and values (this layer's, freed after
     it), each local query attends the ``window`` positions up to its own (in query chunks), and the layer's cache
@@ -148,7 +139,7 @@ def _window_prefill(q, k, v, window: int, scale: float, st, layer_idx: int, chun
                 kpos = torch.arange(k0, c1, device=q.device)[None, :]
                 allowed = (kpos <= qpos) & (kpos > qpos - window)
                 qc = q[:, :, off + c0 - s : off + c1 - s]
-                o, lz = _gqa_attention(qc, full[0][:, :, k0:c1], full[1][:, :, k0:c1], allowed, scale)
+                o, lz = masked_grouped(qc, full[0][:, :, k0:c1], full[1][:, :, k0:c1], allowed, scale, return_lse=True)
                 outs.append(o)
                 lses.append(lz)
             off += e - s
@@ -165,7 +156,7 @@ def _window_decode(q, k, v, window: int, scale: float):
     if nq != 1 or nk > window:
         raise RuntimeError(f"sequence-parallel decode: one query over at most {window} window keys, got {nq} over {nk}")
     with compute_timer():
-        return _gqa_attention(q, k, v, None, scale)
+        return masked_grouped(q, k, v, None, scale, return_lse=True)
 
 
 def _decode(q, k, v, n_local: int, owner: bool, scale: float, group):

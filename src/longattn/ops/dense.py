@@ -84,15 +84,19 @@ def _explicit(q, k, v, key_valid, scale, window, softcap, sinks):
     return masked_grouped(q, k, v, m, scale, softcap, sinks)
 
 
-def masked_grouped(q, k, v, mask, scale, softcap=None, sinks=None):
-    """``q [b, hq, nq, d]`` over ``k, v [b, hk, nk, d]`` (GQA unrepeated) under ``mask [b, hq, nq, nk]``, float32,
-    with softcap and sinks; rows with no allowed key (and no sink) give 0."""
+def masked_grouped(q, k, v, mask, scale, softcap=None, sinks=None, return_lse: bool = False):
+    """``q [b, hq, nq, d]`` over ``k, v [b, hk, nk, d]`` (GQA unrepeated) under ``mask`` (bool, broadcastable to
+    ``[b, hq, nq, nk]``, or None), float32, with softcap and sinks; rows with no allowed key (and no sink) give 0.
+    ``return_lse``: ``(out, lse [b, hq, nq])`` with the out in float32 (to be merged with other parts)."""
     b, hq, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     g = hq // hk
     qg = q.reshape(b, hk, g * nq, d)
-    out, lse = masked_attention(qg, k, v, mask.expand(b, hq, nq, nk).reshape(b, hk, g * nq, nk), scale, softcap)
-    out, _ = add_sinks(out, lse, grouped_sinks(sinks, hk, g, nq))
+    allowed = None if mask is None else mask.expand(b, hq, nq, nk).reshape(b, hk, g * nq, nk)
+    out, lse = masked_attention(qg, k, v, allowed, scale, softcap)
+    out, lse = add_sinks(out, lse, grouped_sinks(sinks, hk, g, nq))
+    if return_lse:
+        return out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
     return out.reshape(b, hq, nq, d).to(q.dtype)
 
 
