@@ -709,6 +709,39 @@ def test_magicpig_output_is_the_importance_weighted_estimate():
             torch.testing.assert_close(got[bi, h, 0].double(), want.double(), rtol=1e-4, atol=1e-5)
 
 
+def test_magicpig_hash_tables_find_what_comparing_every_code_finds(monkeypatch):
+    """The bucket lookup (and the decoded keys kept apart, then folded into the tables) samples exactly the keys
+    that comparing every key's code with the query's samples, step after step as keys arrive."""
+    from longattn.decode import MagicPIG
+    from longattn.decode.magicpig import collisions, lookup, simhash
+
+    codes = torch.randint(0, 8, (2, 3, 200, 5), generator=torch.Generator().manual_seed(0), dtype=torch.int16)
+    qc = torch.randint(0, 8, (2, 3, 4, 5), generator=torch.Generator().manual_seed(1), dtype=torch.int16)
+    from longattn.decode.magicpig import build_tables
+
+    assert torch.equal(lookup(*build_tables(codes, 3), qc), collisions(codes, qc).int())
+    monkeypatch.setattr(MagicPIG, "TAIL_MAX", 3)
+    sel = MagicPIG(bits=3, tables=12, min_match=2, sink=0, recent=0)
+    full = _step(n=150, pads=(0, 13))
+    layer = LongattnLayer()
+    folds = 0
+    for n in range(120, 151):
+        kv = full.key_valid[:, :n]
+        step = Step(full.q, full.k[:, :, :n], full.v[:, :, :n], kv, layer, 1, 4, full.scale)
+        idx, ok = sel.select(step)
+        st = layer.decode_state["magicpig"]
+        folds += st.tail.shape[2] == 0 and n > 120
+        hk, g = full.k.shape[1], full.q.shape[1] // full.k.shape[1]
+        kvh = torch.arange(full.q.shape[1]) // g
+        qh = simhash(full.q.float(), st.planes[kvh], 12, 3).view(2, hk, g, 12)
+        want = (collisions(simhash(step.k.float() - st.mean, st.planes, 12, 3), qh).view(2, -1, n) >= 2) \
+            & kv.bool()[:, None]
+        got = _sets(idx, ok)
+        for (bi, h), keys in got.items():
+            assert keys == set(want[bi, h].nonzero().view(-1).tolist()), (n, bi, h)
+    assert folds >= 5  # the decoded keys were folded into the tables several times
+
+
 def test_twilight_keeps_few_tokens_for_a_peaked_head_and_many_for_a_flat_one():
     from longattn.decode import Twilight
 
