@@ -742,6 +742,33 @@ def test_magicpig_hash_tables_find_what_comparing_every_code_finds(monkeypatch):
     assert folds >= 5  # the decoded keys were folded into the tables several times
 
 
+def test_twilight_quantized_copy_grows_in_place_and_equals_quantizing_every_key():
+    from longattn.decode import Twilight
+    from longattn.decode.twilight import quantize_keys
+
+    sel = Twilight(inner="quest/budget=48/page=8", top_p=0.8)
+    full = _step(n=150, pads=(0, 13))
+    layer = LongattnLayer()
+    layer.update(full.k[:, :, :100], full.v[:, :, :100])
+    sel.on_prefill(layer, 1, full.q, layer.keys, full.key_valid[:, :100])
+    grew = 0
+    for n in range(100, 151):
+        if n > 100:  # one decoded token
+            layer.update(full.k[:, :, n - 1 : n], full.v[:, :, n - 1 : n])
+        step = Step(full.q, layer.keys, layer.values, full.key_valid[:, :n], layer, 1, 4, full.scale)
+        cap = layer.decode_state["twilight"].codes.shape[2]
+        idx, keep = sel.select(step)
+        st = layer.decode_state["twilight"]
+        grew += st.codes.shape[2] != cap
+        codes, scale = quantize_keys(full.k[:, :, :n], 4)
+        assert st.n == n and torch.equal(st.codes[:, :, :n], codes) and torch.equal(st.scale[:, :, :n], scale)
+        other = LongattnLayer()
+        other.update(full.k[:, :, :n], full.v[:, :, :n])
+        fresh = Step(full.q, other.keys, other.values, full.key_valid[:, :n], other, 1, 4, full.scale)
+        assert _sets(idx, keep) == _sets(*sel.select(fresh)), n
+    assert 1 <= grew <= 3  # the buffer grew a few times, not at every step
+
+
 def test_twilight_keeps_few_tokens_for_a_peaked_head_and_many_for_a_flat_one():
     from longattn.decode import Twilight
 

@@ -256,6 +256,7 @@ class MagicPIG(DecodeSelector):
         import time
 
         from ..ops.core import capped
+        from ..ops.decode import gather_rows
 
         t0 = time.perf_counter()
         idx, ok, is_sampled = self._chosen(step)
@@ -264,9 +265,8 @@ class MagicPIG(DecodeSelector):
         hk, n = step.k.shape[1], step.n
         m = idx.shape[-1]
         kvh = torch.arange(hq, device=step.q.device) // (hq // hk)
-        rows = ((torch.arange(b, device=idx.device).view(b, 1, 1) * hk + kvh.view(1, hq, 1)) * n + idx).view(-1)
-        kk = step.k.reshape(b * hk * n, d).index_select(0, rows).view(b, hq, m, d).float()  # [b, hq, m, d]
-        vv = step.v.reshape(b * hk * n, d).index_select(0, rows).view(b, hq, m, d).float()
+        kk = gather_rows(step.k, idx, kvh).float()  # [b, hq, m, d]: one index_select (no copy of the cache)
+        vv = gather_rows(step.v, idx, kvh).float()
         qf = step.q[:, :, 0].float()
         kc = kk - st.mean[:, kvh]  # [b, hq, 1, d]
         cos = torch.einsum("bhd,bhmd->bhm", qf, kc) / (qf.norm(dim=-1, keepdim=True) * kc.norm(dim=-1)).clamp_min(1e-12)

@@ -9,8 +9,8 @@ over the candidates per query head; each query head keeps the fewest candidates 
 one many.
 
 Departures: the quantized key copy lives in the layer's decode state (int8 storage holding ``bits``-bit values
-and one float scale per token and head; it is counted in the cache's bytes and updated for appended tokens
-only); the softcap, when the layer has one, is applied to the estimate too.
+and one float scale per token and head, in buffers with room to grow; it is counted in the cache's bytes, made at
+the end of prefill and updated for appended tokens only); the softcap, when the layer has one, is applied to the estimate too.
 """
 
 from __future__ import annotations
@@ -29,10 +29,25 @@ __all__ = ["Twilight", "QuantizedKeys", "quantize_keys"]
 
 @dataclass
 class QuantizedKeys(DecodeState):
-    """``q [b, hk, n, d]`` int8 codes and ``scale [b, hk, n, 1]`` float32 of the layer's first ``n`` keys."""
+    """int8 ``codes [b, hk, cap, d]`` and float32 ``scale [b, hk, cap, 1]`` of the layer's first ``n`` keys, in
+    buffers with room for ``cap >= n`` (a decode step writes its token's codes in place: no copy of the rest)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
+    n: int = 0
+
+    def extend(self, k: torch.Tensor, bits: int) -> None:
+        """Quantize and append ``k [b, hk, t, d]`` (the buffers grow by a quarter when full)."""
+        t = k.shape[2]
+        if self.n + t > self.codes.shape[2]:
+            cap = max(self.n + t, self.codes.shape[2] + max(16, self.codes.shape[2] // 4))
+            codes = self.codes.new_zeros(*self.codes.shape[:2], cap, self.codes.shape[3])
+            scale = self.scale.new_zeros(*self.scale.shape[:2], cap, 1)
+            codes[:, :, : self.n], scale[:, :, : self.n] = self.codes[:, :, : self.n], self.scale[:, :, : self.n]
+            self.codes, self.scale = codes, scale
+        c, sc = quantize_keys(k, bits)
+        self.codes[:, :, self.n : self.n + t], self.scale[:, :, self.n : self.n + t] = c, sc
+        self.n += t
 
 
 def quantize_keys(k: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,25 +101,34 @@ class Twilight(DecodeSelector):
 
     def on_prefill(self, layer, layer_idx, q, k, key_valid) -> None:
         self._inner.on_prefill(layer, layer_idx, q, k, key_valid)
+        if self.bits and self.top_p < 1.0:
+            self._quantized(layer.decode_state, k)  # at the end of prefill (its cost is the prefill's)
+
+    def _quantized(self, states: dict, k: torch.Tensor) -> QuantizedKeys:
+        """The layer's quantized key copy, brought up to its ``n`` keys (rebuilt when tokens were removed)."""
+        st = states.get("twilight")
+        n = k.shape[2]
+        if st is None or st.n > n or st.codes.shape[0] != k.shape[0]:
+            b, hk, _, d = k.shape
+            st = QuantizedKeys(torch.zeros(b, hk, 0, d, dtype=torch.int8, device=k.device),
+                               torch.zeros(b, hk, 0, 1, device=k.device))
+        if st.n < n:
+            st.extend(k[:, :, st.n :], self.bits)
+        states["twilight"] = st
+        return st
 
     def estimate_keys(self, step: Step, idx: torch.Tensor) -> torch.Tensor:
         """The candidates' keys ``[b, hq, m, d]`` the estimate reads (``idx [b, hq, m]``): exact, or dequantized
         from the layer's quantized copy (extended by the new tokens; only the candidates are dequantized)."""
+        from ..ops.decode import gather_rows
+
         b, hq, m = idx.shape
-        hk = step.k.shape[1]
-        rows = torch.arange(b, device=idx.device).view(b, 1, 1)
-        kvi = (torch.arange(hq, device=idx.device) // (hq // hk)).view(1, hq, 1).expand(b, hq, m)
+        hk, n = step.k.shape[1], step.n
+        kvh = torch.arange(hq, device=idx.device) // (hq // hk)
         if not self.bits:
-            return step.k[rows, kvi, idx].float()
-        st = step.state.get("twilight")
-        n = step.n
-        if st is None or st.codes.shape[2] > n:
-            codes, scale = quantize_keys(step.k, self.bits)
-        else:
-            c_new, s_new = quantize_keys(step.k[:, :, st.codes.shape[2] :], self.bits)
-            codes, scale = torch.cat([st.codes, c_new], 2), torch.cat([st.scale, s_new], 2)
-        step.state["twilight"] = QuantizedKeys(codes, scale)
-        return codes[rows, kvi, idx].float() * scale[rows, kvi, idx]
+            return gather_rows(step.k, idx, kvh).float()
+        st = self._quantized(step.state, step.k)
+        return gather_rows(st.codes[:, :, :n], idx, kvh).float() * gather_rows(st.scale[:, :, :n], idx, kvh)
 
     def select(self, step: Step):
         from ..ops.core import capped

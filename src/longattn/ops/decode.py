@@ -24,7 +24,7 @@ from ..checks import check_int
 from .core import add_sinks, buffer_capacity, grouped_sinks, masked_attention
 from .merge import merge_attention
 
-__all__ = ["split_k_attention", "gather_attention", "split_bounds"]
+__all__ = ["split_k_attention", "gather_attention", "gather_rows", "split_bounds"]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
@@ -33,7 +33,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int,
     return check_qkv(q, k, v)
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor, kvh: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, idx: torch.Tensor, kvh: torch.Tensor) -> torch.Tensor:
     """``x [b, hk, n, d]`` at ``idx [b, hs, m]``, row ``h`` of ``idx`` reading kv head ``kvh[h]``:
     ``[b, hs, m, d]``. One ``index_select`` over the flattened cache when it is contiguous or the head of a
     contiguous buffer (the cache layer's room to grow); per row otherwise (a transposed cache would be copied
@@ -120,7 +120,7 @@ def gather_attention(
     g = hq // hk
     kvh = torch.arange(hs, device=idx.device) // (1 if hs == hk else g)  # the kv head each row of idx reads
     qs = q.reshape(b, hk, g * nq, d) if hs == hk else q
-    kg, vg = _gather_rows(k, idx, kvh), _gather_rows(v, idx, kvh)  # [b, hs, m, d]
+    kg, vg = gather_rows(k, idx, kvh), gather_rows(v, idx, kvh)  # [b, hs, m, d]
     allowed = None if valid is None else valid[:, :, None, :]
     if key_valid is not None:
         kv_ok = key_valid.gather(1, idx.reshape(b, hs * m)).view(b, hs, 1, m)
