@@ -160,3 +160,26 @@ def test_lightning_decay_is_transnormers_alibi_schedule_by_depth():
                                                                            for f in (1 + 1e-5, 0.5 + 1e-5, 1e-5)]
     with pytest.raises(ValueError, match="layer_idx must be in"):
         Lightning(16, heads=4, layer_idx=3, num_layers=3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_rcmha_relative_shift_reads_distance_i_minus_j(n):
+    """``rel_shift`` (a strided view) = the definition ``out[i, j] = pos[i, n - 1 - i + j]``, gradients too."""
+    from longattn.mixers.rcmha import rel_shift
+
+    pos = torch.randn(2, 3, n, 2 * n - 1, dtype=torch.float64, requires_grad=True)
+    want = torch.empty(2, 3, n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            want[:, :, i, j] = pos[:, :, i, n - 1 - i + j].detach()
+    got = rel_shift(pos)
+    assert torch.equal(got, want)
+    w = torch.randn(2, 3, n, n, dtype=torch.float64)
+    (got * w).sum().backward()
+    grad = torch.zeros_like(pos)
+    for i in range(n):
+        for j in range(n):
+            grad[:, :, i, n - 1 - i + j] += w[:, :, i, j]
+    assert torch.equal(pos.grad, grad)
+    with pytest.raises(ValueError, match="contiguous"):
+        rel_shift(torch.randn(2, n, 2 * n))

@@ -27,7 +27,7 @@ from ..checks import check_int
 from ..registry import register
 from .base import Mixer
 
-__all__ = ["RCMHA", "sinusoid"]
+__all__ = ["RCMHA", "rel_shift", "sinusoid"]
 
 
 def sinusoid(r: torch.Tensor, dim: int) -> torch.Tensor:
@@ -37,6 +37,20 @@ def sinusoid(r: torch.Tensor, dim: int) -> torch.Tensor:
     ang = r[..., None] * inv
     out = torch.stack([ang.sin(), ang.cos()], -1).flatten(-2)
     return F.pad(out, (0, dim - 2 * half))
+
+
+def rel_shift(pos_all: torch.Tensor) -> torch.Tensor:
+    """``[..., n, n]`` with ``out[..., i, j] = pos_all[..., i, n - 1 - i + j]`` from a contiguous ``[..., n, 2n - 1]``
+    (Transformer-XL's relative shift): a strided view, element ``(i, j)`` at offset ``i (2n - 2) + n - 1 + j`` of
+    its row block, so neither an ``[n, n]`` index tensor nor a gather (nor its scatter backward) is needed."""
+    *lead, n, r = pos_all.shape
+    if r != 2 * n - 1 or not pos_all.is_contiguous():
+        raise ValueError(f"rel_shift: expected a contiguous [..., n, 2n - 1] tensor, got {tuple(pos_all.shape)}")
+    if n == 1:
+        return pos_all
+    flat = pos_all.reshape(-1, n * r)
+    out = flat.as_strided((flat.shape[0], n, n), (n * r, r - 1, 1), flat.storage_offset() + n - 1)
+    return out.reshape(*lead, n, n)
 
 
 @register("rcmha", "mixer", paper="RCMHA (Sugiharto et al., 2023) https://arxiv.org/abs/2308.03429",
@@ -78,17 +92,20 @@ class RCMHA(Mixer):
         self.check_input(x, mask)
         q, k, v = self._qkv(x, mask)
         b, h, n, d = q.shape
+        scale = 1.0 / math.sqrt(d)  # on the queries (n x d), not on the n x n scores
         rel = self._rel(n, x)  # index n - 1 - (i - j) holds distance i - j
-        content = torch.einsum("bhid,bhjd->bhij", q + self.u[None, :, None], k)
-        pos_all = torch.einsum("bhid,hrd->bhir", q + self.w[None, :, None], rel)  # [b, h, n, 2n - 1]
-        i = torch.arange(n, device=x.device)
-        idx = (n - 1 - i[:, None] + i[None, :]).expand(b, h, n, n)
-        s = (content + torch.gather(pos_all, 3, idx)) / math.sqrt(d)
+        content = torch.einsum("bhid,bhjd->bhij", (q + self.u[None, :, None]) * scale, k)
+        # a broadcast matmul lays the result out as [b, h, n, 2n - 1] directly (an einsum folds b into n and
+        # permutes after: a copy of the largest tensor here, and another in the backward)
+        pos_all = torch.matmul((q + self.w[None, :, None]) * scale, rel.transpose(1, 2)[None]).contiguous()
+        s = content + rel_shift(pos_all)  # [b, h, n, n]
         allowed = torch.ones(n, n, dtype=torch.bool, device=x.device)
         allowed = (allowed.tril() if self.causal else allowed)[None, None]
         if mask is not None:
             allowed = allowed & mask[:, None, None, :].bool()
-        p = torch.nan_to_num(s.masked_fill(~allowed, float("-inf")).softmax(-1))
+        # the most negative float, not -inf: a row with no allowed key (a padded query) gets some average instead
+        # of NaN, and its output is zeroed by the mask below; every real query attends at least to itself
+        p = s.masked_fill(~allowed, torch.finfo(s.dtype).min).softmax(-1)
         return self.masked(self.out(self.merge(p @ v)), mask)
 
     def reference(self, x, mask=None):
