@@ -146,6 +146,17 @@ def test_paired_ratios_are_formed_within_one_run():
     assert paired_ratio(recs, "prefill_s") == {("passkey", 256, "x"): 2.0, ("passkey", 256, "dense"): 1.0}
 
 
+def test_bench_table_gives_each_speed_ratio_its_per_sample_spread():
+    from longattn.bench.report import bench_table, paired_spread
+
+    recs = [_rec(0, run_id="a", prefill_s=1.0), _rec(0, run_id="a", method="x", prefill_s=0.5),
+            _rec(1, run_id="a", prefill_s=3.0), _rec(1, run_id="a", method="x", prefill_s=2.0),
+            _rec(2, run_id="b", method="x", prefill_s=0.1)]  # no dense of its own run: not a pair
+    assert paired_spread(recs, "prefill_s") == {("passkey", 256, "x"): (1.5, 2.0)}
+    row = next(ln for ln in bench_table(recs).splitlines() if " x " in f" {ln} " and "passkey" in ln)
+    assert "1.60 (1.50-2.00)" in row  # sum(dense) / sum(x) = 4 / 2.5, beside the per-sample extremes
+
+
 def test_accuracy_interval():
     from longattn.bench.report import wilson
 

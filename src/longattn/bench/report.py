@@ -28,21 +28,41 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
-def paired_ratio(records: list[dict], field: str, dense_over_method: bool = True) -> dict:
-    """``(task, length, method) -> ratio`` of a time field against dense, formed only between records of the
-    same run (``run_id``), task, length and sample: ``sum(dense) / sum(method)`` over those pairs (timings of
-    different runs are never divided by each other)."""
+def _pairs(records: list[dict], field: str):
+    """``(group, dense value, method value)`` for every record with a dense record of the same run (``run_id``),
+    task, length and sample (timings of different runs are never divided by each other)."""
     dense = {(r["task"], r["length"], r["sample"], r.get("run_id")): r.get(field) for r in records
              if r["method"] == "dense" and r.get(field)}
-    num, den = defaultdict(float), defaultdict(float)
     for r in records:
         d = dense.get((r["task"], r["length"], r["sample"], r.get("run_id")))
         v = r.get(field)
         if d and v:
-            g = (r["task"], r["length"], r["method"])
-            num[g] += d if dense_over_method else v
-            den[g] += v if dense_over_method else d
+            yield (r["task"], r["length"], r["method"]), d, v
+
+
+def paired_ratio(records: list[dict], field: str, dense_over_method: bool = True) -> dict:
+    """``(task, length, method) -> ratio`` of a time field against dense over the same-run pairs (``_pairs``):
+    ``sum(dense) / sum(method)``."""
+    num, den = defaultdict(float), defaultdict(float)
+    for g, d, v in _pairs(records, field):
+        num[g] += d if dense_over_method else v
+        den[g] += v if dense_over_method else d
     return {g: num[g] / den[g] for g in num if den[g] > 0}
+
+
+def paired_spread(records: list[dict], field: str, dense_over_method: bool = True) -> dict:
+    """``(task, length, method) -> (min, max)`` of the per-sample ratios behind ``paired_ratio``: how far one
+    sample's ratio moves on a noisy machine. Dense and groups with one pair are left out."""
+    ratios = defaultdict(list)
+    for g, d, v in _pairs(records, field):
+        if g[2] != "dense":
+            ratios[g].append(d / v if dense_over_method else v / d)
+    return {g: (min(x), max(x)) for g, x in ratios.items() if len(x) > 1}
+
+
+def _with_spread(ratio, spread) -> str:
+    text = _fmt(ratio, ".2f")
+    return text if spread is None or ratio is None else f"{text} ({spread[0]:.2f}-{spread[1]:.2f})"
 
 
 def _ratio_mean(rs: list[dict], num: str, den: str):
@@ -103,8 +123,8 @@ def kept_work(rs: list[dict]) -> tuple[float | None, float | None]:
 
 def bench_table(records: list[dict]) -> str:
     """One row per (task, method, length): accuracy with n and its 95% interval, cache MiB, compression vs dense,
-    prefill s and speed-up vs dense prefill (same run) beside its Amdahl bound, decode tok/s and its ratio to
-    dense (same run) beside its bound, method s, prefill attention recall, KL and top-1 agreement vs dense. Dense
+    prefill s and speed-up vs dense prefill (same run; with the min-max of the per-sample ratios when there are
+    several) beside its Amdahl bound, decode tok/s and its ratio to dense (same run, likewise) beside its bound, method s, prefill attention recall, KL and top-1 agreement vs dense. Dense
     is the first row of each group. The bound is ``1 / ((1 - s) + s d)``: ``s`` the share of dense's time in the
     full-attention layers' attention (same task and length), ``d`` the method's kept work (``kept_work``)."""
     groups = defaultdict(list)
@@ -114,6 +134,8 @@ def bench_table(records: list[dict]) -> str:
                    for (t, n, m), rs in groups.items() if m == "dense"}
     prefill_x = paired_ratio(records, "prefill_s")
     decode_x = paired_ratio(records, "decode_tok_s", dense_over_method=False)
+    prefill_sp = paired_spread(records, "prefill_s")
+    decode_sp = paired_spread(records, "decode_tok_s", dense_over_method=False)
     shares = attention_share(records)
     sel = select_share(records)
     head = ["task", "length", "method", "acc", "n", "95% CI", "kv MiB", "kv/dense", "kv/plain", "peak MiB", "prefill s",
@@ -138,10 +160,10 @@ def bench_table(records: list[dict]) -> str:
             _fmt(_ratio_mean(rs, "kv_cache_bytes", "plain_bytes"), ".2f"),
             _fmt(peak / 2**20 if peak is not None else None, ".0f"),
             _fmt(_mean([r["prefill_s"] for r in rs]), ".2f"),
-            _fmt(prefill_x.get((t, n, m)), ".2f"),
+            _with_spread(prefill_x.get((t, n, m)), prefill_sp.get((t, n, m))),
             _fmt(amdahl(sp, dp), ".2f"),
             _fmt(_mean([r["decode_tok_s"] for r in rs]), ".1f"),
-            _fmt(decode_x.get((t, n, m)), ".2f"),
+            _with_spread(decode_x.get((t, n, m)), decode_sp.get((t, n, m))),
             _fmt(amdahl(sd, dd), ".2f"),
             _fmt(sel.get((t, n, m)), ".2f"),
             _fmt(_mean([r.get("method_s") for r in rs]), ".3f"),
