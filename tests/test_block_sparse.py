@@ -241,3 +241,17 @@ def test_vertical_slash_compiles_once_for_every_length(monkeypatch):
             torch.testing.assert_close(fast.attend(q, k, v), ref.attend(q, k, v), rtol=0, atol=1e-5)
             graphs.append(du.counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[0] and graphs[2] == graphs[0]
+
+
+def test_compile_seconds_count_a_compiling_call_once_and_not_its_reruns():
+    import torch
+
+    from longattn.ops import flex
+
+    fn = torch.compile(lambda x: (x * 3).sin() + 0.123456, dynamic=False)
+    c0 = flex.compile_seconds()
+    out = flex._call(fn, torch.randn(7, 5))
+    c1 = flex.compile_seconds()
+    assert c1 > c0 and out.shape == (7, 5)
+    flex._call(fn, torch.randn(7, 5))  # compiled already: nothing counts
+    assert flex.compile_seconds() == c1

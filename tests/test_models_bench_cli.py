@@ -70,6 +70,17 @@ def test_bench_records_resume_and_corrupt_lines(smollm2, tmp_path):
     snap = [r for r in recs if r["method"] != "dense"]
     assert all(r["kl"] == 0.0 and r["top1_agree"] == 1.0 for r in dense)
     assert all(0.45 < s["kv_cache_bytes"] / d["kv_cache_bytes"] < 0.55 for s, d in zip(snap, dense))
+    from longattn.bench.report import amdahl
+
+    for s, d in zip(snap, dense):  # the contract's derived fields, against the dense record of the same sample
+        assert s["sample"] == d["sample"] and s["dense_prefill_s"] == d["prefill_s"] and s["compile_s"] == 0.0
+        assert s["prefill_x"] == pytest.approx(d["prefill_s"] / s["prefill_s"])
+        assert s["decode_x"] == pytest.approx(s["decode_tok_s"] / d["decode_tok_s"])
+        assert s["prefill_attention_share"] == pytest.approx(d["attn_prefill_s"] / d["prefill_s"])
+        assert 0 < s["decode_attention_share"] < 1
+        assert s["decode_amdahl_bound"] == pytest.approx(amdahl(s["decode_attention_share"],
+                                                                s["kv_cache_bytes"] / s["plain_bytes"]))
+        assert s["prefill_amdahl_bound"] == pytest.approx(1.0) and d["prefill_x"] == 1.0
     assert json.loads((tmp_path / "r.json").read_text()) == recs
     # resume after a crash that lost the last record and corrupted a line
     lines = (tmp_path / "results.jsonl").read_text().splitlines()

@@ -31,6 +31,7 @@ from .metrics import PeakMemory, fidelity
 from .prompts import encode
 from .protocols import _plain, run_sample
 from .records import ResultsFile, environment, make_record, new_run_id, recipe_key, record_key
+from .report import against_dense
 from .runner import BenchConfig, _check_lengths, _identity, _task_key, make_task
 
 __all__ = ["dist_method", "run_dist"]
@@ -189,6 +190,7 @@ def run_dist(cfg: BenchConfig, mode: str, backend: str = "torch", group=None, mo
                         rec = make_record(task=tname, method="dense", recipe=dense,
                                           length=length if task.uses_length else ref["n_tokens"], sample_obj=sample,
                                           res=ref, task_obj=task, key=ident, run_id=run_id, env=env_dense)
+                        rec.update(against_dense(rec, ref))
                         records.append(rec)
                         if results is not None:
                             results.append(rec)
@@ -254,4 +256,5 @@ def _dist_record(out, per, ref, tname, task, sample, length, ident, name, mode, 
                    "prefill_s_per_rank": [p["prefill_s"] for p in per],
                    "peak_bytes_per_rank": [p["peak"] for p in per], "fidelity_tokens": n_fid,
                    "same_answer": tokens == dense_ids}
+    rec.update(against_dense(rec, ref))  # a dist record gets no Amdahl bound
     return rec

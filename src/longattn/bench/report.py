@@ -111,6 +111,25 @@ def amdahl(share: float | None, kept: float | None) -> float | None:
     return 1.0 / ((1.0 - share) + share * kept)
 
 
+def against_dense(rec: dict, dense: dict) -> dict:
+    """The JSON contract's derived fields of one record against dense's result on the same sample in the same
+    run (``dense``: that record or protocol result): ``prefill_x``, ``decode_x``, dense's attention shares, the
+    record's Amdahl bounds (``kept_work``), and dense's own ``dense_prefill_s`` / ``dense_decode_tok_s``."""
+    def ratio(a, b):
+        return (a / b) if a and b else None
+
+    sp, sd = ratio(dense.get("attn_prefill_s"), dense.get("prefill_s")), ratio(dense.get("attn_decode_s"),
+                                                                                 dense.get("decode_s"))
+    dp, dd = kept_work([rec])
+    dist = bool(rec.get("dist"))  # sequence parallel keeps all the work: no bound
+    return {"prefill_x": ratio(dense.get("prefill_s"), rec.get("prefill_s")),
+            "decode_x": ratio(rec.get("decode_tok_s"), dense.get("decode_tok_s")),
+            "prefill_attention_share": sp, "decode_attention_share": sd,
+            "prefill_amdahl_bound": None if dist else amdahl(sp, dp),
+            "decode_amdahl_bound": None if dist else amdahl(sd, dd),
+            "dense_prefill_s": dense.get("prefill_s"), "dense_decode_tok_s": dense.get("decode_tok_s")}
+
+
 def kept_work(rs: list[dict]) -> tuple[float | None, float | None]:
     """A method's kept fraction of the attention work: prefill = its pattern's density (1 without a pattern),
     decode = the selector's density, else the cache it attends over relative to the plain model's."""

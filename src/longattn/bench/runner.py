@@ -21,6 +21,7 @@ from ..api import _spec_of
 from .prompts import encode, followup_ids
 from .protocols import run_sample
 from .records import ResultsFile, environment, make_record, new_run_id, read_results, recipe_key, record_key
+from .report import against_dense
 
 __all__ = ["BenchConfig", "run", "encode", "followup_ids", "make_task", "read_results", "record_key",
            "DEFAULT_METHODS"]
@@ -205,6 +206,7 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                             task=tname, method=m, recipe=recipes.get(m) or recipes[peers[m]],
                             length=length if task.uses_length else res["n_tokens"], sample_obj=sample, res=res,
                             task_obj=task, key=ident[m], run_id=run_id, env=env, peer="kvpress" if m in peers else None)
+                        rec.update(against_dense(rec, ref))
                         records.append(rec)
                         if results is not None:
                             results.append(rec)

@@ -7,6 +7,7 @@ mask evaluation). On CPU, FlexAttention compiles for inference only and cannot r
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 
@@ -14,7 +15,7 @@ import torch
 
 from ..layout import BlockLayout
 
-__all__ = ["NAME", "can_run", "flex_block_attention"]
+__all__ = ["NAME", "can_run", "compile_seconds", "flex_block_attention"]
 
 NAME = "flex"
 
@@ -27,6 +28,31 @@ _DYNAMO_CACHE_LIMIT = 512
 _flex_fns: dict[bool, Callable] = {}
 # call kinds whose dynamic-shape compilation failed (inductor bug); they use a static compile from then on
 _STATIC_ONLY: set[tuple] = set()
+#: seconds this process spent compiling FlexAttention (``compile_seconds()``): a benchmark subtracts the change
+#: over a timed region from it and reports it apart
+_COMPILE_S = [0.0]
+
+
+def compile_seconds() -> float:
+    """Seconds spent compiling FlexAttention so far in this process: for every call that compiled a new graph,
+    its time minus the time of running it again once compiled; plus every failed dynamic-shape compilation."""
+    return _COMPILE_S[0]
+
+
+def _call(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; when the call compiled a graph (dynamo's graph count rose), it runs once more and
+    the difference of the two times counts as compilation."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    first = time.perf_counter() - t0
+    if counters["stats"]["unique_graphs"] != before:
+        t1 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        _COMPILE_S[0] += max(0.0, first - (time.perf_counter() - t1))
+    return out
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -99,9 +125,11 @@ def _run_flex(kind: tuple, *args, **kwargs):
             # mask captures get symbols of their own. With one shared symbol, torch 2.13's CPU flex template
             # emits C++ that names an undeclared ``cur_qSplitSize`` for a captured tensor's stride (a compile
             # error for every rule that indexes a per-position tensor, e.g. vertical_slash's).
+            t0 = time.perf_counter()
             with _fx_config().patch(use_duck_shape=False):
-                return _flex(True)(*args, **kwargs)
+                return _call(_flex(True), *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - inductor raises several exception types
+            _COMPILE_S[0] += time.perf_counter() - t0  # the failed compilation
             # compile errors, and the bounds checks of a miscompiled dynamic kernel (RuntimeError "index out
             # of bounds"); anything else is a real error
             name = type(e).__name__
@@ -111,7 +139,7 @@ def _run_flex(kind: tuple, *args, **kwargs):
             _STATIC_ONLY.add(kind)
             warnings.warn(f"longattn: FlexAttention dynamic-shape compilation failed for {kind}; compiling per "
                           f"shape instead ({type(e).__name__}: {_first_error_line(e)})", RuntimeWarning, stacklevel=3)
-    return _flex(False)(*args, **kwargs)
+    return _call(_flex(False), *args, **kwargs)
 
 
 def can_run(q, k, v, layout, *, return_lse: bool = False, sinks: bool = False) -> tuple[bool, str]:
