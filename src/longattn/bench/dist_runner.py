@@ -32,7 +32,7 @@ from .prompts import encode
 from .protocols import _plain, run_sample
 from .records import ResultsFile, environment, make_record, new_run_id, recipe_key, record_key
 from .report import against_dense
-from .runner import BenchConfig, _check_lengths, _identity, _task_key, make_task
+from .runner import BenchConfig, _check_lengths, _identity, _plan, _task_key
 
 __all__ = ["dist_method", "run_dist"]
 
@@ -121,12 +121,7 @@ def run_dist(cfg: BenchConfig, mode: str, backend: str = "torch", group=None, mo
     cfg.validate()
     _check(cfg, mode, backend)
     _agree(cfg.check_outputs, rank, group)
-    tasks = [(t, make_task(t, cfg)) for t in cfg.tasks]
-    plan = [(tname, task, length, min(cfg.samples, task.count() or cfg.samples))
-            for tname, task in tasks for length in (cfg.lengths if task.uses_length else (0,))]
-    limit = models.max_positions(cfg.model) if model is None else getattr(model.config, "max_position_embeddings",
-                                                                            None)
-    _check_lengths(cfg, plan, None, limit)
+    plan, limit = _plan(cfg, model)
     results = None
     if rank == 0 and cfg.out_dir:
         results = ResultsFile(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, warn=log)

@@ -138,6 +138,20 @@ def _check_lengths(cfg: BenchConfig, plan, tokenizer, model_limit: int | None) -
                                      f"the model's {model_limit} positions ({cfg.model}); add --extrapolate to run it")
 
 
+def _plan(cfg: BenchConfig, model=None):
+    """``(plan, limit)``: ``(task name, task, length, samples)`` for every task and length, and the model's
+    trained positions (lengths past them refused here, before any weights load)."""
+    from .. import models
+
+    tasks = [(t, make_task(t, cfg)) for t in cfg.tasks]
+    plan = [(tname, task, length, min(cfg.samples, task.count() or cfg.samples))
+            for tname, task in tasks for length in (cfg.lengths if task.uses_length else (0,))]
+    limit = models.max_positions(cfg.model) if model is None else getattr(model.config, "max_position_embeddings",
+                                                                            None)
+    _check_lengths(cfg, plan, None, limit)
+    return plan, limit
+
+
 def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
     """Run the sweep; returns the records (also written to ``--json`` / ``--out``)."""
     from tqdm.auto import tqdm
@@ -147,14 +161,9 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
     log = log or (lambda s: print(s, file=sys.stderr))
     cfg.validate()
     cfg.check_outputs()
-    tasks = [(t, make_task(t, cfg)) for t in cfg.tasks]  # before loading the model: bad data fails fast
+    plan, limit = _plan(cfg, model)  # before loading the model: bad data and lengths fail fast
     methods = list(dict.fromkeys(cfg.methods))
     recipes = {m: api.parse(m) for m in methods}
-    plan = [(tname, task, length, min(cfg.samples, task.count() or cfg.samples))
-            for tname, task in tasks for length in (cfg.lengths if task.uses_length else (0,))]
-    limit = models.max_positions(cfg.model) if model is None else getattr(model.config, "max_position_embeddings",
-                                                                            None)
-    _check_lengths(cfg, plan, None, limit)  # before loading any weights
     results = ResultsFile(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, warn=log) if cfg.out_dir else None
     records: list[dict] = []
     with results if results is not None else _Nothing():
