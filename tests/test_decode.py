@@ -799,7 +799,7 @@ def test_shadowkv_moves_the_chunks_out_of_the_cache_and_keeps_factors():
     outl = math.ceil(0.1 * chunks)
     assert exact == 4 + outl * 8 + (151 - 4 - chunks * 8) + 2  # sinks, outliers, the tail, 2 appended since
     assert st.a.shape == (1, chunks * 8, 4) and st.bmat.shape == (1, 4, 2 * 16)
-    assert len(st.store) == chunks and out.shape == (1, 154)
+    assert st.values.shape == (1, 2, chunks, 8, 16) and out.shape == (1, 154)
     full = m(out, use_cache=True).past_key_values
     assert nbytes < sum(la.keys.numel() * 8 for la in full.layers)
 

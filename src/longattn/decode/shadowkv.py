@@ -8,7 +8,8 @@ https://arxiv.org/abs/2410.21465). At the first decode step of a layer its promp
   side, are replaced by a rank-``rank`` SVD ``A B`` per batch row (``A [n, r]``, ``B [r, heads x dim]``);
 * each chunk's *landmark* is the mean of its post-RoPE keys; the ``outliers`` fraction of chunks whose keys are
   least like their landmark (lowest minimum cosine) stay exact in the cache, as the sinks and recent tokens do;
-* the values go to a store (``store``, CPU memory: the paper's offload), the keys and values leave the cache.
+* the values go to the store device (``store``, CPU memory: the paper's offload), one tensor of chunks; the keys
+  and values leave the cache.
 
 Each step, a query head's softmax over the landmarks (a chunk's score: the sum over the kv head's group) picks
 the ``budget // chunk`` best chunks per kv head; their keys are rebuilt from ``A B`` and rotated back to their
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache.offload import BlockStore
 from ..cache.state import DecodeState
 from ..checks import check_float, check_int
 from ..registry import register
@@ -40,7 +40,8 @@ __all__ = ["ShadowKV", "ShadowState"]
 class ShadowState(DecodeState):
     """What replaced the prompt's chunks: the factors ``a [b, n_mid, r]`` and ``bmat [b, r, hk * d]`` of the
     pre-RoPE keys, the landmarks ``[b, hk, C, d]``, the chunk grid start and size, each row's outlier chunks
-    ``[b, C]`` bool, the positions the keys were rotated at ``[b, n_mid]`` and the store of the values."""
+    ``[b, C]`` bool, the positions the keys were rotated at ``[b, n_mid]`` and the chunks' values ``[b, hk, C,
+    chunk, d]`` on the store device (read back, the selected chunks only, by one ``index_select`` per step)."""
 
     a: torch.Tensor
     bmat: torch.Tensor
@@ -50,7 +51,7 @@ class ShadowState(DecodeState):
     first: torch.Tensor  # [b] each row's first real token (left padding)
     start: int
     chunks: int
-    store: BlockStore
+    values: torch.Tensor
 
 
 @register("shadowkv", "decode", paper="ShadowKV (Sun et al., ICML 2025) https://arxiv.org/abs/2410.21465",
@@ -183,10 +184,8 @@ class ShadowKV(DecodeSelector):
             a, bmat = (u[..., :r] * s[:, None, :r]).float(), vh[:, :r].float()
         else:
             a, bmat = flat.new_zeros(b, 0, r), flat.new_zeros(b, r, hk * d)
-        store = BlockStore(self.store, capacity=max(self.topk * 2, 1))
-        for c in range(chunks):
-            lo = start + c * self.chunk
-            store.put(c, step.k[:, :, lo:lo], step.v[:, :, lo : lo + self.chunk])  # the values only
+        values = step.v[:, :, start : start + mid].reshape(b, hk, chunks, self.chunk, d).to(self.store, copy=True)
+        values = values.contiguous()
         drop = torch.zeros(n, dtype=torch.bool, device=k.device)
         keep_chunk = out.any(0)  # the union of the rows' outliers stays exact
         for c in range(chunks):
@@ -194,7 +193,7 @@ class ShadowKV(DecodeSelector):
                 drop[start + c * self.chunk : start + (c + 1) * self.chunk] = True
         if bool(drop.any()):
             layer.keep_tokens(torch.nonzero(~drop).flatten())
-        st = ShadowState(a, bmat, lm, out, positions, first, start, chunks, store)
+        st = ShadowState(a, bmat, lm, out, positions, first, start, chunks, values)
         layer.decode_state["shadowkv"] = st
         return st
 
@@ -240,17 +239,17 @@ class ShadowKV(DecodeSelector):
                 kk = rope.rotate(kpre.reshape(b * hk, 1, -1, d), cos, sin).view(b, hk, -1, d)
             else:
                 kk = kpre
-            uniq = sorted(set(sel[ok].tolist()))
-            if uniq:
-                _, vv = st.store.load(uniq, step.q.device)  # [b, hk, U, chunk, d]
-                slot = torch.zeros(st.chunks, dtype=torch.long, device=step.q.device)
-                slot[torch.tensor(uniq, device=step.q.device)] = torch.arange(len(uniq), device=step.q.device)
-                vm = vv.gather(2, slot[sel][..., None, None].expand(-1, -1, -1, self.chunk, d)).flatten(2, 3)
-                ok_tok = ok.repeat_interleave(self.chunk, -1)[:, :, None, :]
-                o2, l2 = masked_attention(qg.float(), kk, vm, ok_tok, step.scale, step.softcap)
-                outs.append(o2)
-                lses.append(l2)
-                selected += int(ok_tok.sum())
+            # the chosen chunks' values from the store: one index_select over its (row, head, chunk) blocks
+            C = st.chunks
+            blocks = ((torch.arange(b, device=sel.device).view(b, 1, 1) * hk
+                       + torch.arange(hk, device=sel.device).view(1, hk, 1)) * C + sel).view(-1)
+            vm = st.values.view(b * hk * C, self.chunk * d).index_select(0, blocks.to(st.values.device))
+            vm = vm.to(step.q.device).view(b, hk, k_sel * self.chunk, d)
+            ok_tok = ok.repeat_interleave(self.chunk, -1)[:, :, None, :]
+            o2, l2 = masked_attention(qg.float(), kk, vm, ok_tok, step.scale, step.softcap)
+            outs.append(o2)
+            lses.append(l2)
+            selected += int(ok_tok.sum())
         out, lse = merge_attention(outs, lses)
         out, _ = add_sinks(out, lse, None if step.sinks is None else step.sinks.float().view(1, hk, -1))
         if stats is not None:
