@@ -21,10 +21,9 @@ from pathlib import Path
 
 
 def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+    from longattn.bench.metrics import status_kib
+
+    return status_kib(field) or 0
 
 
 def _reset_peak() -> None:

@@ -18,14 +18,15 @@ import json
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
 
 def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    from longattn.bench.metrics import status_kib
+
+    kib = status_kib(field)
+    if kib is None:
+        raise RuntimeError(f"no {field} in /proc/self/status")
+    return kib
 
 
 def child(recipe: str, length: int, cap_mib: int, model_name: str, seed: int) -> dict:

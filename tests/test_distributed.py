@@ -433,10 +433,10 @@ def test_bench_dist_bad_arguments_exit_2(argv, match, capsys, monkeypatch):
     ({"peer": "kvpress"}, "--peer kvpress runs in one process"),
 ])
 def test_bench_dist_refuses_what_it_does_not_run(kw, match):
+    import re
+
     from longattn.bench.dist_runner import _check
     from longattn.bench.runner import BenchConfig
-
-    import re
 
     with pytest.raises(ValueError, match=re.escape(match)):
         _check(BenchConfig(**{"methods": ("dense",), **kw}), "zigzag", "torch")

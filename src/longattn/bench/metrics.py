@@ -6,10 +6,11 @@ import os
 
 import torch
 
-__all__ = ["PeakMemory", "fidelity"]
+__all__ = ["PeakMemory", "fidelity", "status_kib"]
 
 
-def _status_kb(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
+    """A KiB field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ``VmSize``); None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -42,7 +43,7 @@ class PeakMemory:
             try:
                 with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
                     f.write("5")
-                self._base = _status_kb("VmRSS")
+                self._base = status_kib("VmRSS")
             except OSError:
                 self._base = None
         return self
@@ -52,7 +53,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - self._base)
         elif self._base is not None:
-            hwm = _status_kb("VmHWM")
+            hwm = status_kib("VmHWM")
             self.peak_bytes = None if hwm is None else max(0, (hwm - self._base) * 1024)
         return False
 
