@@ -68,3 +68,22 @@ def test_peer_rows_beside_ours(smollm2, fake_kvpress):
         assert b["kv_cache_bytes"] == a["kv_cache_bytes"]
     for a, b in zip(by["dense"], by["kvpress:StreamingLLMPress:ratio=0.5"]):
         assert abs(b["kv_cache_bytes"] / a["kv_cache_bytes"] - 0.5) < 0.01 and b["kl"] > 0
+
+
+@pytest.mark.model
+def test_a_press_that_raises_is_said_once_and_the_run_goes_on(smollm2, fake_kvpress):
+    """kvpress's ExpectedAttentionPress raises on Gemma 3 (its rotary call): one line, no rows of that press, every
+    other row written."""
+    def broken(self, cache):
+        raise AttributeError("'Gemma3RotaryEmbedding' object has no attribute 'None_inv_freq'")
+
+    fake_kvpress.SnapKVPress.compress = broken
+    model, tok = smollm2
+    said = []
+    cfg = BenchConfig(lengths=(256,), samples=2, methods=("dense", "snapkv:ratio=0.5", "streaming_llm:ratio=0.5"),
+                      peer="kvpress", progress=False)
+    recs = run(cfg, model=model, tokenizer=tok, log=said.append)
+    methods = sorted({r["method"] for r in recs})
+    assert methods == ["dense", "kvpress:StreamingLLMPress:ratio=0.5", "snapkv:ratio=0.5", "streaming_llm:ratio=0.5"]
+    assert len(recs) == 8
+    assert len(said) == 1 and "kvpress:SnapKVPress:ratio=0.5 failed on smollm2-135m (AttributeError" in said[0]

@@ -179,6 +179,7 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
             peers = {p: m for m in methods if (p := peer_method(m)) is not None}
             methods += sorted(peers)
         done = results.done if results is not None else {}
+        failed: dict[str, str] = {}  # peer methods that raised: skipped for the rest of the run, said once
         env, run_id = environment(), new_run_id()
         total = sum(n for *_, n in plan) * len(methods)
         bar = tqdm(total=total, desc="bench", unit="run", disable=not cfg.progress, file=sys.stderr)
@@ -203,12 +204,19 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                     for m in todo:
                         bar.set_postfix_str(f"{tname} {length} #{i} {m}")
                         if m in peers:
-                            if task.protocol(sample) != "qa":
-                                bar.update(1)  # peer rows are for single-question tasks
+                            if task.protocol(sample) != "qa" or m in failed:
+                                bar.update(1)  # peer rows are for single-question tasks (and presses that run)
                                 continue
                             from .peer_kvpress import run_press
 
-                            res = run_press(model, tokenizer, m, *encode(tokenizer, sample), task.max_new_tokens, ref)
+                            try:
+                                res = run_press(model, tokenizer, m, *encode(tokenizer, sample), task.max_new_tokens,
+                                                ref)
+                            except Exception as e:  # noqa: BLE001 - a peer's own failure must not end our run
+                                failed[m] = f"{type(e).__name__}: {e}"
+                                log(f"{m} failed on {cfg.model} ({failed[m][:200]}); no {m} rows in this run")
+                                bar.update(1)
+                                continue
                         else:
                             res = ref if m == "dense" else run_sample(model, tokenizer, m, task, sample, ref)
                         rec = make_record(
