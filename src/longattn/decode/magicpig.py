@@ -3,8 +3,7 @@
 Paper: "MagicPIG: LSH Sampling for Efficient LLM Generation" (Chen et al., ICLR 2025,
 https://arxiv.org/abs/2410.16179). At the end of prefill the keys (centred by their mean, per kv head: softmax is
 shift invariant, and centring spreads them around the origin for the hash; the mean of the keys the tables were
-built over) get ``tables`` SimHash codes of
-``bits`` random hyperplanes each. At each decode step the query is hashed with the same planes; a key is
+built over) get ``tables`` SimHash codes of ``bits`` random hyperplanes each. At each decode step the query is hashed with the same planes; a key is
 *sampled* when its code equals the query's in at least ``min_match`` tables. The tables are real hash tables (per
 table, the key ids sorted by code and each bucket's offset): a step reads only the query's bucket of each table,
 ``tables * n / 2^bits`` entries per query head, not every key's codes. With ``theta`` the angle between
@@ -16,7 +15,9 @@ first ``sink`` and last ``recent`` tokens attended exactly (weight 1) beside the
 Departures: the attention itself is computed here on the CPU, as the paper does (its setting is a GPU with the
 keys on the CPU); the hash planes are seeded (``seed``), shared by the query heads of a kv head; keys appended
 while decoding are hashed when they arrive and join the sampled part (the paper keeps them dense until the next
-rebuild): they are compared code by code until ``TAIL_MAX`` of them, then folded into the tables. ``budget`` is not a count here (the number sampled is random): it only bounds ``sink + recent``.
+rebuild): they are compared code by code until ``TAIL_MAX`` of them, then folded into the tables. ``budget`` is
+not a count here (the number sampled is random): it only bounds ``sink + recent``. ``bits`` is at most 16 (a
+table has ``2^bits`` buckets; the paper uses 8-10).
 """
 
 from __future__ import annotations
