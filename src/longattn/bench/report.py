@@ -143,8 +143,8 @@ def kept_work(rs: list[dict]) -> tuple[float | None, float | None]:
 def bench_table(records: list[dict]) -> str:
     """One row per (task, method, length): accuracy with n and its 95% interval, cache MiB, compression vs dense,
     prefill s and speed-up vs dense prefill (same run; with the min-max of the per-sample ratios when there are
-    several) beside its Amdahl bound, decode tok/s and its ratio to dense (same run, likewise) beside its bound, method s, prefill attention recall, KL and top-1 agreement vs dense. Dense
-    is the first row of each group. The bound is ``1 / ((1 - s) + s d)``: ``s`` the share of dense's time in the
+    several) beside its Amdahl bound, decode tok/s and its ratio to dense (same run, likewise) beside its bound,
+    method s, prefill attention recall, KL and top-1 agreement vs dense. Dense is the first row of each group. The bound is ``1 / ((1 - s) + s d)``: ``s`` the share of dense's time in the
     full-attention layers' attention (same task and length), ``d`` the method's kept work (``kept_work``)."""
     groups = defaultdict(list)
     for r in records:
