@@ -98,9 +98,24 @@ def test_bench_records_resume_and_corrupt_lines(smollm2, tmp_path):
     assert len(read_results(tmp_path / "results.jsonl", warn=lambda s: None)) == 4
 
 
+@pytest.mark.model
+def test_decode_steps_lengthen_the_timed_decode_not_the_answer(smollm2):
+    model, tok = smollm2
+    base = dict(lengths=(256,), samples=1, methods=("dense", "tova:ratio=0.5"), progress=False)
+    short = run(BenchConfig(**base), model=model, tokenizer=tok)
+    long = run(BenchConfig(**base, decode_steps=24), model=model, tokenizer=tok)
+    for a, b in zip(short, long):
+        assert a["method"] == b["method"] and a["prediction"] == b["prediction"] and a["kl"] == b["kl"]
+        assert a["decode_steps"] < 24 == b["decode_steps"]
+        assert b["decode_tok_s"] == pytest.approx(24 / b["decode_s"])
+        assert b["kv_cache_bytes"] == a["kv_cache_bytes"] and b["kv_cache_bytes_end"] > a["kv_cache_bytes_end"]
+        assert b["key"]["decode_steps"] == 24 and "decode_steps" not in a["key"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["bench", "--decode-steps", "-1"],
         ["bench", "--methods", "nope"],
         ["bench", "--lengths", "-5"],
         ["bench", "--lengths", "abc"],

@@ -103,6 +103,9 @@ def _build() -> argparse.ArgumentParser:
                    help="allow lengths beyond the model's trained positions (refused otherwise)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the model's dtype (methods run in it; default float32)")
+    b.add_argument("--decode-steps", default=0, type=int,
+                   help="time at least N decode steps per sample (greedy past the answer; the answer is what is "
+                   "scored): a passkey answer is ~7 tokens, too short a window for a decode ratio")
     b.add_argument("--dist", choices=["ring", "zigzag", "ulysses"],
                    help="under `torchrun --nproc-per-node P -m longattn.cli bench ...`: every prompt prefilled sequence "
                    "parallel across the ranks (dense attention, single-question tasks), a dist:MODE:nproc=P row beside "
@@ -468,7 +471,8 @@ def _cmd_bench(a) -> int:
     cfg = BenchConfig(model=a.model, tasks=tuple(a.task), lengths=tuple(a.lengths), samples=a.samples,
                       methods=tuple(a.methods) if a.methods is not None else DEFAULT_METHODS, seed=a.seed,
                       json_path=a.json_path, out_dir=a.out, resume=a.resume, overwrite=a.overwrite,
-                      extrapolate=a.extrapolate, data=a.data, scorer=a.scorer, peer=a.peer, dtype=a.dtype)
+                      extrapolate=a.extrapolate, data=a.data, scorer=a.scorer, peer=a.peer, dtype=a.dtype,
+                      decode_steps=a.decode_steps)
     if a.config:
         conf = _load_config(a.config)
         for k, v in conf.items():

@@ -103,8 +103,10 @@ def _forward(model, ids, cache, start: int):
     return model(torch.tensor([ids]), position_ids=pos, use_cache=True, **{cache_kwarg_name(model): cache}).logits[0]
 
 
-def run_press(model, tokenizer, peer: str, ctx: list[int], rest: list[int], max_new_tokens: int, ref: dict) -> dict:
-    """One sample through kvpress (see the module docstring); fields as ``protocols.run_qa``."""
+def run_press(model, tokenizer, peer: str, ctx: list[int], rest: list[int], max_new_tokens: int, ref: dict,
+              decode_steps: int = 0) -> dict:
+    """One sample through kvpress (see the module docstring); fields as ``protocols.run_qa`` (``decode_steps``
+    likewise: greedy steps past the answer, for the decode timing only)."""
     from transformers import DynamicCache
 
     from ..cache import cache_nbytes
@@ -156,6 +158,12 @@ def run_press(model, tokenizer, peer: str, ctx: list[int], rest: list[int], max_
             return _forward(model, [tok], cache, pos[0] - 1)[-1]
 
         gen, decode_s = greedy(logits, feed, max_new_tokens, eos)
+        steps = max(len(gen) - 1, 0)
+        if gen and decode_steps > steps:
+            t1, tok = time.perf_counter(), gen[-1]
+            for _ in range(decode_steps - steps):
+                tok = int(feed(tok).argmax())
+            decode_s, steps = decode_s + time.perf_counter() - t1, decode_steps
         kv_end = cache_nbytes(cache)
         feed = rest + ref["answer_ids"][:-1]
         if isinstance(press, kvpress.PyramidKVPress):
@@ -164,9 +172,9 @@ def run_press(model, tokenizer, peer: str, ctx: list[int], rest: list[int], max_
             tf = _forward(model, feed, snapshot, len(ctx))
         tf = tf[len(rest) - 1 :]
     kl, top1 = fidelity(ref["ref_logits"], tf)
-    steps = max(len(gen) - 1, 0)
     return {"prediction": tokenizer.decode(gen, skip_special_tokens=True), "n_tokens": len(ctx) + len(rest),
             "kv_cache_bytes": kv_bytes, "kv_cache_bytes_end": kv_end, "peak_bytes": pm.peak_bytes,
             "prefill_s": prefill_s, "decode_s": decode_s,
-            "decode_tok_s": (steps / decode_s) if steps and decode_s > 0 else None, "method_s": spent[0],
+            "decode_tok_s": (steps / decode_s) if steps and decode_s > 0 else None, "decode_steps": steps,
+            "method_s": spent[0],
             "kl": kl, "top1_agree": top1, "protocol": "question_agnostic", "recall": None, "decode_density": None}

@@ -56,8 +56,23 @@ def _tok_s(steps: int, seconds: float):
     return (steps / seconds) if steps and seconds > 0 else None
 
 
-def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: dict | None) -> dict:
-    """One question over one context (the ``qa`` protocol, see the module docstring)."""
+def _more_steps(model, gen: list[int], cache, kw: str, steps: int) -> tuple[int, float]:
+    """After a greedy answer ``gen``, ``steps`` more decode steps (greedy, EOS ignored) for the timing only:
+    ``(steps run, seconds)``. The answer is what was scored; these steps only lengthen the timed window."""
+    if steps <= 0 or not gen:
+        return 0, 0.0
+    t0 = time.perf_counter()
+    tok = gen[-1]
+    for _ in range(steps):
+        tok = int(forward(model, [tok], cache, kw, last=True)[0, -1].argmax())
+    return steps, time.perf_counter() - t0
+
+
+def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: dict | None,
+           decode_steps: int = 0) -> dict:
+    """One question over one context (the ``qa`` protocol, see the module docstring). ``decode_steps``: decode
+    at least that many steps for the decode timing (the answer first, then greedy steps past it, untimed for
+    nothing else)."""
     from transformers import DynamicCache
 
     ctx, rest = encode(tokenizer, sample)
@@ -79,6 +94,8 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
         tf_first = logits.clone()
         a0, s0 = session.attention_seconds["decode"], session.decode_stats.get("select_s", 0.0)
         gen, decode_s = greedy_model(model, logits, cache, kw, max_new_tokens, eos)
+        more, more_s = _more_steps(model, gen, cache, kw, decode_steps - max(len(gen) - 1, 0))
+        steps, decode_s = max(len(gen) - 1, 0) + more, decode_s + more_s
         extra["attn_decode_s"] = session.attention_seconds["decode"] - a0
         extra["select_decode_s"] = session.decode_stats.get("select_s", 0.0) - s0  # the selector, generating
         kv_bytes_end = cache_nbytes(cache)
@@ -91,8 +108,9 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
     return {
         "prediction": tokenizer.decode(gen, skip_special_tokens=True), "n_tokens": len(ctx) + len(rest),
         "kv_cache_bytes": kv_bytes, "kv_cache_bytes_end": kv_bytes_end, "peak_bytes": peak, "prefill_s": prefill_s,
-        "decode_s": decode_s, "decode_tok_s": _tok_s(max(len(gen) - 1, 0), decode_s), "kl": kl, "top1_agree": top1,
-        "answer_ids": gen, "ref_logits": tf, "protocol": "query_aware" if query_aware else "question_agnostic",
+        "decode_s": decode_s, "decode_tok_s": _tok_s(steps, decode_s), "decode_steps": steps, "kl": kl,
+        "top1_agree": top1, "answer_ids": gen, "ref_logits": tf,
+        "protocol": "query_aware" if query_aware else "question_agnostic",
         "recall": recall, **_stats(session), **extra, **_plain(model, len(ctx) + (len(rest) if query_aware else 0)),
     }
 
@@ -206,6 +224,9 @@ def run_turns(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref
 PROTOCOLS = {"qa": run_qa, "shared_context": run_turns, "perplexity": run_perplexity}
 
 
-def run_sample(model, tokenizer, recipe, task, sample: Sample, ref: dict | None) -> dict:
-    """One (method, sample) through the protocol its task declares for it."""
-    return PROTOCOLS[task.protocol(sample)](model, tokenizer, recipe, sample, task.max_new_tokens, ref)
+def run_sample(model, tokenizer, recipe, task, sample: Sample, ref: dict | None, decode_steps: int = 0) -> dict:
+    """One (method, sample) through the protocol its task declares for it (``decode_steps``: the ``qa``
+    protocol's minimum of timed decode steps)."""
+    proto = task.protocol(sample)
+    kw = {"decode_steps": decode_steps} if proto == "qa" else {}
+    return PROTOCOLS[proto](model, tokenizer, recipe, sample, task.max_new_tokens, ref, **kw)

@@ -165,6 +165,7 @@ def make_record(*, task: str, method: str, recipe, length: int, sample_obj, res:
         "plain_bytes": res.get("plain_bytes"), "plain_full_bytes": res.get("plain_full_bytes"),
         "attn_prefill_s": res.get("attn_prefill_s"), "attn_decode_s": res.get("attn_decode_s"),
         "select_decode_s": res.get("select_decode_s"), "compile_s": res.get("compile_s"),
+        "decode_steps": res.get("decode_steps"),
         "prefill_density": res.get("prefill_density"),
         "settings": {} if peer else method_settings(recipe), "sample_id": sample_obj.id,
         "context_sha": hashlib.sha256(sample_obj.context.encode()).hexdigest()[:16],

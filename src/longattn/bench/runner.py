@@ -51,6 +51,7 @@ class BenchConfig:
     data: str | None = None  # --task custom: the JSONL file
     scorer: str = "contains"  # --task custom: contains | exact | rouge
     peer: str | None = None  # "kvpress": kvpress rows beside the methods that have an equivalent press
+    decode_steps: int = 0  # qa tasks: time at least this many decode steps (greedy past the answer)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -79,6 +80,8 @@ class BenchConfig:
             raise ValueError("--resume needs --out DIR (it skips the records already in DIR/results.jsonl)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be one of float32, bfloat16, float16; got {self.dtype!r}")
+        if isinstance(self.decode_steps, bool) or not isinstance(self.decode_steps, int) or self.decode_steps < 0:
+            raise ValueError(f"--decode-steps must be an integer >= 0, got {self.decode_steps!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite: choose one (continue the results, or replace them)")
         if self.peer is not None:
@@ -200,7 +203,7 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                     sample = task.make(tokenizer, length, i, cfg.seed)
                     # dense is the reference of every method's fidelity: it always runs first
                     bar.set_postfix_str(f"{tname} {length} #{i} dense")
-                    ref = run_sample(model, tokenizer, "dense", task, sample, None)
+                    ref = run_sample(model, tokenizer, "dense", task, sample, None, cfg.decode_steps)
                     for m in todo:
                         bar.set_postfix_str(f"{tname} {length} #{i} {m}")
                         if m in peers:
@@ -211,14 +214,15 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
 
                             try:
                                 res = run_press(model, tokenizer, m, *encode(tokenizer, sample), task.max_new_tokens,
-                                                ref)
+                                                ref, cfg.decode_steps)
                             except Exception as e:  # noqa: BLE001 - a peer's own failure must not end our run
                                 failed[m] = f"{type(e).__name__}: {e}"
                                 log(f"{m} failed on {cfg.model} ({failed[m][:200]}); no {m} rows in this run")
                                 bar.update(1)
                                 continue
                         else:
-                            res = ref if m == "dense" else run_sample(model, tokenizer, m, task, sample, ref)
+                            res = ref if m == "dense" else run_sample(model, tokenizer, m, task, sample, ref,
+                                                                      cfg.decode_steps)
                         rec = make_record(
                             task=tname, method=m, recipe=recipes.get(m) or recipes[peers[m]],
                             length=length if task.uses_length else res["n_tokens"], sample_obj=sample, res=res,
@@ -241,9 +245,12 @@ def _identity(method: str, recipe, is_peer: bool, task, task_key: str, length: i
     """Everything that defines a record: task and arguments, target length, sample, method, model, seed,
     protocol."""
     qa = recipe.kv is not None and recipe.kv.query_aware and not is_peer
-    return {"task": task_key, "method": method if is_peer else recipe_key(recipe), "length": length,
-            "sample": sample, "model": cfg.model, "dtype": cfg.dtype, "seed": cfg.seed,
-            "protocol": f"{task.runs_as}/{'query_aware' if qa else 'question_agnostic'}"}
+    out = {"task": task_key, "method": method if is_peer else recipe_key(recipe), "length": length,
+           "sample": sample, "model": cfg.model, "dtype": cfg.dtype, "seed": cfg.seed,
+           "protocol": f"{task.runs_as}/{'query_aware' if qa else 'question_agnostic'}"}
+    if cfg.decode_steps:  # part of the identity only when set (records written before it keep their keys)
+        out["decode_steps"] = cfg.decode_steps
+    return out
 
 
 class _Nothing:
