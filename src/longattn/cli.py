@@ -35,6 +35,13 @@ def _ints(flag: str):
     return conv
 
 
+def _add_dist(p, help_text: str) -> None:
+    """``--dist`` (the sequence-parallel modes, as ``distributed.model.MODES``) and ``--dist-backend``."""
+    p.add_argument("--dist", choices=["ring", "zigzag", "ulysses"], help=help_text)
+    p.add_argument("--dist-backend", default="torch", choices=["torch", "deepspeed"],
+                   help="--dist ulysses: our all-to-all (torch) or DeepSpeed's DistributedAttention (needs deepspeed)")
+
+
 def _build() -> argparse.ArgumentParser:
     p = _Parser(prog="longattn", description="Training-free long-context attention, measured side by side. "
                 "Every subcommand exits with code 2 and one line on bad input; see docs/cli.md.")
@@ -57,12 +64,9 @@ def _build() -> argparse.ArgumentParser:
                    help="allow a prompt longer than the model's trained positions")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the model's dtype (methods run in it; default float32)")
-    g.add_argument("--dist", choices=["ring", "zigzag", "ulysses"],
-                   help="prefill the prompt sequence parallel across the processes of `torchrun --nproc-per-node P "
-                   "-m longattn.cli generate ...` (gloo; dense attention; softcapped models refused) and decode from "
-                   "the split cache; rank 0 prints")
-    g.add_argument("--dist-backend", default="torch", choices=["torch", "deepspeed"],
-                   help="--dist ulysses: our all-to-all (torch) or DeepSpeed's DistributedAttention (needs deepspeed)")
+    _add_dist(g, "prefill the prompt sequence parallel across the processes of `torchrun --nproc-per-node P -m "
+              "longattn.cli generate ...` (gloo; dense attention; softcapped models refused) and decode from the split "
+              "cache; rank 0 prints")
 
     c = sub.add_parser("compress", help="prefill and compress a context once and save it for later questions")
     c.add_argument("--model", default="smollm2-135m",
@@ -106,12 +110,9 @@ def _build() -> argparse.ArgumentParser:
     b.add_argument("--decode-steps", default=0, type=int,
                    help="time at least N decode steps per sample (greedy past the answer; the answer is what is "
                    "scored): a passkey answer is ~7 tokens, too short a window for a decode ratio")
-    b.add_argument("--dist", choices=["ring", "zigzag", "ulysses"],
-                   help="under `torchrun --nproc-per-node P -m longattn.cli bench ...`: every prompt prefilled sequence "
-                   "parallel across the ranks (dense attention, single-question tasks), a dist:MODE:nproc=P row beside "
-                   "dense in one process (rank 0 with every rank's threads); rank 0 writes")
-    b.add_argument("--dist-backend", default="torch", choices=["torch", "deepspeed"],
-                   help="--dist ulysses: our all-to-all (torch) or DeepSpeed's DistributedAttention (needs deepspeed)")
+    _add_dist(b, "under `torchrun --nproc-per-node P -m longattn.cli bench ...`: every prompt prefilled sequence "
+              "parallel across the ranks (dense attention, single-question tasks), a dist:MODE:nproc=P row beside dense "
+              "in one process (rank 0 with every rank's threads); rank 0 writes")
 
     r = sub.add_parser("report", help="re-render the table, plots and report.html of a bench --out DIR")
     r.add_argument("dir", help="a directory written by bench --out")

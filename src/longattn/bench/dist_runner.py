@@ -21,7 +21,6 @@ every rank, so that all of them stop with the same one line.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 
 import torch
@@ -32,7 +31,7 @@ from .prompts import encode
 from .protocols import _plain, run_sample
 from .records import ResultsFile, environment, make_record, new_run_id, recipe_key, record_key
 from .report import against_dense
-from .runner import BenchConfig, _check_lengths, _identity, _plan, _task_key
+from .runner import BenchConfig, _check_lengths, _identity, _keep, _plan, _task_key, _write_json
 
 __all__ = ["dist_method", "run_dist"]
 
@@ -144,7 +143,7 @@ def run_dist(cfg: BenchConfig, mode: str, backend: str = "torch", group=None, mo
         with torch.no_grad():
             model(input_ids=torch.ones(1, 64, dtype=torch.long, device=model.device))
         done = _share(set(results.done) if results is not None else set(), group)
-        kept = dict(results.done) if results is not None else {}
+        kept = results.done if results is not None else {}
         env, run_id = environment(), new_run_id()
         with _threads(torch.get_num_threads() * nproc):
             env_dense = environment()
@@ -188,10 +187,7 @@ def run_dist(cfg: BenchConfig, mode: str, backend: str = "torch", group=None, mo
                                           length=length if task.uses_length else ref["n_tokens"], sample_obj=sample,
                                           res=ref, task_obj=task, key=ident, run_id=run_id, env=env_dense)
                         rec.update(against_dense(rec, ref))
-                        records.append(rec)
-                        if results is not None:
-                            results.append(rec)
-                        bar.update(1)
+                        _keep(rec, records, results, bar)
                     if keys[1] in done:
                         continue
                     with PeakMemory(model.device) as pm:
@@ -199,22 +195,17 @@ def run_dist(cfg: BenchConfig, mode: str, backend: str = "torch", group=None, mo
                                           backend=backend, keep_logits=rank == 0)
                     per = _gather({"prefill_s": out["prefill_s"], "peak": pm.peak_bytes}, group)
                     if rank == 0:
-                        rec = _dist_record(out, per, ref, tname, task, sample, length, ident_d, name, mode, backend,
-                                           model, tokenizer, run_id, env)
-                        records.append(rec)
-                        if results is not None:
-                            results.append(rec)
-                        bar.update(1)
+                        _keep(_dist_record(out, per, ref, tname, task, sample, length, ident_d, name, mode, backend,
+                                           model, tokenizer, run_id, env), records, results, bar)
         finally:
             bar.close()
     finally:
         if results is not None:
             results.close()
-    if rank == 0 and cfg.json_path:
-        from ..outputs import write_atomic
-
-        write_atomic(cfg.json_path, json.dumps(records, indent=1))
-    return records if rank == 0 else []
+    if rank != 0:
+        return []
+    _write_json(cfg, records)
+    return records
 
 
 def _key(ident: dict) -> tuple:

@@ -228,17 +228,27 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                             length=length if task.uses_length else res["n_tokens"], sample_obj=sample, res=res,
                             task_obj=task, key=ident[m], run_id=run_id, env=env, peer="kvpress" if m in peers else None)
                         rec.update(against_dense(rec, ref))
-                        records.append(rec)
-                        if results is not None:
-                            results.append(rec)
-                        bar.update(1)
+                        _keep(rec, records, results, bar)
         finally:
             bar.close()
+    _write_json(cfg, records)
+    return records
+
+
+def _keep(rec: dict, records: list[dict], results, bar) -> None:
+    """A finished record: into the returned list, onto ``--out``'s results file (flushed), one step of the bar."""
+    records.append(rec)
+    if results is not None:
+        results.append(rec)
+    bar.update(1)
+
+
+def _write_json(cfg: BenchConfig, records: list[dict]) -> None:
+    """``--json FILE``: every record of the run as one JSON list, written atomically at the end."""
     if cfg.json_path:
         from ..outputs import write_atomic
 
         write_atomic(cfg.json_path, json.dumps(records, indent=1))
-    return records
 
 
 def _identity(method: str, recipe, is_peer: bool, task, task_key: str, length: int, sample: int, cfg) -> dict:
