@@ -202,10 +202,12 @@ def run_dist(cfg: BenchConfig, mode: str, backend: str = "torch", group=None, mo
     finally:
         if results is not None:
             results.close()
-    if rank != 0:
-        return []
-    _write_json(cfg, records)
-    return records
+    if rank == 0:
+        _write_json(cfg, records)
+    # every rank finishes together: a rank that tears its process group down while rank 0 is still writing its
+    # last record can abort in gloo's threads (seen as SIGABRT, "terminate called without an active exception")
+    dist.barrier(group=group)
+    return records if rank == 0 else []
 
 
 def _key(ident: dict) -> tuple:
