@@ -166,6 +166,11 @@ def test_the_models_own_rope_is_found_and_inverted(arch):
         torch.testing.assert_close(pre.norm(dim=-1) * scaling, q.norm(dim=-1), rtol=1e-4, atol=1e-5)
         one = rope.mean_rotation(torch.tensor([7]), q.shape[-1])
         torch.testing.assert_close(pre[..., 7, :] @ one, q[..., 7, :], rtol=1e-4, atol=1e-5)
+        # the mean over many positions (by the averaged tables) equals the average of the rotations themselves
+        many = torch.arange(30, 30 + 97)
+        torch.testing.assert_close(rope.mean_rotation(many, q.shape[-1]), rope.explicit_mean_rotation(many, q.shape[-1]),
+                                   rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(rope.mean_rotation(many, q.shape[-1]), one, atol=1e-2)
         # the same tokens 5 positions later: other post-RoPE queries in layer 0, the same ones before RoPE (its
         # input does not depend on position), so the inversion follows the model's own convention
         grabbed.clear()

@@ -125,9 +125,9 @@ class Rope:
             except RuntimeError:
                 self._whole = False
         if rot < x.shape[-1] and not self._whole:  # the layer splits off its rotary dims before applying RoPE
-            head = self.apply_fn(x[..., :rot], x[..., :rot], cos, sin)[0]
+            head = self.apply_fn(x[..., :rot], x[:, :1, :, :rot], cos, sin)[0]
             return torch.cat([head, x[..., rot:]], -1)
-        return self.apply_fn(x, x, cos, sin)[0]
+        return self.apply_fn(x, x[:, :1], cos, sin)[0]  # the function rotates a (q, k) pair: k is one head here
 
     def unrotate(self, x: torch.Tensor, cos, sin) -> torch.Tensor:
         """The inverse of ``rotate``: a rotation by minus the angle, divided by the square of the tables'
@@ -141,7 +141,17 @@ class Rope:
 
     def mean_rotation(self, positions: torch.Tensor, dim: int, dtype=torch.float32) -> torch.Tensor:
         """``M [d, d]`` with ``x @ M`` = the rotation of ``x`` averaged over ``positions [m]`` (a vector's
-        expected direction at a random one of those positions)."""
+        expected direction at a random one of those positions). Every RoPE convention applies ``x cos + f(x) sin``
+        (rotate-half, interleaved, split halves, YaRN's scaled tables), linear in the tables, so the averaged
+        rotation is the rotation by the averaged tables: one ``[d, d]`` rotation, not ``m`` of them
+        (``explicit_mean_rotation`` is the definition; tested equal on every architecture)."""
+        eye = torch.eye(dim, dtype=dtype, device=positions.device)
+        cos, sin = self.cos_sin(positions.view(1, -1), eye)
+        cos, sin = (t.to(dtype).mean(1, keepdim=True).expand(1, dim, t.shape[-1]) for t in (cos, sin))
+        return self.rotate(eye.view(1, 1, dim, dim), cos, sin)[0, 0]  # row i: basis vector i, rotated
+
+    def explicit_mean_rotation(self, positions: torch.Tensor, dim: int, dtype=torch.float32) -> torch.Tensor:
+        """``mean_rotation`` by its definition: every basis vector rotated to every position, averaged."""
         eye = torch.eye(dim, dtype=dtype, device=positions.device)
         cos, sin = self.cos_sin(positions.view(1, -1), eye)
         basis = eye.view(1, dim, 1, dim).expand(1, dim, positions.numel(), dim)  # every basis vector at every position
