@@ -86,6 +86,36 @@ def test_gather_attention_equals_reference_mask(per, splits):
     torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("per", ["kv", "q"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gather_attention_output_only_path_equals_reference_mask(per, dtype):
+    """``need_lse=False`` (SDPA over the gathered rows): the reference's output; a row whose selected keys are all
+    masked gives 0 (as the lse path), never NaN; no lse."""
+    q, k, v = _qkv(n=40)
+    b, hq, hk = 2, 4, 2
+    hs = hk if per == "kv" else hq
+    g = torch.Generator().manual_seed(2)
+    idx = torch.stack([torch.stack([torch.randperm(40, generator=g)[:12] for _ in range(hs)]) for _ in range(b)])
+    valid = torch.rand(b, hs, 12, generator=g) > 0.25
+    valid[1, 0] = False  # nothing to attend in this row
+    kv = _key_valid(b, 40, (0, 5))
+    out, lse = gather_attention(q.to(dtype), k.to(dtype), v.to(dtype), idx, valid=valid, key_valid=kv, need_lse=False)
+    assert lse is None and out.dtype == dtype and not out.isnan().any()
+    mask = torch.zeros(b, hq, 1, 40, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hq):
+            row = h // (hq // hk) if per == "kv" else h
+            for j in range(12):
+                if valid[bi, row, j] and kv[bi, idx[bi, row, j]]:
+                    mask[bi, h, 0, idx[bi, row, j]] = True
+    ref, _ = reference.attention(q.to(dtype).double(), k.to(dtype).double(), v.to(dtype).double(), causal=False,
+                                 mask=mask)
+    ref = torch.where(mask.any(-1, keepdim=True), ref, torch.zeros_like(ref))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    assert out[1, : hq // hk if per == "kv" else 1].abs().max() == 0
+
+
 def test_gather_attention_validates_shapes():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="idx"):
@@ -802,6 +832,58 @@ def test_shadowkv_moves_the_chunks_out_of_the_cache_and_keeps_factors():
     assert st.values.shape == (1, 2, chunks, 8, 16) and out.shape == (1, 154)
     full = m(out, use_cache=True).past_key_values
     assert nbytes < sum(la.keys.numel() * 8 for la in full.layers)
+
+
+@pytest.mark.parametrize("cap", [64, 50], ids=["buffer-whole-pages", "buffer-not-whole-pages"])
+@pytest.mark.parametrize("n", [37, 48], ids=["partial-newest-page", "whole-pages"])
+@pytest.mark.parametrize("need_lse", [True, False], ids=["lse", "output-only"])
+def test_gather_attention_by_pages_equals_the_reference_over_their_tokens(cap, n, need_lse, monkeypatch):
+    """``page_size``: page ids in, the attention over exactly their tokens below the cache's end out (the
+    reference, masked by hand); a buffer of whole pages is read page by page (``gather_pages``), with garbage
+    (NaN) in its room never reaching the output; otherwise token by token. The page path is the one taken."""
+    import longattn.ops.decode as dec
+
+    g = torch.Generator().manual_seed(4)
+    ps = 16
+    buf_k, buf_v = torch.randn(2, 2, cap, 8, generator=g), torch.randn(2, 2, cap, 8, generator=g)
+    buf_k[:, :, n:], buf_v[:, :, n:] = float("nan"), float("nan")  # room past the cache's end
+    k, v = buf_k[:, :, :n], buf_v[:, :, :n]
+    q = torch.randn(2, 4, 1, 8, generator=g)
+    last = (n - 1) // ps
+    pages = torch.tensor([[[0, last], [1, last]], [[0, 1], [1, last]]])  # [b=2, hk=2, kp=2], ascending, distinct
+    kv = _key_valid(2, n, (0, 3))
+    calls = []
+    real = dec.gather_pages
+    monkeypatch.setattr(dec, "gather_pages", lambda *a: calls.append(real(*a)) or calls[-1])
+    out, lse = gather_attention(q, k, v, pages, key_valid=kv, page_size=ps, need_lse=need_lse)
+    assert (calls[0] is not None) == (cap % ps == 0)
+    mask = torch.zeros(2, 4, 1, n, dtype=torch.bool)
+    for bi in range(2):
+        for h in range(4):
+            for p in pages[bi, h // 2].tolist():
+                for t in range(p * ps, min((p + 1) * ps, n)):
+                    mask[bi, h, 0, t] = bool(kv[bi, t])
+    ref, ref_lse = reference.attention(q, k.contiguous(), v.contiguous(), causal=False, mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if need_lse:
+        torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="valid"):
+        gather_attention(q, k, v, pages, valid=torch.ones_like(pages, dtype=torch.bool), page_size=ps)
+
+
+def test_grown_cache_buffers_hold_whole_pages():
+    """``grown_capacity``: the tokens plus the room; from a room of 256 tokens (4096 tokens) on, rounded up to a
+    multiple of 256 (so long caches are read page by page by every page selector's default), less than 256 more;
+    shorter caches not rounded (their memory counts more than a gather)."""
+    from longattn.cache.layer import GROW_DIV, GROW_MIN, grown_capacity
+
+    for n in (1, 40, 255, 1000, 4095, 4096, 8192, 8193, 131072):
+        room = max(GROW_MIN, n // GROW_DIV)
+        c = grown_capacity(n, 1)
+        if room >= 256:
+            assert c % 256 == 0 and n + 1 + room <= c < n + 1 + room + 256
+        else:
+            assert c == n + 1 + room
 
 
 def test_gather_attention_reads_a_cache_with_room_in_one_gather(monkeypatch):

@@ -290,10 +290,10 @@ def test_duo_gates_mixing_and_training_smoke():
 @pytest.mark.parametrize("b,h", [(2, 3), (1, 1)], ids=["batch2-heads3", "batch1-head1"])
 def test_decode_appends_go_into_reserved_room_not_a_copy_of_the_cache(b, h):
     """Plain transformers copies every layer's whole cache at every decode step (torch.cat); ours appends into
-    reserved room (max(16, n/16) tokens), equal to the concatenation, with the room counted in nbytes. (With one
+    reserved room (max(16, n/16) tokens; from 4096 tokens on rounded to whole pages), equal to the concatenation, with the room counted in nbytes. (With one
     row and one kv head, as Gemma 3 270M, the head of the buffer is contiguous: the room must still be found.)
     Storage the layer did not allocate is never written past its tokens."""
-    from longattn.cache.layer import GROW_DIV, GROW_MIN, LongattnLayer
+    from longattn.cache.layer import GROW_MIN, LongattnLayer, grown_capacity
 
     g = torch.Generator().manual_seed(0)
     lay = LongattnLayer()
@@ -303,7 +303,9 @@ def test_decode_appends_go_into_reserved_room_not_a_copy_of_the_cache(b, h):
     lay.update(k0.contiguous(), v0)
     lay.keys = k0  # adopted as it is (no copy)
     ks, vs, ptrs = [k0.clone()], [v0], []
-    for _ in range(GROW_MIN + 3):
+    first_cap = grown_capacity(40, 1)  # 40 + 1 + 16 (a short cache: not rounded)
+    assert first_cap == 57
+    for _ in range(first_cap - 40 + 3):
         k, v = torch.randn(b, h, 1, 8, generator=g), torch.randn(b, h, 1, 8, generator=g)
         fk, fv = lay.update(k, v)
         ks.append(k)
@@ -311,11 +313,13 @@ def test_decode_appends_go_into_reserved_room_not_a_copy_of_the_cache(b, h):
         assert torch.equal(fk, torch.cat(ks, 2)) and torch.equal(fv, torch.cat(vs, 2))
         ptrs.append(fk.data_ptr())
     assert torch.equal(big[:, :, 40:], tail)  # the user's storage past its view is untouched
-    assert len(set(ptrs[:GROW_MIN])) == 1  # the first GROW_MIN steps wrote in place
+    assert len(set(ptrs[: first_cap - 40])) == 1  # the first steps wrote in place (at least GROW_MIN of them)
+    assert first_cap - 40 >= GROW_MIN
     assert len(set(ptrs)) == 2  # then one copy into a new buffer with room again
     n = lay.physical_len
     per_token = 2 * b * h * 8 * 4  # keys and values, dim 8, float32
-    assert n * per_token < lay.nbytes() <= (n + max(GROW_MIN, n // GROW_DIV) + 1) * per_token
+    assert lay.nbytes() == grown_capacity(first_cap, 1) * per_token  # the storage held is counted
+    assert n * per_token < lay.nbytes() <= (n + max(GROW_MIN, n // 16) + 1) * per_token
     lay.crop(-5)  # a shorter view: the next append copies into a fresh buffer, still equal
     fk, _ = lay.update(ks[1], vs[1])
     assert torch.equal(fk, torch.cat([torch.cat(ks, 2)[:, :, : n - 5], ks[1]], 2))

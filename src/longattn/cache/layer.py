@@ -27,19 +27,31 @@ __all__ = ["LongattnLayer", "APPEND_MAX"]
 APPEND_MAX = 16
 #: room reserved when an append finds none: max(GROW_MIN, tokens // GROW_DIV) tokens (6% of a long cache)
 GROW_MIN, GROW_DIV = 16, 16
+#: a grown buffer of a long cache (room >= GROW_ALIGN tokens, from 4096 tokens on) holds a multiple of
+#: GROW_ALIGN tokens, so page selectors (pages of 16-256 tokens) gather whole pages from it
+#: (``ops.decode.gather_pages``); shorter caches get exactly their room (there rounding would cost more than
+#: the page gather saves)
+GROW_ALIGN = 256
+
+
+def grown_capacity(n: int, m: int) -> int:
+    """Tokens of the buffer an append of ``m`` tokens to ``n`` allocates when it finds no room: ``n + m`` plus
+    ``room = max(GROW_MIN, n // GROW_DIV)``, rounded up to a multiple of ``GROW_ALIGN`` when ``room >= GROW_ALIGN``."""
+    cap = n + m + max(GROW_MIN, n // GROW_DIV)
+    return -(-cap // GROW_ALIGN) * GROW_ALIGN if n // GROW_DIV >= GROW_ALIGN else cap
 
 
 def _append(t: torch.Tensor, new: torch.Tensor, n: int, owned: int | None) -> tuple[torch.Tensor, int]:
     """``cat([t, new], 2)`` without copying ``t`` when it is the head of a buffer this layer made (``owned``: its
     data pointer) with room left: plain transformers copies the whole cache of every layer at every decode step
     (``torch.cat``), ~20% of a step at 4K tokens on SmolLM2. Otherwise one copy into a new buffer with
-    ``max(GROW_MIN, n // GROW_DIV)`` tokens of room (its storage is what ``nbytes`` counts: at most ~6% more than
-    the tokens held, during decode only). Never writes into storage it did not allocate. Returns the new view and
+    ``max(GROW_MIN, n // GROW_DIV)`` tokens of room, rounded to a page-friendly size (``grown_capacity``; its
+    storage is what ``nbytes`` counts: at most ~12% more than the tokens held, during decode only). Never writes into storage it did not allocate. Returns the new view and
     its buffer's data pointer."""
     b, h, _, d = t.shape
     m = new.shape[-2]
     if t.data_ptr() != owned or buffer_capacity(t) < n + m:
-        buf = t.new_empty(b, h, n + m + max(GROW_MIN, n // GROW_DIV), d)
+        buf = t.new_empty(b, h, grown_capacity(n, m), d)
         buf[:, :, :n] = t
         t = buf[:, :, :n]
     full = t.as_strided((b, h, n + m, d), t.stride())

@@ -110,9 +110,18 @@ class DecodeSelector:
         prefill saw (selectors whose state comes from them)."""
         raise NotImplementedError  # pragma: no cover - each selector defines it
 
-    def select(self, step: Step) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover - abstract
-        """``(idx [b, hs, m] long, valid [b, hs, m] bool or None)`` for this step."""
-        raise NotImplementedError
+    def select(self, step: Step) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(idx [b, hs, m] long, valid [b, hs, m] bool or None)`` for this step (a page selector: the tokens of
+        its ``select_pages``)."""
+        paged = self.select_pages(step)
+        if paged is None:  # pragma: no cover - each token-level selector defines select
+            raise NotImplementedError
+        return pages_to_tokens(paged[0], paged[1], step.n)
+
+    def select_pages(self, step: Step) -> tuple[torch.Tensor, int] | None:
+        """Selectors that choose whole pages of consecutive physical tokens: ``(pages [b, hs, kp] ascending,
+        page_size)`` (``attend`` then gathers page by page); None: a token-level selector."""
+        return None
 
     def attend(self, step: Step, stats: dict | None = None) -> torch.Tensor:
         """Select, then attend: ``[b, hq, 1, d]``. ``stats["select_s"]`` gets the selection time."""
@@ -121,13 +130,22 @@ class DecodeSelector:
         from ..ops.decode import gather_attention
 
         t0 = time.perf_counter()
-        idx, valid = self.select(step)
+        paged = self.select_pages(step)
+        idx, valid = self.select(step) if paged is None else (paged[0], None)
+        page_size = 0 if paged is None else paged[1]
         if stats is not None:
             stats["select_s"] = stats.get("select_s", 0.0) + time.perf_counter() - t0
-            stats["selected"] = stats.get("selected", 0) + (idx.numel() if valid is None else int(valid.sum()))
+            if paged is None:
+                used = idx.numel() if valid is None else int(valid.sum())
+            else:  # whole pages, less the newest page's tail past the cache's end in the rows that hold it
+                tail = -step.n % page_size
+                used = idx.numel() * page_size - (int((idx[..., -1] == step.n // page_size).sum()) * tail
+                                                   if tail else 0)
+            stats["selected"] = stats.get("selected", 0) + used
             stats["possible"] = stats.get("possible", 0) + idx.shape[0] * idx.shape[1] * step.n
         out, _ = gather_attention(step.q, step.k, step.v, idx, valid=valid, key_valid=step.key_valid,
-                                  scale=step.scale, splits=self.splits, softcap=step.softcap, sinks=step.sinks)
+                                  scale=step.scale, splits=self.splits, softcap=step.softcap, sinks=step.sinks,
+                                  need_lse=False, page_size=page_size)
         return out
 
 

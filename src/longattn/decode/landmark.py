@@ -18,7 +18,7 @@ from ..checks import check_int
 from ..padding import first_real
 from ..registry import register
 from . import _slow
-from .base import DecodeSelector, Step, page_has_valid, pages_to_tokens, top_with_forced
+from .base import DecodeSelector, Step, page_has_valid, top_with_forced
 
 __all__ = ["Landmark"]
 
@@ -67,11 +67,10 @@ class Landmark(DecodeSelector):
             s = s.masked_fill(~ok[:, None, :], float("-inf"))
         return s
 
-    def select(self, step: Step):
+    def select_pages(self, step: Step):
         s = self.block_scores(step)
         forced = torch.zeros_like(s, dtype=torch.bool)
         first = first_real(step.key_valid, s.shape[0], s.device) // self.block_size  # first block with a real token
         forced.scatter_(-1, first.view(-1, 1, 1).expand(-1, s.shape[1], 1), True)
         forced[..., -1] = True
-        blocks = top_with_forced(s, self.budget // self.block_size, forced)
-        return pages_to_tokens(blocks, self.block_size, step.n)
+        return top_with_forced(s, self.budget // self.block_size, forced), self.block_size

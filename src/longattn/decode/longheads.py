@@ -22,7 +22,7 @@ from ..checks import check_int
 from ..padding import first_real
 from ..registry import register
 from . import _slow
-from .base import DecodeSelector, Step, page_has_valid, pages_to_tokens, top_with_forced
+from .base import DecodeSelector, Step, page_has_valid, top_with_forced
 
 __all__ = ["LongHeads"]
 
@@ -62,7 +62,7 @@ class LongHeads(DecodeSelector):
                 out[bi, h] = _slow.tokens_of(_slow.top(sc, self.budget // self.chunk, forced), self.chunk, step.n)
         return out
 
-    def select(self, step: Step):
+    def select_pages(self, step: Step):
         b, hq = step.q.shape[:2]
         hk = step.k.shape[1]
         meta = step.layer.page_meta(self.chunk)
@@ -75,5 +75,4 @@ class LongHeads(DecodeSelector):
         first = first_real(step.key_valid, b, s.device) // self.chunk
         forced.scatter_(-1, first.view(-1, 1, 1).expand(-1, hq, 1), True)
         forced[..., -1] = True
-        chunks = top_with_forced(s, self.budget // self.chunk, forced)
-        return pages_to_tokens(chunks, self.chunk, step.n)
+        return top_with_forced(s, self.budget // self.chunk, forced), self.chunk

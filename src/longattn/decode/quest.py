@@ -20,7 +20,7 @@ import torch
 from ..checks import check_int
 from ..registry import register
 from . import _slow
-from .base import DecodeSelector, Step, page_bounds, pages_to_tokens, top_with_forced
+from .base import DecodeSelector, Step, page_bounds, top_with_forced
 
 __all__ = ["Quest"]
 
@@ -59,9 +59,8 @@ class Quest(DecodeSelector):
         """``[b, hk, pages]``: max over the group's query heads of the page upper bound; -inf for padding pages."""
         return page_bounds(step, self.page)
 
-    def select(self, step: Step):
+    def select_pages(self, step: Step):
         s = self.page_scores(step)
         forced = torch.zeros_like(s, dtype=torch.bool)
         forced[..., -1] = True
-        pages = top_with_forced(s, self.budget // self.page, forced)
-        return pages_to_tokens(pages, self.page, step.n)
+        return top_with_forced(s, self.budget // self.page, forced), self.page

@@ -24,7 +24,7 @@ from ..checks import check_int
 from .core import add_sinks, buffer_capacity, grouped_sinks, masked_attention
 from .merge import merge_attention
 
-__all__ = ["split_k_attention", "gather_attention", "gather_rows", "split_bounds"]
+__all__ = ["split_k_attention", "gather_attention", "gather_rows", "gather_pages", "split_bounds"]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
@@ -48,6 +48,24 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, kvh: torch.Tensor) -> torch.
     heads = kvh.tolist()
     return torch.stack([torch.stack([x[bi, heads[h]].index_select(0, idx[bi, h]) for h in range(hs)])
                         for bi in range(b)])
+
+
+def gather_pages(x: torch.Tensor, pages: torch.Tensor, page_size: int, kvh: torch.Tensor) -> torch.Tensor | None:
+    """``x [b, hk, n, d]`` at whole pages ``pages [b, hs, kp]`` (page ``p``: tokens ``p * page_size`` onwards), row
+    ``h`` reading kv head ``kvh[h]``: ``[b, hs, kp * page_size, d]``, one ``index_select`` of ``kp`` rows of
+    ``page_size * d`` per row of ``pages`` (a token gather copies the same bytes through ``page_size`` times more
+    indices). None when ``x``'s buffer is not a whole number of pages (``gather_rows`` then). Rows past the
+    cache's ``n`` tokens (the newest page's tail) hold whatever the buffer holds there: mask them."""
+    b, hk, n, d = x.shape
+    hs, kp = pages.shape[1], pages.shape[2]
+    cap = buffer_capacity(x)
+    if not cap or cap % page_size:
+        return None
+    full = x.as_strided((b, hk, cap, d), x.stride()) if cap != n else x
+    per = cap // page_size
+    rows = (torch.arange(b, device=pages.device).view(b, 1, 1) * hk + kvh.view(1, hs, 1)) * per
+    flat = full.reshape(b * hk * per, page_size * d)
+    return flat.index_select(0, (rows + pages).reshape(-1)).view(b, hs, kp * page_size, d)
 
 
 def split_bounds(n: int, splits: int) -> list[tuple[int, int]]:
@@ -102,29 +120,59 @@ def gather_attention(
     splits: int = 1,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+    page_size: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of ``q`` over the keys at ``idx [b, hs, m]`` (``hs`` = kv heads: shared by the query heads of
     the group; ``hs`` = q heads: one set per query head). ``valid [b, hs, m]`` masks unused slots (indices there
     must still be in range); ``key_valid [b, n]`` masks padded keys. Indices must be distinct within a row (a
     repeated key would count twice). ``splits`` > 1 cuts the selected set into parts merged by lse.
+    ``need_lse=False`` (a decode step that only needs the output): without softcap, sinks or splits the gathered
+    rows go through SDPA's fused kernel (the group's queries as one [g, d] block per kv head: no repeated keys)
+    and the lse comes back None. ``page_size > 0``: ``idx [b, hs, kp]`` holds page ids (page ``p``: tokens ``p *
+    page_size`` to ``(p + 1) * page_size - 1``, the newest page's tail past the cache's end left out; no ``valid``),
+    gathered page by page (``gather_pages``) when the cache's buffer is a whole number of pages.
 
-    Returns ``(out [b, hq, nq, d], lse [b, hq, nq] float32)``."""
+    Returns ``(out [b, hq, nq, d], lse [b, hq, nq] float32 or None)``."""
     b, hq, hk, nq, n, d = _check(q, k, v)
     if idx.dim() != 3 or idx.shape[0] != b or idx.shape[1] not in (hk, hq):
         raise ValueError(f"idx: expected [batch={b}, heads={hk} or {hq}, m], got {tuple(idx.shape)}")
     if valid is not None and valid.shape != idx.shape:
         raise ValueError(f"valid: expected the shape of idx {tuple(idx.shape)}, got {tuple(valid.shape)}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    hs, m = idx.shape[1], idx.shape[2]
+    hs = idx.shape[1]
     idx = idx.long()
     g = hq // hk
     kvh = torch.arange(hs, device=idx.device) // (1 if hs == hk else g)  # the kv head each row of idx reads
     qs = q.reshape(b, hk, g * nq, d) if hs == hk else q
-    kg, vg = gather_rows(k, idx, kvh), gather_rows(v, idx, kvh)  # [b, hs, m, d]
+    if page_size:
+        check_int(page_size, "page_size")
+        if valid is not None:
+            raise ValueError("valid: not with page_size (whole pages are attended; the cache's end is masked)")
+        pages = idx
+        idx = (pages.unsqueeze(-1) * page_size + torch.arange(page_size, device=idx.device)).flatten(-2)
+        if n % page_size:
+            valid = idx < n
+            idx = torch.where(valid, idx, torch.zeros_like(idx))
+        kg, vg = gather_pages(k, pages, page_size, kvh), gather_pages(v, pages, page_size, kvh)
+        if kg is None or vg is None:
+            kg, vg = gather_rows(k, idx, kvh), gather_rows(v, idx, kvh)
+        elif valid is not None:  # the newest page's tail: buffer room, not keys (its bytes may be anything)
+            kg, vg = kg.masked_fill(~valid[..., None], 0.0), vg.masked_fill(~valid[..., None], 0.0)
+    else:
+        kg, vg = gather_rows(k, idx, kvh), gather_rows(v, idx, kvh)  # [b, hs, m, d]
+    m = idx.shape[2]
     allowed = None if valid is None else valid[:, :, None, :]
     if key_valid is not None:
         kv_ok = key_valid.gather(1, idx.reshape(b, hs * m)).view(b, hs, 1, m)
         allowed = kv_ok if allowed is None else allowed & kv_ok
+    if not need_lse and softcap is None and sinks is None and splits == 1:
+        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.nn.functional.scaled_dot_product_attention(qs.to(ct), kg.to(ct), vg.to(ct), attn_mask=allowed,
+                                                               scale=scale)
+        if allowed is not None:  # a row with no allowed key: 0, as masked_attention gives (SDPA: NaN)
+            out = out.nan_to_num(0.0)
+        return out.reshape(b, hq, nq, d).to(q.dtype), None
     outs, lses = [], []
     for s, e in split_bounds(m, splits):
         a = None if allowed is None else allowed[..., s:e]
