@@ -867,6 +867,8 @@ def test_gather_attention_by_pages_equals_the_reference_over_their_tokens(cap, n
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     if need_lse:
         torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
+    shuffled, _ = gather_attention(q, k, v, pages.flip(-1), key_valid=kv, page_size=ps, need_lse=need_lse)
+    torch.testing.assert_close(shuffled, ref, rtol=1e-5, atol=1e-5)  # pages in any order: the same tokens
     with pytest.raises(ValueError, match="valid"):
         gather_attention(q, k, v, pages, valid=torch.ones_like(pages, dtype=torch.bool), page_size=ps)
 

@@ -158,7 +158,14 @@ def gather_attention(
         if kg is None or vg is None:
             kg, vg = gather_rows(k, idx, kvh), gather_rows(v, idx, kvh)
         elif valid is not None:  # the newest page's tail: buffer room, not keys (its bytes may be anything)
-            kg, vg = kg.masked_fill(~valid[..., None], 0.0), vg.masked_fill(~valid[..., None], 0.0)
+            tail = -n % page_size
+            if bool((pages[..., -1:] >= pages).all()):  # the newest page, where held, ends its row: zero the
+                bad = ~valid[:, :, -tail:, None]  # last slots in place in the fresh copies
+                kg[:, :, -tail:].masked_fill_(bad, 0.0)
+                vg[:, :, -tail:].masked_fill_(bad, 0.0)
+            else:
+                kg.masked_fill_(~valid[..., None], 0.0)
+                vg.masked_fill_(~valid[..., None], 0.0)
     else:
         kg, vg = gather_rows(k, idx, kvh), gather_rows(v, idx, kvh)  # [b, hs, m, d]
     m = idx.shape[2]
