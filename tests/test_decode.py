@@ -850,25 +850,27 @@ def test_gather_attention_by_pages_equals_the_reference_over_their_tokens(cap, n
     k, v = buf_k[:, :, :n], buf_v[:, :, :n]
     q = torch.randn(2, 4, 1, 8, generator=g)
     last = (n - 1) // ps
-    pages = torch.tensor([[[0, last], [1, last]], [[0, 1], [1, last]]])  # [b=2, hk=2, kp=2], ascending, distinct
     kv = _key_valid(2, n, (0, 3))
-    calls = []
     real = dec.gather_pages
-    monkeypatch.setattr(dec, "gather_pages", lambda *a: calls.append(real(*a)) or calls[-1])
-    out, lse = gather_attention(q, k, v, pages, key_valid=kv, page_size=ps, need_lse=need_lse)
-    assert (calls[0] is not None) == (cap % ps == 0)
-    mask = torch.zeros(2, 4, 1, n, dtype=torch.bool)
-    for bi in range(2):
-        for h in range(4):
-            for p in pages[bi, h // 2].tolist():
-                for t in range(p * ps, min((p + 1) * ps, n)):
-                    mask[bi, h, 0, t] = bool(kv[bi, t])
-    ref, ref_lse = reference.attention(q, k.contiguous(), v.contiguous(), causal=False, mask=mask)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    if need_lse:
-        torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
-    shuffled, _ = gather_attention(q, k, v, pages.flip(-1), key_valid=kv, page_size=ps, need_lse=need_lse)
-    torch.testing.assert_close(shuffled, ref, rtol=1e-5, atol=1e-5)  # pages in any order: the same tokens
+    # every row ends with the newest page (its tail is cut off); one row without it (masked); any order (masked)
+    for pages in (torch.tensor([[[0, last], [1, last]], [[1, last], [0, last]]]),
+                  torch.tensor([[[0, last], [1, last]], [[0, 1], [1, last]]]),
+                  torch.tensor([[[last, 0], [1, last]], [[1, 0], [last, 1]]])):
+        pm = torch.zeros(2, 4, 1, n, dtype=torch.bool)  # the pages' tokens below the cache's end
+        for bi in range(2):
+            for h in range(4):
+                for p in pages[bi, h // 2].tolist():
+                    for t in range(p * ps, min((p + 1) * ps, n)):
+                        pm[bi, h, 0, t] = True
+        for key_valid, mask in ((kv, pm & kv[:, None, None, :]), (None, pm)):
+            calls = []
+            monkeypatch.setattr(dec, "gather_pages", lambda *a, calls=calls: calls.append(real(*a)) or calls[-1])
+            out, lse = gather_attention(q, k, v, pages, key_valid=key_valid, page_size=ps, need_lse=need_lse)
+            assert (calls[0] is not None) == (cap % ps == 0)
+            ref, ref_lse = reference.attention(q, k.contiguous(), v.contiguous(), causal=False, mask=mask)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            if need_lse:
+                torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="valid"):
         gather_attention(q, k, v, pages, valid=torch.ones_like(pages, dtype=torch.bool), page_size=ps)
 

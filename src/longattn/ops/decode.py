@@ -68,6 +68,38 @@ def gather_pages(x: torch.Tensor, pages: torch.Tensor, page_size: int, kvh: torc
     return flat.index_select(0, (rows + pages).reshape(-1)).view(b, hs, kp * page_size, d)
 
 
+def _gather_by_pages(k, v, pages, page_size, kvh, valid, need_tokens: bool):
+    """``gather_attention``'s page path: ``(kg, vg, token idx or None, valid or None)``. When every row ends with
+    the newest, partial page (the selectors that always attend it), its tail past the cache's end is cut off the
+    copies: no mask at all. Otherwise the tail is masked (``valid``) and zeroed in the copies (it is buffer room,
+    whose bytes may be anything)."""
+    check_int(page_size, "page_size")
+    if valid is not None:
+        raise ValueError("valid: not with page_size (whole pages are attended; the cache's end is masked)")
+    n = k.shape[2]
+    tail = -n % page_size
+
+    def tokens():
+        return (pages.unsqueeze(-1) * page_size + torch.arange(page_size, device=pages.device)).flatten(-2)
+
+    kg, vg = gather_pages(k, pages, page_size, kvh), gather_pages(v, pages, page_size, kvh)
+    if kg is None or vg is None:  # a buffer of no whole pages: token by token
+        idx = tokens()
+        if tail:
+            valid = idx < n
+            idx = torch.where(valid, idx, torch.zeros_like(idx))
+        return gather_rows(k, idx, kvh), gather_rows(v, idx, kvh), idx, valid
+    if not tail:
+        return kg, vg, tokens() if need_tokens else None, None
+    if bool((pages[..., -1] == n // page_size).all()):  # every row ends with the newest page: cut its tail
+        return kg[:, :, :-tail], vg[:, :, :-tail], tokens()[..., :-tail] if need_tokens else None, None
+    idx = tokens()
+    valid = idx < n
+    kg.masked_fill_(~valid[..., None], 0.0)
+    vg.masked_fill_(~valid[..., None], 0.0)
+    return kg, vg, torch.where(valid, idx, torch.zeros_like(idx)), valid
+
+
 def split_bounds(n: int, splits: int) -> list[tuple[int, int]]:
     """``splits`` contiguous ranges covering ``[0, n)``: equal sizes ``ceil(n / splits)``, the last one ragged
     (fewer ranges when ``n < splits``)."""
@@ -146,29 +178,10 @@ def gather_attention(
     kvh = torch.arange(hs, device=idx.device) // (1 if hs == hk else g)  # the kv head each row of idx reads
     qs = q.reshape(b, hk, g * nq, d) if hs == hk else q
     if page_size:
-        check_int(page_size, "page_size")
-        if valid is not None:
-            raise ValueError("valid: not with page_size (whole pages are attended; the cache's end is masked)")
-        pages = idx
-        idx = (pages.unsqueeze(-1) * page_size + torch.arange(page_size, device=idx.device)).flatten(-2)
-        if n % page_size:
-            valid = idx < n
-            idx = torch.where(valid, idx, torch.zeros_like(idx))
-        kg, vg = gather_pages(k, pages, page_size, kvh), gather_pages(v, pages, page_size, kvh)
-        if kg is None or vg is None:
-            kg, vg = gather_rows(k, idx, kvh), gather_rows(v, idx, kvh)
-        elif valid is not None:  # the newest page's tail: buffer room, not keys (its bytes may be anything)
-            tail = -n % page_size
-            if bool((pages[..., -1:] >= pages).all()):  # the newest page, where held, ends its row: zero the
-                bad = ~valid[:, :, -tail:, None]  # last slots in place in the fresh copies
-                kg[:, :, -tail:].masked_fill_(bad, 0.0)
-                vg[:, :, -tail:].masked_fill_(bad, 0.0)
-            else:
-                kg.masked_fill_(~valid[..., None], 0.0)
-                vg.masked_fill_(~valid[..., None], 0.0)
+        kg, vg, idx, valid = _gather_by_pages(k, v, idx, page_size, kvh, valid, need_tokens=key_valid is not None)
     else:
         kg, vg = gather_rows(k, idx, kvh), gather_rows(v, idx, kvh)  # [b, hs, m, d]
-    m = idx.shape[2]
+    m = kg.shape[2]
     allowed = None if valid is None else valid[:, :, None, :]
     if key_valid is not None:
         kv_ok = key_valid.gather(1, idx.reshape(b, hs * m)).view(b, hs, 1, m)
