@@ -250,6 +250,34 @@ def test_long_sliding_window_layers_run_block_sparse_and_exact(softcap, sinks, m
     torch.testing.assert_close(out * rows, ref.float() * rows, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("pad,window", [(False, None), (True, None), (False, 20), (True, 20)],
+                         ids=["plain", "padded", "window", "padded-window"])
+def test_dense_decode_with_grouped_kv_heads_equals_the_reference(pad, window, monkeypatch):
+    """One decode query per head over grouped kv heads goes through ``_grouped_decode`` (the group's query heads
+    as queries of one SDPA head): the reference's output, padding and sliding window included; a row with no
+    visible key gives 0."""
+    from longattn.ops import dense
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 6, 1, 16, generator=g)
+    k, v = torch.randn(3, 2, 45, 16, generator=g), torch.randn(3, 2, 45, 16, generator=g)
+    kv = None
+    if pad:
+        kv = torch.ones(3, 45, dtype=torch.bool)
+        kv[1, :30] = False
+        kv[2] = False  # nothing visible
+    calls = []
+    real = dense._grouped_decode
+    monkeypatch.setattr(dense, "_grouped_decode", lambda *a: calls.append(1) or real(*a))
+    out = dense.dense_attention(q, k, v, kv, 0.25, window)
+    assert calls
+    mask = None if kv is None else kv[:, None, None, :]
+    ref, _ = reference.attention(q.double(), k.double(), v.double(), mask=mask, window=window, scale=0.25)
+    if pad:
+        ref[2] = 0.0
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_and_ragged_ops_in_bfloat16_within_twice_the_dense_error():
     """In the model's dtype: each decode / compressed-cache op in bfloat16 stays within twice the error that dense
     SDPA makes in bfloat16 against the float64 reference."""

