@@ -295,3 +295,36 @@ def test_select_share_is_selection_per_token_over_a_dense_step_of_the_same_run()
     share = select_share(recs)  # 0.16 s over 8 tokens = 0.02 s per token; dense's step 0.1 s; run b has no dense
     assert share == {("passkey", 1024, "quest"): pytest.approx(0.2)}
     assert "sel/step" in bench_table(recs).splitlines()[0]
+
+
+def test_interleaved_decode_benchmark_pairs_rounds_and_bounds_each_method(tmp_path, capsys):
+    """benchmarks/decode_interleaved.py on a tiny model: every method decodes the same number of steps from its
+    own cache; a full-budget selector decodes dense's tokens (every step equal), a small budget attends a
+    fraction of the cache (kept < 1, so a bound > 1 from dense's attention share); ratios are dense's median
+    step over the method's; bad input exits 2 naming the argument; an existing file is not overwritten."""
+    import importlib.util
+    from pathlib import Path
+
+    from longattn.models import tiny_model, tiny_tokenizer
+
+    path = Path(__file__).parents[1] / "benchmarks" / "decode_interleaved.py"
+    spec = importlib.util.spec_from_file_location("decode_interleaved", path)
+    di = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(di)
+    m, tok = tiny_model("llama", num_hidden_layers=2), tiny_tokenizer()
+    res = di.run(m, tok, ["dense", "landmark:budget=4096", "landmark:budget=32:block_size=16"], 300, 5,
+                 progress=False)
+    d, full, small = (res["methods"][k] for k in ("dense", "landmark:budget=4096", "landmark:budget=32:block_size=16"))
+    assert d["decode_x"] == 1.0 and d["kept"] == 1.0 and d["amdahl_bound"] == pytest.approx(1.0)
+    assert full["tokens_equal_to_dense"] == 5 and full["kept"] == pytest.approx(1.0)
+    assert 0 < small["kept"] < 0.5 and small["amdahl_bound"] > 1.0 and 0 < res["dense_attention_share"] < 1
+    assert small["decode_x"] == pytest.approx(d["ms_per_step"] / small["ms_per_step"])
+    assert small["x_p10"] <= small["x_paired_median"] <= small["x_p90"]
+    out = tmp_path / "d.json"
+    out.write_text("{}")
+    assert di.main(["--methods", "landmark,dense", "--json", str(tmp_path / "x.json")]) == 2
+    assert "--methods must start with dense" in capsys.readouterr().err
+    assert di.main(["--methods", "dense,nosuch", "--json", str(tmp_path / "x.json")]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert di.main(["--json", str(out)]) == 2 and out.read_text() == "{}"
+    assert "exists" in capsys.readouterr().err
