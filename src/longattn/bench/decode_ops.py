@@ -142,7 +142,7 @@ def run_decode_ops(cfg: DecodeBenchConfig, log=None) -> list[dict]:
 
     from ..cache import LongattnLayer
     from ..decode.base import DecodeSelector, Step
-    from ..ops.decode import gather_attention, split_k_attention
+    from ..ops.decode import split_k_attention
     from .ops import DTYPES
 
     log = log or (lambda s: print(s, file=sys.stderr))
@@ -222,10 +222,9 @@ def run_decode_ops(cfg: DecodeBenchConfig, log=None) -> list[dict]:
                         est = time_ms(partial(sel.select, step), cfg.repeats, before=clear)
                         clear()
 
-                        def whole(step=step, sel=sel, clear=clear, q=q, k=k, v=v, scale=scale):
-                            clear()  # a fresh selection, then its attention
-                            i, va = sel.select(step)
-                            gather_attention(q, k, v, i, valid=va, scale=scale, splits=sel.splits)
+                        def whole(step=step, sel=sel, clear=clear):
+                            clear()  # a fresh selection, then its attention (page selectors: page by page)
+                            sel.attend(step)
                     # dense's step timed in turn with the selector's (interleaved rounds; medians and spread)
                     ts = time_interleaved({"dense": dense_step, "method": whole}, cfg.repeats)
                     st = ratio_stats(ts["dense"], ts["method"])

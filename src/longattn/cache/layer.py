@@ -45,9 +45,10 @@ def _append(t: torch.Tensor, new: torch.Tensor, n: int, owned: int | None) -> tu
     """``cat([t, new], 2)`` without copying ``t`` when it is the head of a buffer this layer made (``owned``: its
     data pointer) with room left: plain transformers copies the whole cache of every layer at every decode step
     (``torch.cat``), ~20% of a step at 4K tokens on SmolLM2. Otherwise one copy into a new buffer with
-    ``max(GROW_MIN, n // GROW_DIV)`` tokens of room, rounded to a page-friendly size (``grown_capacity``; its
-    storage is what ``nbytes`` counts: at most ~12% more than the tokens held, during decode only). Never writes into storage it did not allocate. Returns the new view and
-    its buffer's data pointer."""
+    ``max(GROW_MIN, n // GROW_DIV)`` tokens of room, rounded to whole pages from 4096 tokens on
+    (``grown_capacity``; its storage is what ``nbytes`` counts: at most ~12% more than the tokens held, during
+    decode only). Never writes into storage it did not allocate. Returns the new view and its buffer's data
+    pointer."""
     b, h, _, d = t.shape
     m = new.shape[-2]
     if t.data_ptr() != owned or buffer_capacity(t) < n + m:
