@@ -194,7 +194,9 @@ def top_with_forced(scores: torch.Tensor, k: int, forced: torch.Tensor | None = 
 def pages_to_tokens(pages: torch.Tensor, page_size: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Selected page ids ``[b, h, kp]`` -> token indices ``[b, h, kp * page_size]`` and their validity (the tail
     of the last, partial page is invalid; invalid slots point at token 0)."""
-    tok = (pages.unsqueeze(-1) * page_size + torch.arange(page_size, device=pages.device)).flatten(-2)
+    from ..ops.decode import page_tokens
+
+    tok = page_tokens(pages, page_size)
     if n % page_size == 0:
         return tok, None
     ok = tok < n

@@ -24,7 +24,7 @@ from ..checks import check_int
 from .core import add_sinks, buffer_capacity, grouped_sinks, masked_attention
 from .merge import merge_attention
 
-__all__ = ["split_k_attention", "gather_attention", "gather_rows", "gather_pages", "split_bounds"]
+__all__ = ["split_k_attention", "gather_attention", "gather_rows", "gather_pages", "page_tokens", "split_bounds"]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
@@ -68,6 +68,11 @@ def gather_pages(x: torch.Tensor, pages: torch.Tensor, page_size: int, kvh: torc
     return flat.index_select(0, (rows + pages).reshape(-1)).view(b, hs, kp * page_size, d)
 
 
+def page_tokens(pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Page ids ``[..., kp]`` -> the token indices of those whole pages ``[..., kp * page_size]``."""
+    return (pages.unsqueeze(-1) * page_size + torch.arange(page_size, device=pages.device)).flatten(-2)
+
+
 def _gather_by_pages(k, v, pages, page_size, kvh, valid, need_tokens: bool):
     """``gather_attention``'s page path: ``(kg, vg, token idx or None, valid or None)``. When every row ends with
     the newest, partial page (the selectors that always attend it), its tail past the cache's end is cut off the
@@ -80,7 +85,7 @@ def _gather_by_pages(k, v, pages, page_size, kvh, valid, need_tokens: bool):
     tail = -n % page_size
 
     def tokens():
-        return (pages.unsqueeze(-1) * page_size + torch.arange(page_size, device=pages.device)).flatten(-2)
+        return page_tokens(pages, page_size)
 
     kg, vg = gather_pages(k, pages, page_size, kvh), gather_pages(v, pages, page_size, kvh)
     if kg is None or vg is None:  # a buffer of no whole pages: token by token
