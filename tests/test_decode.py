@@ -63,24 +63,37 @@ def test_split_bounds_cover_and_validate():
         split_bounds(10, 0)
 
 
-@pytest.mark.parametrize("per", ["kv", "q"])
-@pytest.mark.parametrize("splits", [1, 3])
-def test_gather_attention_equals_reference_mask(per, splits):
+def _gathered_selection(per, seed):
+    """A selection for ``gather_attention`` (2 rows, 4/2 heads, 40 keys, 12 picks per kv or query head), its
+    slot validity and key padding: ``(q, k, v, idx, valid, kv, hq, hk)``."""
     q, k, v = _qkv(n=40)
     b, hq, hk = 2, 4, 2
     hs = hk if per == "kv" else hq
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     idx = torch.stack([torch.stack([torch.randperm(40, generator=g)[:12] for _ in range(hs)]) for _ in range(b)])
     valid = torch.rand(b, hs, 12, generator=g) > 0.25
-    kv = _key_valid(b, 40, (0, 5))
-    out, lse = gather_attention(q, k, v, idx, valid=valid, key_valid=kv, splits=splits)
-    mask = torch.zeros(b, hq, 1, 40, dtype=torch.bool)
+    return q, k, v, idx, valid, _key_valid(b, 40, (0, 5)), hq, hk
+
+
+def _selection_mask(idx, valid, kv, hq, hk, per):
+    """Loop by loop: the keys each query head attends, ``[b, hq, 1, n]`` (a slot counts when valid and unpadded)."""
+    b, n = kv.shape
+    mask = torch.zeros(b, hq, 1, n, dtype=torch.bool)
     for bi in range(b):
         for h in range(hq):
             row = h // (hq // hk) if per == "kv" else h
-            for j in range(12):
+            for j in range(idx.shape[2]):
                 if valid[bi, row, j] and kv[bi, idx[bi, row, j]]:
                     mask[bi, h, 0, idx[bi, row, j]] = True
+    return mask
+
+
+@pytest.mark.parametrize("per", ["kv", "q"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gather_attention_equals_reference_mask(per, splits):
+    q, k, v, idx, valid, kv, hq, hk = _gathered_selection(per, 1)
+    out, lse = gather_attention(q, k, v, idx, valid=valid, key_valid=kv, splits=splits)
+    mask = _selection_mask(idx, valid, kv, hq, hk, per)
     ref, ref_lse = reference.attention(q, k, v, causal=False, mask=mask)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=1e-5)
@@ -91,23 +104,11 @@ def test_gather_attention_equals_reference_mask(per, splits):
 def test_gather_attention_output_only_path_equals_reference_mask(per, dtype):
     """``need_lse=False`` (SDPA over the gathered rows): the reference's output; a row whose selected keys are all
     masked gives 0 (as the lse path), never NaN; no lse."""
-    q, k, v = _qkv(n=40)
-    b, hq, hk = 2, 4, 2
-    hs = hk if per == "kv" else hq
-    g = torch.Generator().manual_seed(2)
-    idx = torch.stack([torch.stack([torch.randperm(40, generator=g)[:12] for _ in range(hs)]) for _ in range(b)])
-    valid = torch.rand(b, hs, 12, generator=g) > 0.25
+    q, k, v, idx, valid, kv, hq, hk = _gathered_selection(per, 2)
     valid[1, 0] = False  # nothing to attend in this row
-    kv = _key_valid(b, 40, (0, 5))
     out, lse = gather_attention(q.to(dtype), k.to(dtype), v.to(dtype), idx, valid=valid, key_valid=kv, need_lse=False)
     assert lse is None and out.dtype == dtype and not out.isnan().any()
-    mask = torch.zeros(b, hq, 1, 40, dtype=torch.bool)
-    for bi in range(b):
-        for h in range(hq):
-            row = h // (hq // hk) if per == "kv" else h
-            for j in range(12):
-                if valid[bi, row, j] and kv[bi, idx[bi, row, j]]:
-                    mask[bi, h, 0, idx[bi, row, j]] = True
+    mask = _selection_mask(idx, valid, kv, hq, hk, per)
     ref, _ = reference.attention(q.to(dtype).double(), k.to(dtype).double(), v.to(dtype).double(), causal=False,
                                  mask=mask)
     ref = torch.where(mask.any(-1, keepdim=True), ref, torch.zeros_like(ref))
