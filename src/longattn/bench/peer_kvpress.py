@@ -113,6 +113,7 @@ def run_press(model, tokenizer, peer: str, ctx: list[int], rest: list[int], max_
     from ..hf import cache_kwarg_name
     from .decoding import greedy
     from .metrics import PeakMemory, fidelity
+    from .protocols import more_steps
 
     kvpress = require_kvpress()
     press = make_press(peer)
@@ -158,12 +159,8 @@ def run_press(model, tokenizer, peer: str, ctx: list[int], rest: list[int], max_
             return _forward(model, [tok], cache, pos[0] - 1)[-1]
 
         gen, decode_s = greedy(logits, feed, max_new_tokens, eos)
-        steps = max(len(gen) - 1, 0)
-        if gen and decode_steps > steps:
-            t1, tok = time.perf_counter(), gen[-1]
-            for _ in range(decode_steps - steps):
-                tok = int(feed(tok).argmax())
-            decode_s, steps = decode_s + time.perf_counter() - t1, decode_steps
+        more, more_s = more_steps(feed, gen, decode_steps - max(len(gen) - 1, 0))
+        steps, decode_s = max(len(gen) - 1, 0) + more, decode_s + more_s
         kv_end = cache_nbytes(cache)
         feed = rest + ref["answer_ids"][:-1]
         if isinstance(press, kvpress.PyramidKVPress):

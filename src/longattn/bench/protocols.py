@@ -56,15 +56,16 @@ def _tok_s(steps: int, seconds: float):
     return (steps / seconds) if steps and seconds > 0 else None
 
 
-def _more_steps(model, gen: list[int], cache, kw: str, steps: int) -> tuple[int, float]:
+def more_steps(feed, gen: list[int], steps: int) -> tuple[int, float]:
     """After a greedy answer ``gen``, ``steps`` more decode steps (greedy, EOS ignored) for the timing only:
-    ``(steps run, seconds)``. The answer is what was scored; these steps only lengthen the timed window."""
+    ``(steps run, seconds)``; ``feed(token)`` returns the next token's logits. The answer is what was scored;
+    these steps only lengthen the timed window (ours and the kvpress rows alike)."""
     if steps <= 0 or not gen:
         return 0, 0.0
     t0 = time.perf_counter()
     tok = gen[-1]
     for _ in range(steps):
-        tok = int(forward(model, [tok], cache, kw, last=True)[0, -1].argmax())
+        tok = int(feed(tok).argmax())
     return steps, time.perf_counter() - t0
 
 
@@ -94,7 +95,8 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
         tf_first = logits.clone()
         a0, s0 = session.attention_seconds["decode"], session.decode_stats.get("select_s", 0.0)
         gen, decode_s = greedy_model(model, logits, cache, kw, max_new_tokens, eos)
-        more, more_s = _more_steps(model, gen, cache, kw, decode_steps - max(len(gen) - 1, 0))
+        more, more_s = more_steps(lambda t, c=cache: forward(model, [t], c, kw, last=True)[0, -1], gen,
+                                  decode_steps - max(len(gen) - 1, 0))
         steps, decode_s = max(len(gen) - 1, 0) + more, decode_s + more_s
         extra["attn_decode_s"] = session.attention_seconds["decode"] - a0
         extra["select_decode_s"] = session.decode_stats.get("select_s", 0.0) - s0  # the selector, generating
