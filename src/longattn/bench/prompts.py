@@ -5,26 +5,49 @@ from __future__ import annotations
 
 from .tasks.base import Sample
 
-__all__ = ["encode", "followup_ids"]
+__all__ = ["answer_positions", "encode", "followup_ids"]
 
 
-def encode(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
-    """Token ids of (context part, question part) with the chat template applied when the model has one.
-    The question part ends with the assistant turn's start and the answer prefix."""
+def _texts(tokenizer, sample: Sample) -> tuple[str, str, bool]:
+    """``(context text, question text, BOS prepended to the context ids)``: what ``encode`` tokenizes."""
     marker = "\n\n" + sample.question
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": sample.context + marker}], tokenize=False, add_generation_prompt=True
         )
         cut = text.rindex(marker)
-        ctx_text, rest_text = text[:cut], text[cut:] + sample.answer_prefix
-    else:
-        ctx_text, rest_text = sample.context, marker + "\n" + sample.answer_prefix
+        return text[:cut], text[cut:] + sample.answer_prefix, False
+    return sample.context, marker + "\n" + sample.answer_prefix, tokenizer.bos_token_id is not None
+
+
+def encode(tokenizer, sample: Sample) -> tuple[list[int], list[int]]:
+    """Token ids of (context part, question part) with the chat template applied when the model has one.
+    The question part ends with the assistant turn's start and the answer prefix."""
+    ctx_text, rest_text, bos = _texts(tokenizer, sample)
     ctx = tokenizer(ctx_text, add_special_tokens=False)["input_ids"]
     rest = tokenizer(rest_text, add_special_tokens=False)["input_ids"]
-    if not getattr(tokenizer, "chat_template", None) and tokenizer.bos_token_id is not None:
-        ctx = [tokenizer.bos_token_id] + ctx
-    return ctx, rest
+    return ([tokenizer.bos_token_id] + ctx) if bos else ctx, rest
+
+
+def answer_positions(tokenizer, sample: Sample) -> list[int] | None:
+    """Positions (in ``encode``'s context ids) of the tokens that spell a gold answer, at every place an answer
+    occurs in the context: what a KV policy must keep for the answer to be read off the cache (a passkey's key,
+    a needle's number). None where the tokenizer has no character offsets (a slow tokenizer) or no answer
+    occurs in the context."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    ctx_text, _, bos = _texts(tokenizer, sample)
+    spans = []
+    for a in {a for a in sample.answers if a}:
+        at = ctx_text.find(a)
+        while at >= 0:
+            spans.append((at, at + len(a)))
+            at = ctx_text.find(a, at + 1)
+    if not spans:
+        return None
+    offsets = tokenizer(ctx_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    shift = 1 if bos else 0
+    return sorted({i + shift for i, (s, e) in enumerate(offsets) if e > s and any(s < b and e > a for a, b in spans)})
 
 
 def followup_ids(tokenizer, sample: Sample, history: list[tuple[str, str]], question: str, prefix: str

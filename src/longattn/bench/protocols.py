@@ -22,14 +22,14 @@ import time
 import torch
 
 from .. import api
-from ..cache import cache_nbytes
+from ..cache import cache_nbytes, kept_fraction
 from . import decoding
 from .decoding import forward, greedy_model, teacher
 from .metrics import fidelity
-from .prompts import encode, followup_ids
+from .prompts import answer_positions, encode, followup_ids
 from .tasks.base import Sample
 
-__all__ = ["PROTOCOLS", "run_qa", "run_perplexity", "run_turns", "run_sample"]
+__all__ = ["PROTOCOLS", "answer_kept", "run_qa", "run_perplexity", "run_turns", "run_sample"]
 
 
 def _stats(session) -> dict:
@@ -69,11 +69,23 @@ def more_steps(feed, gen: list[int], steps: int) -> tuple[int, float]:
     return steps, time.perf_counter() - t0
 
 
+def answer_kept(tokenizer, sample: Sample, cache) -> dict:
+    """``answer_kept``: the mean, over the (layer, kv head) rows a KV policy compressed, of the fraction of the
+    answer's tokens in the context (every place it is written) that the cache still holds; ``answer_kept_rows``:
+    the fraction of those rows that hold all of them. Both None where nothing was compressed (dense, decode
+    selectors) or the answer cannot be located (``prompts.answer_positions``). They tell a policy that dropped
+    the needle from one that kept it and still lost the answer."""
+    pos = answer_positions(tokenizer, sample)
+    got = kept_fraction(cache, pos) if pos else None
+    return {"answer_kept": got[0] if got else None, "answer_kept_rows": got[1] if got else None}
+
+
 def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: dict | None,
-           decode_steps: int = 0) -> dict:
+           decode_steps: int = 0, answer_in_context: bool = False) -> dict:
     """One question over one context (the ``qa`` protocol, see the module docstring). ``decode_steps``: decode
     at least that many steps for the decode timing (the answer first, then greedy steps past it, untimed for
-    nothing else)."""
+    nothing else). ``answer_in_context``: the answer is written in the context (a needle), so the result says
+    how much of it the compressed cache holds (``answer_kept``, ``answer_kept_rows``: see ``answer_kept``)."""
     from transformers import DynamicCache
 
     ctx, rest = encode(tokenizer, sample)
@@ -88,6 +100,8 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
                                                                   ctx + rest if query_aware else ctx, cache, kw)
         session.set_compression(False)  # the question and the answer are never compressed
         kv_bytes = cache_nbytes(cache)
+        extra.update(answer_kept(tokenizer, sample, cache) if answer_in_context
+                     else {"answer_kept": None, "answer_kept_rows": None})
         # the fidelity pass continues from a copy of this cache (selector state included): no crop, exact
         snapshot = copy.deepcopy(cache)
         if not query_aware:
@@ -230,5 +244,5 @@ def run_sample(model, tokenizer, recipe, task, sample: Sample, ref: dict | None,
     """One (method, sample) through the protocol its task declares for it (``decode_steps``: the ``qa``
     protocol's minimum of timed decode steps)."""
     proto = task.protocol(sample)
-    kw = {"decode_steps": decode_steps} if proto == "qa" else {}
+    kw = {"decode_steps": decode_steps, "answer_in_context": task.answer_in_context} if proto == "qa" else {}
     return PROTOCOLS[proto](model, tokenizer, recipe, sample, task.max_new_tokens, ref, **kw)

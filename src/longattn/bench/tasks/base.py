@@ -41,6 +41,8 @@ class Task:
     uses_length = True
     #: how its samples run (``bench/protocols.py``): ``qa``, ``shared_context`` or ``perplexity``
     runs_as: ClassVar[str] = "qa"
+    #: the gold answer is written in the context (a needle): records say how much of it a KV policy kept
+    answer_in_context: ClassVar[bool] = False
 
     def protocol(self, sample: Sample) -> str:
         """The protocol ``sample`` runs under (``runs_as`` unless a task mixes kinds of samples)."""

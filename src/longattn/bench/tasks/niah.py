@@ -14,6 +14,7 @@ import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 from ...checks import check_choice, check_int
 from ...registry import register
@@ -48,6 +49,8 @@ def stdlib_text() -> str:
 @dataclass(frozen=True)
 class Niah(Task):
     """Needle in a haystack."""
+
+    answer_in_context: ClassVar[bool] = True  # the asked value is written in the context
 
     haystack: str = "stdlib"
     keys: int = 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ...registry import register
 from .base import Sample, Task
@@ -37,6 +38,8 @@ def build_filler_context(tokenizer, length: int, needle: str, depth: float, fill
 @dataclass(frozen=True)
 class Passkey(Task):
     """5-digit pass key in filler at a random depth."""
+
+    answer_in_context: ClassVar[bool] = True  # the asked value is written in the context
 
     max_new_tokens: int = 10
     reserve: int = 40  # tokens left for the chat template, question and answer prefix

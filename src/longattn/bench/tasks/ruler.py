@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import uuid
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ...checks import check_int
 from ...registry import register
@@ -46,6 +47,7 @@ class _AllOf(Task):
           summary="one key with several magic numbers in the haystack; answer all of them")
 @dataclass(frozen=True)
 class MultiValue(_AllOf):
+    answer_in_context: ClassVar[bool] = True  # the asked values are written in the context
     values: int = 4
     haystack: str = "stdlib"
     max_new_tokens: int = 48
@@ -73,6 +75,7 @@ class MultiValue(_AllOf):
           summary="several keys hidden, all asked at once; answer every number")
 @dataclass(frozen=True)
 class MultiQuery(_AllOf):
+    answer_in_context: ClassVar[bool] = True  # the asked values are written in the context
     queries: int = 3
     haystack: str = "stdlib"
     max_new_tokens: int = 48
@@ -172,6 +175,7 @@ class CommonWords(_AllOf):
           summary="JSON of random UUID key-value pairs; give the value of one key")
 @dataclass(frozen=True)
 class KVRetrieval(Task):
+    answer_in_context: ClassVar[bool] = True  # the asked values are written in the context
     max_new_tokens: int = 40
     reserve: int = 90
 
