@@ -22,24 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(p * (len(xs) - 1))))]
-
-
 def run(model, tokenizer, methods: list[str], length: int, steps: int, seed: int = 0, progress: bool = True) -> dict:
-    """The interleaved measurement (see the module docstring): ``{"methods": {name: {...}}, ...}``."""
+    """The interleaved measurement (see the module docstring; the rounds are ``longattn.bench.interleave``):
+    ``{"methods": {name: {...}}, ...}``."""
     import torch
     from transformers import DynamicCache
 
     from longattn import api
     from longattn.bench.decoding import forward
+    from longattn.bench.interleave import step_rounds, summarize
     from longattn.bench.prompts import encode
     from longattn.bench.report import amdahl
     from longattn.bench.tasks import Passkey
@@ -47,56 +42,29 @@ def run(model, tokenizer, methods: list[str], length: int, steps: int, seed: int
     sample = Passkey().make(tokenizer, length, 0, seed)
     ctx, rest = encode(tokenizer, sample)
     ids = ctx + rest
-    state = {}
+    states = {}
     with torch.no_grad():
         for name in methods:
             with api.apply(model, name, tokenizer=tokenizer) as s:
                 cache = DynamicCache(config=model.config)
                 logits = forward(model, ids, cache, s.cache_kwarg, last=True)[0, -1]
-            state[name] = {"cache": cache, "tok": int(logits.argmax()), "tokens": [], "ms": [], "attn_ms": [],
-                           "sel_ms": [], "selected": 0, "possible": 0}
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+            states[name] = {"recipe": name, "cache": cache, "tok": int(logits.argmax())}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps, desc="interleaved decode", unit="round", file=sys.stderr)
-        for r in range(steps):
-            for name in methods[r % len(methods):] + methods[: r % len(methods)]:
-                st = state[name]
-                with api.apply(model, name, tokenizer=tokenizer) as s:
-                    t0 = time.perf_counter()
-                    logits = forward(model, [st["tok"]], st["cache"], s.cache_kwarg, last=True)[0, -1]
-                    dt = time.perf_counter() - t0
-                    st["tokens"].append(st["tok"])
-                    st["tok"] = int(logits.argmax())
-                    st["ms"].append(dt * 1e3)
-                    st["attn_ms"].append(s.attention_seconds["decode"] * 1e3)
-                    d = s.decode_stats
-                    st["sel_ms"].append(d.get("select_s", 0.0) * 1e3)
-                    st["selected"] += d.get("selected", 0)
-                    st["possible"] += d.get("possible", 0)
-            if bar is not None:
-                bar.update(1)
+        bar = tqdm(total=steps, desc="interleaved decode", unit="round", file=sys.stderr)
+    try:
+        raw = step_rounds(model, states, steps, tokenizer=tokenizer, bar=bar)
+    finally:
         if bar is not None:
             bar.close()
-    base = methods[0]
-    dense = state[base]
-    share = statistics.median(a / t for a, t in zip(dense["attn_ms"], dense["ms"]))
-    out = {}
-    for name in methods:
-        st = state[name]
-        med = statistics.median(st["ms"])
-        per_round = [dm / m for dm, m in zip(dense["ms"], st["ms"])]
-        kept = (st["selected"] / st["possible"]) if st["possible"] else (1.0 if name == base else None)
-        bound = amdahl(share, kept)
-        x = statistics.median(dense["ms"]) / med
-        same = next((i for i, (a, b) in enumerate(zip(st["tokens"], dense["tokens"])) if a != b), len(st["tokens"]))
-        out[name] = {"ms_per_step": med, "decode_x": x, "x_p10": _pct(per_round, 0.1), "x_p90": _pct(per_round, 0.9),
-                     "x_paired_median": statistics.median(per_round), "kept": kept, "amdahl_bound": bound,
-                     "x_over_bound": (x / bound) if bound else None, "select_ms": statistics.median(st["sel_ms"]),
-                     "attention_ms": statistics.median(st["attn_ms"]), "tokens_equal_to_dense": same}
-    return {"length": len(ids), "steps": steps, "dense_attention_share": share, "baseline": base, "methods": out,
-            "prompt": sample.id}
+    share, out = summarize(raw, methods[0])
+    for r in out.values():
+        r["amdahl_bound"] = bound = amdahl(share, r["kept"])
+        r["x_over_bound"] = (r["decode_x"] / bound) if bound else None
+    return {"length": len(ids), "steps": steps, "dense_attention_share": share, "baseline": methods[0],
+            "methods": out, "prompt": sample.id}
 
 
 def main(argv=None) -> int:

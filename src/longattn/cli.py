@@ -110,6 +110,10 @@ def _build() -> argparse.ArgumentParser:
     b.add_argument("--decode-steps", default=0, type=int,
                    help="time at least N decode steps per sample (greedy past the answer; the answer is what is "
                    "scored): a passkey answer is ~7 tokens, too short a window for a decode ratio")
+    b.add_argument("--decode-rounds", default=0, type=int,
+                   help="single-question tasks: after every method ran a sample, R rounds of one decode step of each "
+                   "from its own cache, the order rotating (paired against dense: the table's decode x is then "
+                   "dense's median step over the method's, with the 10th-90th percentile of the per-round ratios)")
     _add_dist(b, "under `torchrun --nproc-per-node P -m longattn.cli bench ...`: every prompt prefilled sequence "
               "parallel across the ranks (dense attention, single-question tasks), a dist:MODE:nproc=P row beside dense "
               "in one process (rank 0 with every rank's threads); rank 0 writes")
@@ -473,7 +477,7 @@ def _cmd_bench(a) -> int:
                       methods=tuple(a.methods) if a.methods is not None else DEFAULT_METHODS, seed=a.seed,
                       json_path=a.json_path, out_dir=a.out, resume=a.resume, overwrite=a.overwrite,
                       extrapolate=a.extrapolate, data=a.data, scorer=a.scorer, peer=a.peer, dtype=a.dtype,
-                      decode_steps=a.decode_steps)
+                      decode_steps=a.decode_steps, decode_rounds=a.decode_rounds)
     if a.config:
         conf = _load_config(a.config)
         for k, v in conf.items():

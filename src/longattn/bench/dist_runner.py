@@ -93,8 +93,9 @@ def _check(cfg: BenchConfig, mode: str, backend: str) -> None:
         raise ValueError(f"--dist-backend deepspeed: only with --dist ulysses (got --dist {mode})")
     if cfg.peer is not None:
         raise ValueError("--dist: --peer kvpress runs in one process; drop one of them")
-    if cfg.decode_steps:
-        raise ValueError("--dist: --decode-steps is for the one-process bench (a dist row decodes its answer)")
+    if cfg.decode_steps or cfg.decode_rounds:
+        raise ValueError("--dist: --decode-steps and --decode-rounds are for the one-process bench (a dist row "
+                         "decodes its answer)")
     others = [m for m in dict.fromkeys(cfg.methods) if recipe_key(api.parse(m)) != "dense"]
     if others:
         raise ValueError(f"--dist: the sequence-parallel prefill runs dense attention; --methods must be dense "

@@ -81,11 +81,13 @@ def answer_kept(tokenizer, sample: Sample, cache) -> dict:
 
 
 def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: dict | None,
-           decode_steps: int = 0, answer_in_context: bool = False) -> dict:
+           decode_steps: int = 0, answer_in_context: bool = False, keep: dict | None = None) -> dict:
     """One question over one context (the ``qa`` protocol, see the module docstring). ``decode_steps``: decode
     at least that many steps for the decode timing (the answer first, then greedy steps past it, untimed for
     nothing else). ``answer_in_context``: the answer is written in the context (a needle), so the result says
-    how much of it the compressed cache holds (``answer_kept``, ``answer_kept_rows``: see ``answer_kept``)."""
+    how much of it the compressed cache holds (``answer_kept``, ``answer_kept_rows``: see ``answer_kept``).
+    ``keep``: a dict that receives the decode state the run ends with (``recipe``, ``cache``, the next token
+    ``tok``) instead of freeing it (``bench --decode-rounds``)."""
     from transformers import DynamicCache
 
     ctx, rest = encode(tokenizer, sample)
@@ -115,6 +117,8 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
         extra["attn_decode_s"] = session.attention_seconds["decode"] - a0
         extra["select_decode_s"] = session.decode_stats.get("select_s", 0.0) - s0  # the selector, generating
         kv_bytes_end = cache_nbytes(cache)
+        if keep is not None:  # the decode state, for interleaved timing rounds after the sample's runs
+            keep.update(recipe=recipe, cache=cache, tok=gen[-1])
         del cache
         # teacher-forced along the dense answer, for fidelity (dense's logits are the reference)
         answer_ids = ref["answer_ids"] if ref is not None else gen
@@ -240,9 +244,11 @@ def run_turns(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref
 PROTOCOLS = {"qa": run_qa, "shared_context": run_turns, "perplexity": run_perplexity}
 
 
-def run_sample(model, tokenizer, recipe, task, sample: Sample, ref: dict | None, decode_steps: int = 0) -> dict:
-    """One (method, sample) through the protocol its task declares for it (``decode_steps``: the ``qa``
-    protocol's minimum of timed decode steps)."""
+def run_sample(model, tokenizer, recipe, task, sample: Sample, ref: dict | None, decode_steps: int = 0,
+               keep: dict | None = None) -> dict:
+    """One (method, sample) through the protocol its task declares for it (``decode_steps``, ``keep``: the
+    ``qa`` protocol's minimum of timed decode steps and where it leaves its decode state)."""
     proto = task.protocol(sample)
-    kw = {"decode_steps": decode_steps, "answer_in_context": task.answer_in_context} if proto == "qa" else {}
+    kw = ({"decode_steps": decode_steps, "answer_in_context": task.answer_in_context, "keep": keep}
+          if proto == "qa" else {})
     return PROTOCOLS[proto](model, tokenizer, recipe, sample, task.max_new_tokens, ref, **kw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-__all__ = ["bench_table", "decode_table", "ops_table", "render_dir"]
+__all__ = ["bench_table", "decode_table", "ops_table", "render_dir", "rounds_ratio"]
 
 
 def _fmt(x, spec: str) -> str:
@@ -58,6 +58,22 @@ def paired_spread(records: list[dict], field: str, dense_over_method: bool = Tru
         if g[2] != "dense":
             ratios[g].append(d / v if dense_over_method else v / d)
     return {g: (min(x), max(x)) for g, x in ratios.items() if len(x) > 1}
+
+
+def rounds_ratio(records: list[dict]) -> dict:
+    """``(task, length, method) -> (decode x, (p10, p90))`` from the ``--decode-rounds`` fields: dense's step over
+    the method's summed over the samples (each sample's dense step is ``decode_x_rounds * decode_step_ms``, its
+    own round's dense), and the lowest 10th / highest 90th percentile of the per-round ratios of any sample."""
+    acc = defaultdict(lambda: [0.0, 0.0, [], []])
+    for r in records:
+        x, ms = r.get("decode_x_rounds"), r.get("decode_step_ms")
+        if x and ms:
+            a = acc[(r["task"], r["length"], r["method"])]
+            a[0] += x * ms
+            a[1] += ms
+            a[2].append(r["decode_x_p10"])
+            a[3].append(r["decode_x_p90"])
+    return {g: (d / m, (min(lo), max(hi))) for g, (d, m, lo, hi) in acc.items() if m > 0}
 
 
 def _with_spread(ratio, spread) -> str:
@@ -143,7 +159,8 @@ def kept_work(rs: list[dict]) -> tuple[float | None, float | None]:
 def bench_table(records: list[dict]) -> str:
     """One row per (task, method, length): accuracy with n and its 95% interval, cache MiB, compression vs dense,
     prefill s and speed-up vs dense prefill (same run; with the min-max of the per-sample ratios when there are
-    several) beside its Amdahl bound, decode tok/s and its ratio to dense (same run, likewise) beside its bound,
+    several) beside its Amdahl bound, decode tok/s and its ratio to dense (same run, likewise; with
+    ``--decode-rounds``, the interleaved ratio and the 10th-90th percentile of its rounds) beside its bound,
     method s, prefill attention recall, the share of the answer's tokens the compressed cache holds (needle
     tasks, KV policies: ``answer_kept``), KL and top-1 agreement vs dense. Dense is the first row of each group. The bound is ``1 / ((1 - s) + s d)``: ``s`` the share of dense's time in the
     full-attention layers' attention (same task and length), ``d`` the method's kept work (``kept_work``)."""
@@ -156,6 +173,9 @@ def bench_table(records: list[dict]) -> str:
     decode_x = paired_ratio(records, "decode_tok_s", dense_over_method=False)
     prefill_sp = paired_spread(records, "prefill_s")
     decode_sp = paired_spread(records, "decode_tok_s", dense_over_method=False)
+    for g, (x, sp) in rounds_ratio(records).items():  # --decode-rounds: the paired, interleaved ratio wins
+        decode_x[g] = x
+        decode_sp[g] = None if g[2] == "dense" else sp
     shares = attention_share(records)
     sel = select_share(records)
     head = ["task", "length", "method", "acc", "n", "95% CI", "kv MiB", "kv/dense", "kv/plain", "peak MiB", "prefill s",

@@ -52,6 +52,7 @@ class BenchConfig:
     scorer: str = "contains"  # --task custom: contains | exact | rouge
     peer: str | None = None  # "kvpress": kvpress rows beside the methods that have an equivalent press
     decode_steps: int = 0  # qa tasks: time at least this many decode steps (greedy past the answer)
+    decode_rounds: int = 0  # qa tasks: interleaved decode rounds per sample, paired against dense (``interleave``)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -82,6 +83,8 @@ class BenchConfig:
             raise ValueError(f"--dtype must be one of float32, bfloat16, float16; got {self.dtype!r}")
         if isinstance(self.decode_steps, bool) or not isinstance(self.decode_steps, int) or self.decode_steps < 0:
             raise ValueError(f"--decode-steps must be an integer >= 0, got {self.decode_steps!r}")
+        if isinstance(self.decode_rounds, bool) or not isinstance(self.decode_rounds, int) or self.decode_rounds < 0:
+            raise ValueError(f"--decode-rounds must be an integer >= 0, got {self.decode_rounds!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite: choose one (continue the results, or replace them)")
         if self.peer is not None:
@@ -201,9 +204,17 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                     if not todo:
                         continue
                     sample = task.make(tokenizer, length, i, cfg.seed)
+                    # --decode-rounds: every method's cache is kept after its run, for the paired rounds below
+                    rounds = cfg.decode_rounds if task.protocol(sample) == "qa" else 0
+                    states: dict[str, dict] = {}
+                    pending: list[dict] = []  # this sample's records, written once the rounds have timed them
+
+                    def held(m, states=states, rounds=rounds):
+                        return states.setdefault(m, {}) if rounds else None
+
                     # dense is the reference of every method's fidelity: it always runs first
                     bar.set_postfix_str(f"{tname} {length} #{i} dense")
-                    ref = run_sample(model, tokenizer, "dense", task, sample, None, cfg.decode_steps)
+                    ref = run_sample(model, tokenizer, "dense", task, sample, None, cfg.decode_steps, keep=held("dense"))
                     for m in todo:
                         bar.set_postfix_str(f"{tname} {length} #{i} {m}")
                         if m in peers:
@@ -222,17 +233,52 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
                                 continue
                         else:
                             res = ref if m == "dense" else run_sample(model, tokenizer, m, task, sample, ref,
-                                                                      cfg.decode_steps)
+                                                                      cfg.decode_steps, keep=held(m))
                         rec = make_record(
                             task=tname, method=m, recipe=recipes.get(m) or recipes[peers[m]],
                             length=length if task.uses_length else res["n_tokens"], sample_obj=sample, res=res,
                             task_obj=task, key=ident[m], run_id=run_id, env=env, peer="kvpress" if m in peers else None)
                         rec.update(against_dense(rec, ref))
-                        _keep(rec, records, results, bar)
+                        if rounds:
+                            pending.append(rec)
+                        else:
+                            _keep(rec, records, results, bar)
+                    if rounds:
+                        _time_rounds(model, tokenizer, states, rounds, pending,
+                                     lambda r, pre=f"{tname} {length} #{i}", n=rounds: bar.set_postfix_str(
+                                         f"{pre} decode round {r}/{n}"))
+                        states.clear()
+                        for rec in pending:
+                            _keep(rec, records, results, bar)
         finally:
             bar.close()
     _write_json(cfg, records)
     return records
+
+
+def _time_rounds(model, tokenizer, states: dict, rounds: int, recs: list[dict], say) -> None:
+    """``--decode-rounds``: ``rounds`` interleaved rounds of one decode step of every method of one sample from
+    the cache its run left (``states``: ``{method: {"recipe", "cache", "tok"}}``, dense first), paired against
+    dense (``interleave``); the records of the sample's methods (``recs``, not the peers') get
+    ``decode_rounds``, ``decode_step_ms`` (median), ``decode_x_rounds`` (dense's median step over the method's),
+    ``decode_x_p10`` / ``decode_x_p90`` (of the per-round ratios) and ``decode_attention_share_rounds`` (dense's
+    attention share of a step in the rounds)."""
+    from .interleave import step_rounds, summarize
+
+    class _Say:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+            say(self.n)
+
+    raw = step_rounds(model, states, rounds, tokenizer=tokenizer, bar=_Say(), compress=False)  # as run_qa's decode
+    share, out = summarize(raw, "dense")
+    for rec in recs:
+        o = out.get(rec["method"]) if not rec.get("peer") else None
+        if o is not None:
+            rec.update(decode_rounds=rounds, decode_step_ms=o["ms_per_step"], decode_x_rounds=o["decode_x"],
+                       decode_x_p10=o["x_p10"], decode_x_p90=o["x_p90"], decode_attention_share_rounds=share)
 
 
 def _keep(rec: dict, records: list[dict], results, bar) -> None:
@@ -260,6 +306,8 @@ def _identity(method: str, recipe, is_peer: bool, task, task_key: str, length: i
            "protocol": f"{task.runs_as}/{'query_aware' if qa else 'question_agnostic'}"}
     if cfg.decode_steps:  # part of the identity only when set (records written before it keep their keys)
         out["decode_steps"] = cfg.decode_steps
+    if cfg.decode_rounds and not is_peer and task.runs_as == "qa":
+        out["decode_rounds"] = cfg.decode_rounds
     return out
 
 
