@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from longattn.bench.prompts import _texts, answer_positions, encode
+from longattn.bench.prompts import _texts, answer_positions, encode, text_positions
 from longattn.bench.protocols import run_qa
 from longattn.bench.tasks import Niah, Passkey
 from longattn.cache import LongattnLayer, kept_fraction
@@ -64,6 +64,9 @@ def test_answer_positions_are_where_the_answer_is_written(task, chat):
     assert pos == [c + int(bos) for c in chars]  # character i is token i (+ the BOS)
     assert "".join(tok.decode([ctx[p]]) for p in pos) == key * text.count(key)
     assert text.count(key) == (2 if isinstance(task, Passkey) else 1)  # the pass key is written twice
+    (needle,) = s.meta["needles"]  # the whole sentence, with the key a niah question asks by
+    at = text.index(needle)
+    assert key in needle and text_positions(tok, s, [needle]) == [c + int(bos) for c in range(at, at + len(needle))]
 
 
 def test_answer_positions_none_without_the_answer_in_the_context():
@@ -84,8 +87,9 @@ def test_a_recent_window_policy_keeps_a_late_needle_and_drops_an_early_one():
     for sample, want in ((early, 0.0), (late, 1.0)):
         res = run_qa(m, tok, "streaming_llm:ratio=0.5", sample, 4, None, **kw)
         assert res["answer_kept"] == want and res["answer_kept_rows"] == want
+        assert res["needle_kept"] == want and res["needle_kept_rows"] == want
     dense = run_qa(m, tok, "dense", late, 4, None, **kw)
-    assert dense["answer_kept"] is None and dense["answer_kept_rows"] is None
+    assert dense["answer_kept"] is None and dense["answer_kept_rows"] is None and dense["needle_kept"] is None
     assert run_qa(m, tok, "streaming_llm:ratio=0.5", late, 4, None)["answer_kept"] is None  # not asked
 
 
@@ -99,3 +103,15 @@ def test_answer_positions_on_a_bpe_tokenizer_spell_the_answer(smollm2):
         ctx, _ = encode(tok, s)
         pos = answer_positions(tok, s)
         assert tok.decode([ctx[p] for p in pos]) == s.answers[0] * s.context.count(s.answers[0])
+
+
+@pytest.mark.parametrize("name", ["passkey", "niah", "multivalue", "multiquery", "kv_retrieval"])
+def test_every_needle_task_writes_its_answers_and_needles_in_the_context(name):
+    from longattn import api, registry
+
+    task = api.parse_method(name, "task")
+    assert task.answer_in_context and registry.get(name, "task").cls.answer_in_context
+    s = task.make(tiny_tokenizer(), 800, 2, 0)
+    assert s.meta["needles"] and all(n in s.context for n in s.meta["needles"])
+    assert all(a in s.context for a in s.answers)
+    assert all(any(a in n for n in s.meta["needles"]) for a in s.answers)

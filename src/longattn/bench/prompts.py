@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .tasks.base import Sample
 
-__all__ = ["answer_positions", "encode", "followup_ids"]
+__all__ = ["answer_positions", "encode", "followup_ids", "text_positions"]
 
 
 def _texts(tokenizer, sample: Sample) -> tuple[str, str, bool]:
@@ -34,11 +34,18 @@ def answer_positions(tokenizer, sample: Sample) -> list[int] | None:
     occurs in the context: what a KV policy must keep for the answer to be read off the cache (a passkey's key,
     a needle's number). None where the tokenizer has no character offsets (a slow tokenizer) or no answer
     occurs in the context."""
+    return text_positions(tokenizer, sample, sample.answers)
+
+
+def text_positions(tokenizer, sample: Sample, strings) -> list[int] | None:
+    """Positions (in ``encode``'s context ids) of the tokens that overlap any occurrence of any of ``strings`` in
+    the context (e.g. the needle sentences a task lists in ``sample.meta["needles"]``); None as in
+    ``answer_positions``."""
     if not getattr(tokenizer, "is_fast", False):
         return None
     ctx_text, _, bos = _texts(tokenizer, sample)
     spans = []
-    for a in {a for a in sample.answers if a}:
+    for a in {a for a in strings if a}:
         at = ctx_text.find(a)
         while at >= 0:
             spans.append((at, at + len(a)))

@@ -26,7 +26,7 @@ from ..cache import cache_nbytes, kept_fraction
 from . import decoding
 from .decoding import forward, greedy_model, teacher
 from .metrics import fidelity
-from .prompts import answer_positions, encode, followup_ids
+from .prompts import encode, followup_ids, text_positions
 from .tasks.base import Sample
 
 __all__ = ["PROTOCOLS", "answer_kept", "run_qa", "run_perplexity", "run_turns", "run_sample"]
@@ -69,15 +69,23 @@ def more_steps(feed, gen: list[int], steps: int) -> tuple[int, float]:
     return steps, time.perf_counter() - t0
 
 
+NOT_KEPT = {"answer_kept": None, "answer_kept_rows": None, "needle_kept": None, "needle_kept_rows": None}
+
+
 def answer_kept(tokenizer, sample: Sample, cache) -> dict:
     """``answer_kept``: the mean, over the (layer, kv head) rows a KV policy compressed, of the fraction of the
     answer's tokens in the context (every place it is written) that the cache still holds; ``answer_kept_rows``:
-    the fraction of those rows that hold all of them. Both None where nothing was compressed (dense, decode
-    selectors) or the answer cannot be located (``prompts.answer_positions``). They tell a policy that dropped
-    the needle from one that kept it and still lost the answer."""
-    pos = answer_positions(tokenizer, sample)
-    got = kept_fraction(cache, pos) if pos else None
-    return {"answer_kept": got[0] if got else None, "answer_kept_rows": got[1] if got else None}
+    the fraction of those rows that hold all of them. ``needle_kept`` / ``needle_kept_rows``: the same over the
+    tokens of the whole needle sentences the task lists (``sample.meta["needles"]``: with the key a question
+    asks by, a niah city). None where nothing was compressed (dense, decode selectors) or the text cannot be
+    located (``prompts.text_positions``). They tell a policy that dropped the needle from one that kept it and
+    still lost the answer."""
+    out = {}
+    for name, strings in (("answer", sample.answers), ("needle", sample.meta.get("needles", []))):
+        pos = text_positions(tokenizer, sample, strings)
+        got = kept_fraction(cache, pos) if pos else None
+        out[f"{name}_kept"], out[f"{name}_kept_rows"] = (got if got else (None, None))
+    return out
 
 
 def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: dict | None,
@@ -85,7 +93,7 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
     """One question over one context (the ``qa`` protocol, see the module docstring). ``decode_steps``: decode
     at least that many steps for the decode timing (the answer first, then greedy steps past it, untimed for
     nothing else). ``answer_in_context``: the answer is written in the context (a needle), so the result says
-    how much of it the compressed cache holds (``answer_kept``, ``answer_kept_rows``: see ``answer_kept``).
+    how much of it the compressed cache holds (``answer_kept``, ``needle_kept``, ...: see ``answer_kept``).
     ``keep``: a dict that receives the decode state the run ends with (``recipe``, ``cache``, the next token
     ``tok``) instead of freeing it (``bench --decode-rounds``)."""
     from transformers import DynamicCache
@@ -102,8 +110,7 @@ def run_qa(model, tokenizer, recipe, sample: Sample, max_new_tokens: int, ref: d
                                                                   ctx + rest if query_aware else ctx, cache, kw)
         session.set_compression(False)  # the question and the answer are never compressed
         kv_bytes = cache_nbytes(cache)
-        extra.update(answer_kept(tokenizer, sample, cache) if answer_in_context
-                     else {"answer_kept": None, "answer_kept_rows": None})
+        extra.update(answer_kept(tokenizer, sample, cache) if answer_in_context else NOT_KEPT)
         # the fidelity pass continues from a copy of this cache (selector state included): no crop, exact
         snapshot = copy.deepcopy(cache)
         if not query_aware:

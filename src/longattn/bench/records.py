@@ -167,7 +167,7 @@ def make_record(*, task: str, method: str, recipe, length: int, sample_obj, res:
         "select_decode_s": res.get("select_decode_s"), "compile_s": res.get("compile_s"),
         "decode_steps": res.get("decode_steps"),
         "prefill_density": res.get("prefill_density"),
-        "answer_kept": res.get("answer_kept"), "answer_kept_rows": res.get("answer_kept_rows"),
+        **{k: res.get(k) for k in ("answer_kept", "answer_kept_rows", "needle_kept", "needle_kept_rows")},
         "settings": {} if peer else method_settings(recipe), "sample_id": sample_obj.id,
         "context_sha": hashlib.sha256(sample_obj.context.encode()).hexdigest()[:16],
         "run_id": run_id, **env, "key": key,

@@ -161,8 +161,8 @@ def bench_table(records: list[dict]) -> str:
     prefill s and speed-up vs dense prefill (same run; with the min-max of the per-sample ratios when there are
     several) beside its Amdahl bound, decode tok/s and its ratio to dense (same run, likewise; with
     ``--decode-rounds``, the interleaved ratio and the 10th-90th percentile of its rounds) beside its bound,
-    method s, prefill attention recall, the share of the answer's tokens the compressed cache holds (needle
-    tasks, KV policies: ``answer_kept``), KL and top-1 agreement vs dense. Dense is the first row of each group. The bound is ``1 / ((1 - s) + s d)``: ``s`` the share of dense's time in the
+    method s, prefill attention recall, the share of the answer's and of the needle's tokens the compressed
+    cache holds (needle tasks, KV policies: ``answer_kept``, ``needle_kept``), KL and top-1 agreement vs dense. Dense is the first row of each group. The bound is ``1 / ((1 - s) + s d)``: ``s`` the share of dense's time in the
     full-attention layers' attention (same task and length), ``d`` the method's kept work (``kept_work``)."""
     groups = defaultdict(list)
     for r in records:
@@ -179,7 +179,8 @@ def bench_table(records: list[dict]) -> str:
     shares = attention_share(records)
     sel = select_share(records)
     head = ["task", "length", "method", "acc", "n", "95% CI", "kv MiB", "kv/dense", "kv/plain", "peak MiB", "prefill s",
-            "prefill x", "bound", "decode tok/s", "decode x", "bound", "sel/step", "method s", "recall", "ans kept", "KL", "top1"]
+            "prefill x", "bound", "decode tok/s", "decode x", "bound", "sel/step", "method s", "recall", "ans kept", "needle kept", "KL",
+            "top1"]
     rows = []
     for (t, n, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "dense",
                                                                kv[0][2])):
@@ -209,6 +210,7 @@ def bench_table(records: list[dict]) -> str:
             _fmt(_mean([r.get("method_s") for r in rs]), ".3f"),
             _fmt(_mean([r.get("recall") for r in rs]), ".3f"),
             _fmt(_mean([r.get("answer_kept") for r in rs]), ".2f"),
+            _fmt(_mean([r.get("needle_kept") for r in rs]), ".2f"),
             _fmt(_mean([r["kl"] for r in rs]), ".3f"),
             _fmt(_mean([r["top1_agree"] for r in rs]), ".2f"),
         ])

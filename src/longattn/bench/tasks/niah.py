@@ -98,5 +98,5 @@ class Niah(Task):
             question=f"What is the special magic number for {cities[ask]}? Answer with the number only.",
             answer_prefix=f"The special magic number for {cities[ask]} is:",
             answers=[numbers[ask]],
-            meta={"depth": depth, "keys": self.keys},
+            meta={"depth": depth, "keys": self.keys, "needles": [needles[ask].strip()]},
         )

@@ -56,5 +56,5 @@ class Passkey(Task):
             question="What is the pass key? Answer with the number only.",
             answer_prefix="The pass key is",
             answers=[key],
-            meta={"depth": round(depth, 3)},
+            meta={"depth": round(depth, 3), "needles": [needle.strip()]},
         )

@@ -67,7 +67,7 @@ class MultiValue(_AllOf):
             context=_hay_with(tokenizer, length, self.reserve, needles, self.haystack, rng),
             question=f"What are all the special magic numbers for {city}? List every one of them.",
             answer_prefix=f"The special magic numbers for {city} are:", answers=nums,
-            meta={"values": self.values},
+            meta={"values": self.values, "needles": [x.strip() for x in needles]},
         )
 
 
@@ -94,7 +94,8 @@ class MultiQuery(_AllOf):
             id=f"multiquery-{length}-{index}",
             context=_hay_with(tokenizer, length, self.reserve, needles, self.haystack, rng),
             question=f"What are the special magic numbers for {', '.join(cities)}? Give each city's number.",
-            answer_prefix="The special magic numbers are:", answers=nums, meta={"queries": self.queries},
+            answer_prefix="The special magic numbers are:", answers=nums,
+            meta={"queries": self.queries, "needles": [x.strip() for x in needles]},
         )
 
 
@@ -194,4 +195,5 @@ class KVRetrieval(Task):
             id=f"kv-{length}-{index}", context=ctx,
             question=f'In the JSON data above, what is the value associated with the key "{key}"?',
             answer_prefix=f'The value associated with the key "{key}" is: "', answers=[value],
+            meta={"needles": [f'"{key}": "{value}"']},
         )
