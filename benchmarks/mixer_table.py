@@ -60,6 +60,15 @@ def main(argv=None) -> int:
         print(f"mixer_table: error: --mixers must be among {', '.join(registry.names('mixer'))} (got {bad}); "
               "--seqs and --jobs >= 1 are needed", file=sys.stderr)
         return 2
+    if a.task == "lm":  # a language model needs the causal form: refused when named, left out of the default
+        bidir = [m for m in mixers if True not in registry.get(m.split(":")[0], "mixer").cls.supports_causal]
+        if bidir and a.mixers.strip():
+            print(f"mixer_table: error: --task lm needs causal mixers; {', '.join(bidir)} "
+                  "have only a bidirectional form", file=sys.stderr)
+            return 2
+        if bidir:
+            print(f"mixer_table: --task lm: leaving out {', '.join(bidir)} (bidirectional only)", file=sys.stderr)
+            mixers = [m for m in mixers if m not in bidir]
     out = Path(a.out)
     args = {k: getattr(a, k) for k in ("task", "steps", "lr", "dim", "layers", "batch", "seed", "seq_per_pair")}
     rows, todo = [], []
@@ -74,26 +83,60 @@ def main(argv=None) -> int:
 
     # a fresh process per run: its peak RSS is that run's own
     with ProcessPoolExecutor(max_workers=a.jobs, max_tasks_per_child=1) as ex, tqdm(total=len(todo), desc="mixers", unit="run") as bar:
-        futs = [ex.submit(_one, j) for j in todo]
+        futs = {ex.submit(_one, j): j for j in todo}
+        failed = []
         for f in as_completed(futs):
-            m, n, s = f.result()
+            try:
+                m, n, s = f.result()
+            except Exception as e:  # noqa: BLE001 - one training's failure is reported, the others' table kept
+                m, n = futs[f][:2]
+                failed.append(f"{m} @{n}: {type(e).__name__}: {e}")
+                bar.update()
+                continue
             rows.append((m, n, s))
             bar.set_postfix_str(f"{m} {n}: {s['best_acc']:.2f}")
             bar.update()
+    for line in failed:
+        print(f"mixer_table: failed: {line}", file=sys.stderr)
+    if not rows:
+        return 1
     rows.sort(key=lambda r: (mixers.index(r[0]), r[1]))
     (out / "table.json").write_text(json.dumps([{"mixer": m, "seq": n, **s} for m, n, s in rows], indent=1))
-    lines = [f"| mixer | form | {' | '.join(f'acc @{n}' for n in seqs)} | {' | '.join(f'ms/step @{n}' for n in seqs)} "
-             f"| peak MiB | params |", "|---|---|" + "---|" * (2 * len(seqs) + 2)]
+    lm = a.task == "lm"  # perplexity (final evaluation, whole sequence and its first / last 16 bytes)
+    extra = [f"ppl @{n}" for n in seqs] + [f"ppl first/last 16 @{n}" for n in seqs] if lm else []
+    head = ([f"acc @{n}" for n in seqs] + extra + [f"ms/step @{n}" for n in seqs])
+    lines = [f"| mixer | form | {' | '.join(head)} | peak MiB | params |", "|---|---|" + "---|" * (len(head) + 2)]
     for m in mixers:
         got = {n: s for mm, n, s in rows if mm == m}
+        if not got:
+            continue
         s0 = next(iter(got.values()))
-        accs = " | ".join(f"{got[n]['best_acc']:.2f}" if n in got else "-" for n in seqs)
-        ms = " | ".join(f"{got[n]['s_per_step'] * 1e3:.0f}" if n in got else "-" for n in seqs)
+        cells = [f"{got[n]['best_acc']:.2f}" if n in got else "-" for n in seqs]
+        if lm:
+            cells += [f"{_ppl(got[n]):.2f}" if n in got else "-" for n in seqs]
+            cells += [_ends(got[n]) if n in got else "-" for n in seqs]
+        cells += [f"{got[n]['s_per_step'] * 1e3:.0f}" if n in got else "-" for n in seqs]
         peak = max(s["peak_rss_bytes"] for s in got.values()) / 2**20
-        lines.append(f"| {m} | {'causal' if s0['causal'] else 'bidir'} | {accs} | {ms} | {peak:.0f} | {s0['params']} |")
+        lines.append(f"| {m} | {'causal' if s0['causal'] else 'bidir'} | {' | '.join(cells)} | {peak:.0f} | "
+                     f"{s0['params']} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
+    return 1 if failed else 0
+
+
+def _ppl(summary: dict) -> float:
+    """The whole sequence's perplexity from the per-position buckets of the final evaluation: exp of the mean
+    NLL, each bucket weighted by its positions."""
+    import math
+
+    b = summary["ppl_by_position"]
+    w = [x["to"] - x["from"] + 1 for x in b]
+    return math.exp(sum(wi * math.log(x["ppl"]) for wi, x in zip(w, b)) / sum(w))
+
+
+def _ends(summary: dict) -> str:
+    b = summary["ppl_by_position"]
+    return f"{b[0]['ppl']:.2f} / {b[-1]['ppl']:.2f}"
 
 
 if __name__ == "__main__":

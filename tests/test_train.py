@@ -121,3 +121,25 @@ def test_lm_predicts_the_next_byte_of_the_stdlib_source_held_out_windows_for_eva
     assert len(s["ppl_by_position"]) == 8 and all(r["ppl"] > 1 for r in s["ppl_by_position"])
     with pytest.raises(ValueError, match="causal"):
         train(TrainConfig(task="lm", mixer="ponet", seq=32, steps=1, dim=16, vocab=256), None, progress=False)
+
+
+def _mixer_table():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "mixer_table.py"
+    spec = importlib.util.spec_from_file_location("mixer_table", path)
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    return mt
+
+
+def test_mixer_table_lm_refuses_bidirectional_mixers_and_weights_the_perplexity_by_positions(tmp_path, capsys):
+    import math
+
+    mt = _mixer_table()
+    assert mt.main(["--task", "lm", "--mixers", "softmax,ponet", "--out", str(tmp_path / "t")]) == 2
+    assert "ponet" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    s = {"ppl_by_position": [{"from": 1, "to": 16, "ppl": 8.0}, {"from": 17, "to": 64, "ppl": 2.0}]}
+    assert mt._ppl(s) == pytest.approx(math.exp((16 * math.log(8) + 48 * math.log(2)) / 64))
+    assert mt._ends(s) == "8.00 / 2.00"
