@@ -30,8 +30,9 @@ def _rec_text_ids(tok, ids, chunk, prev, template):
     return out
 
 
-def _reference_scores(m, ids, chunk, prev, sink, template, tok):
-    """``{layer: [kv head][position] -> importance}`` for one row's real ``ids`` (float64, loop by loop)."""
+def _reference_scores(m, ids, chunk, prev, sink, template, tok, plus=False):
+    """``{layer: [kv head][position] -> importance}`` for one row's real ``ids`` (float64, loop by loop); ``plus``
+    (KVzip+): each weight times ||W_O^h v_j|| / ||x_t||, x_t the layer's input after its input norm."""
     cfg = m.config
     hq, hk = cfg.num_attention_heads, cfg.num_key_value_heads
     g = hq // hk
@@ -45,12 +46,20 @@ def _reference_scores(m, ids, chunk, prev, sink, template, tok):
         for start, end, rec in _rec_text_ids(tok, ids, chunk, prev, template):
             x = torch.tensor([ids + rec])
             with torch.no_grad():
-                att = m(x, output_attentions=True).attentions
+                out = m(x, output_attentions=True, output_hidden_states=True, use_cache=True)
+            att = out.attentions
             mlen = len(rec)
             s = min(sink, start)
             allowed = list(range(s)) + list(range(start, end))
             for li in full:
                 a = att[li][0].double()  # [hq, L, L]
+                if plus:
+                    layer = m.model.layers[li]
+                    with torch.no_grad():
+                        x_in = layer.input_layernorm(out.hidden_states[li])[0].double()  # the attention's input
+                    vals = out.past_key_values.layers[li].values[0].double()  # [hk, L, d]
+                    wo = layer.self_attn.o_proj.weight.detach().double()  # [hidden, hq * d]
+                    d = vals.shape[-1]
                 for h in range(hk):
                     for qh in range(h * g, (h + 1) * g):
                         for i in range(mlen):
@@ -58,7 +67,11 @@ def _reference_scores(m, ids, chunk, prev, sink, template, tok):
                             subset = allowed + list(range(n, n + i + 1))
                             z = float(sum(row[j] for j in subset))
                             for j in range(start, end):
-                                score[li][h][j] = max(score[li][h][j], float(row[j]) / z)
+                                w = float(row[j]) / z
+                                if plus:
+                                    w *= float((wo[:, qh * d : (qh + 1) * d] @ vals[h, j]).norm())
+                                    w /= float(x_in[n + i].norm())
+                                score[li][h][j] = max(score[li][h][j], w)
     finally:
         m.set_attn_implementation(prev_impl)
     return score
@@ -162,6 +175,34 @@ def test_importance_equals_the_reconstruction_reference(arch, template, chunk):
                 f"{arch} row {row} layer {li}: importance off the reference by up to {float(err.max()):.2e}")
 
 
+@pytest.mark.parametrize("arch,template,chunk", [("llama", False, 40), ("gemma3_text", True, 64)],
+                         ids=["llama-3chunks", "gemma3-template-2chunks"])
+def test_kvzip_plus_importance_equals_the_weighted_reconstruction_reference(arch, template, chunk):
+    """KVzip+: the weights times ||W_O^h v_j|| / ||x_t|| before the maximum; and the kept pairs follow it."""
+    m = tiny_model(arch, num_hidden_layers=2)
+    tok = tiny_tokenizer(chat_template=template)
+    ids, am = ids_batch(b=1, n=90, pad=(0,))
+    pol = longattn.parse(f"kvzip:ratio=0.5:chunk={chunk}:sink=4:prev=8:plus=true").kv
+    with torch.no_grad(), longattn.apply(m, pol, tokenizer=tok) as s:
+        s.set_compression(False)
+        m(ids, attention_mask=am, use_cache=True)
+        ((_, scores),) = pol.importance(s, ids, am, None)
+    real = ids[0].tolist()
+    want = _reference_scores(m, real, chunk, 8, 4, template, tok, plus=True)
+    plain = _reference_scores(m, real, chunk, 8, 4, template, tok)
+    for li in want:
+        ref = torch.tensor(want[li], dtype=torch.float64)
+        err = (scores[li].double() - ref).abs()
+        assert float(err.max()) <= 1e-6 + 1e-4 * float(ref.abs().max()), (
+            f"{arch} layer {li}: KVzip+ importance off the reference by up to {float(err.max()):.2e}")
+        assert not torch.allclose(ref, torch.tensor(plain[li], dtype=torch.float64))  # the weights matter
+    cache = _run(m, tok, f"kvzip:ratio=0.5:chunk={chunk}:sink=4:prev=8:plus=true", ids, am)
+    keep = _reference_keep(want, len(real), 0.5, 4, "global")
+    got = {li: [set(cache.layers[li].kept(0, h).long().tolist()) for h in range(m.config.num_key_value_heads)]
+           for li in keep}
+    _check(got, keep, want, 4, len(real), "global", f"{arch} plus")
+
+
 def test_head_level_streams_the_least_important_heads():
     m = tiny_model("llama", num_hidden_layers=2)
     tok = tiny_tokenizer()
@@ -217,7 +258,7 @@ def test_without_a_tokenizer_or_with_holes_in_the_mask_it_says_so():
 
 
 @pytest.mark.parametrize("spec,match", [("kvzip:budget=all", "budget"), ("kvzip:chunk=4", "chunk"),
-                                        ("kvzip:head_level=2", "head_level")])
+                                        ("kvzip:head_level=2", "head_level"), ("kvzip:plus=2", "plus")])
 def test_bad_settings_name_the_argument(spec, match):
     with pytest.raises(ValueError, match=match):
         longattn.parse(spec)

@@ -14,11 +14,15 @@ default, so layers and heads keep different amounts: a ragged per-head cache), `
 the same share (heads ragged inside it), ``budget=head`` every head the same. ``head_level=true`` is the
 paper's head-level variant: a head's importance is its largest pair score; the least important heads keep only
 their ``sink`` first and ``recent`` last tokens, the others everything, as many heads as remove ``ratio`` of the
-cache. The first ``sink`` tokens are never evicted.
+cache. The first ``sink`` tokens are never evicted. ``plus=true`` is KVzip+ (the scores kvpress's KVzap is
+trained to predict, Jegou & Jeblick 2026, https://arxiv.org/abs/2601.07891): each attention weight of a
+reconstruction query ``t`` on pair ``i`` is first multiplied by ``||W_O^h v_i|| / ||x_t||`` (the norm of what the
+pair adds to the head's output through the output projection, over the norm of the attention's input at ``t``:
+the pair's share of the update it makes), then maximised as above; the ranking is unchanged by the log the
+KVzap targets take.
 
-Departures: the scores use the layer's own logit scale (Gemma's ``query_pre_attn_scalar``) and softcap; KVzip+'s
-normalisation (by the hidden state's norm and ``||v W_O||``) is not implemented (it needs the layer's input
-hidden states, which the attention function does not see); sliding-window layers of hybrid models are left to
+Departures: the scores use the layer's own logit scale (Gemma's ``query_pre_attn_scalar``) and softcap;
+sliding-window layers of hybrid models are left to
 their window (they are not in the budget). Costs 1-2 extra forwards of the context (one per chunk, each the
 length of the chunk plus ~20 tokens). Needs the tokenizer: ``apply(model, recipe, tokenizer=tok)`` (the bench
 and the command line pass it). Batch size 1.
@@ -58,11 +62,12 @@ def template_parts(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def chunk_scores(q, k, start: int, end: int, sink: int, scale: float, softcap: float | None = None,
-                 first: int = 0):
+                 first: int = 0, key_weight=None, query_weight=None):
     """``[b, hk, end - start]``: for the reconstruction queries ``q [b, hq, m, d]`` (the last ``m`` of ``k``), the
     largest softmax weight each cached key in ``[first + start, first + end)`` receives, over the group's query
     heads and the queries; the softmax runs over the first ``sink`` real keys (from ``first``: left padding), the
-    chunk and the reconstruction keys (causal among themselves)."""
+    chunk and the reconstruction keys (causal among themselves). KVzip+: each weight times ``key_weight [b, hq,
+    end - start]`` (per query head and key) and ``query_weight [b, m]`` (per query) before the maximum."""
     from ..ops.core import capped
 
     b, hq, m, d = q.shape
@@ -75,8 +80,38 @@ def chunk_scores(q, k, start: int, end: int, sink: int, scale: float, softcap: f
     own = torch.arange(m, device=q.device)
     causal = own[None, :] <= own[:, None]  # [m, m]
     allowed = torch.cat([torch.ones(m, ks.shape[2] - m, dtype=torch.bool, device=q.device), causal], 1)
-    p = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return p[..., s : s + end - start].amax(dim=(2, 3))
+    p = logits.masked_fill(~allowed, float("-inf")).softmax(-1)[..., s : s + end - start]  # [b, hk, g, m, c]
+    if key_weight is not None:
+        p = p * key_weight.float().view(b, hk, hq // hk, 1, end - start)
+    if query_weight is not None:
+        p = p * query_weight.float().view(b, 1, 1, m, 1)
+    return p.amax(dim=(2, 3))
+
+
+def value_out_norms(v, o_weight, hq: int):
+    """``[b, hq, n]``: ``||W_O^h v_i||`` for every query head ``h`` and value ``v [b, hk, n, d]`` (its kv head's),
+    ``W_O^h`` the head's ``d`` columns of the output projection ``o_weight [hidden, hq * d]``; through the head's
+    ``d x d`` Gram matrix ``W_O^h^T W_O^h`` (never the ``hidden``-wide products)."""
+    b, hk, n, d = v.shape
+    w = o_weight.float().view(o_weight.shape[0], hq, d)  # [hidden, hq, d]
+    gram = torch.einsum("jhd,jhe->hde", w, w)  # [hq, d, d]
+    vv = v.float().repeat_interleave(hq // hk, dim=1)  # [b, hq, n, d]
+    return torch.einsum("bhnd,hde,bhne->bhn", vv, gram, vv).clamp_min(0).sqrt()
+
+
+class _removing:
+    """Removes the hook handles on leaving the block."""
+
+    def __init__(self, hooks):
+        self.hooks = hooks
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        return False
 
 
 def row_cache(cache, b: int):
@@ -111,6 +146,7 @@ class KVzip(KVPolicy):
     budget: str = "global"
     head_level: bool = False
     recent: int = 64
+    plus: bool = False
 
     model_pass: ClassVar[bool] = True
     no_reference = ("scored by forwards of the model (not per layer): tests/test_kvzip.py holds the whole procedure "
@@ -125,10 +161,12 @@ class KVzip(KVPolicy):
         check_choice(self.budget, "budget", BUDGETS)
         if not isinstance(self.head_level, bool):
             raise ValueError(f"head_level must be true or false, got {self.head_level!r}")
+        if not isinstance(self.plus, bool):
+            raise ValueError(f"plus must be true or false, got {self.plus!r}")
 
     def kvpress_kwargs(self) -> dict | None:
-        if self.head_level or self.budget == "head" or self.prev != 8:
-            return None  # KVzipPress scores pairs (no head-level variant), by layer or globally, prev fixed at 8
+        if self.head_level or self.budget == "head" or self.prev != 8 or self.plus:
+            return None  # KVzipPress scores pairs (no head-level variant, no KVzip+), by layer or globally, prev 8
         return press_changes({"layerwise": self.budget == "layer", "n_sink": self.sink, "chunk_size": self.chunk},
                              {"layerwise": False, "n_sink": 4, "chunk_size": 2048})
 
@@ -202,6 +240,7 @@ class KVzip(KVPolicy):
         dev = valid.device
         scores = {i: torch.zeros(cache.layers[i].keys.shape[1], len(ids), device=dev) for i in full}
         span = {}
+        hidden_norm: dict[int, torch.Tensor] = {}  # KVzip+: ||x_t|| of the attention's input, per layer
 
         def observe(layer_idx, q, k, v, key_valid):
             if layer_idx not in scores:
@@ -210,11 +249,28 @@ class KVzip(KVPolicy):
             d = q.shape[-1]
             scale, softcap, _ = module_logits(mod, d) if mod is not None else (1.0 / math.sqrt(d), None, None)
             lo, hi = span["now"]
-            sc = chunk_scores(q, k, lo, hi, self.sink, scale, softcap, first)[0]
+            kwt = qwt = None
+            if self.plus:
+                kwt = value_out_norms(v[:, :, first + lo : first + hi], mod.o_proj.weight, q.shape[1])
+                qwt = 1.0 / hidden_norm[layer_idx][:, -q.shape[2]:].clamp_min(1e-12)
+            sc = chunk_scores(q, k, lo, hi, self.sink, scale, softcap, first, kwt, qwt)[0]
             scores[layer_idx][:, lo:hi] = torch.maximum(scores[layer_idx][:, lo:hi], sc)
 
+        hooks = []
+        if self.plus:
+            for i in full:
+                mod = modules.get(i)
+                if mod is None or not hasattr(mod, "o_proj"):
+                    raise ValueError("kvzip:plus=true needs each full-attention layer's output projection (o_proj) "
+                                     f"for ||W_O v||; layer {i} of this model has none")
+
+                def grab(module, args, kwargs, i=i):
+                    h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                    hidden_norm[i] = h.float().norm(dim=-1)
+
+                hooks.append(mod.register_forward_pre_hook(grab, with_kwargs=True))
         kw = cache_kwarg_name(base)
-        with torch.no_grad(), session.scoring_pass(), session.observe(observe):
+        with torch.no_grad(), session.scoring_pass(), session.observe(observe), _removing(hooks):
             for lo, hi, rec in self.reconstruction_inputs(session.tokenizer, ids):
                 span["now"] = (lo, hi)
                 m = len(rec)
