@@ -115,3 +115,18 @@ def test_every_needle_task_writes_its_answers_and_needles_in_the_context(name):
     assert s.meta["needles"] and all(n in s.context for n in s.meta["needles"])
     assert all(a in s.context for a in s.answers)
     assert all(any(a in n for n in s.meta["needles"]) for a in s.answers)
+
+
+def test_the_table_shows_the_mean_kept_shares():
+    from longattn.bench.report import bench_table
+
+    base = {"task": "niah", "length": 1024, "kv_cache_bytes": 2**20, "prefill_s": 1.0, "decode_tok_s": 5.0,
+            "kl": 0.1, "top1_agree": 1.0, "score": 1.0, "sample": 0}
+    recs = [{**base, "method": "dense"}] + [
+        {**base, "method": "kvzip:ratio=0.75", "sample": i, "answer_kept": a, "needle_kept": nk}
+        for i, (a, nk) in enumerate(((1.0, 0.5), (0.5, 0.25)))]
+    lines = bench_table(recs).splitlines()
+    head = lines[0].split("  ")
+    head = [h.strip() for h in head if h.strip()]
+    row = [c for c in lines[-1].split() if c]
+    assert row[head.index("ans kept") - len(head)] == "0.75" and row[head.index("needle kept") - len(head)] == "0.38"
