@@ -34,6 +34,22 @@ def test_shifted_group_attention_equals_its_definition(n, group, sink, hq, hk):
     torch.testing.assert_close(later[:, :, :20], got[:, :, :20], rtol=0, atol=1e-12)  # no future leaks
 
 
+@pytest.mark.parametrize("sink", [0, 2], ids=["s2attn", "sfattn"])
+def test_shifted_group_attention_gradients_equal_the_definitions(sink):
+    """Training goes through the fused causal blocks (S2) or the masked blocks (SF): their gradients w.r.t. q, k, v
+    are the loop reference's (the wrapped group of the shifted heads included: 14 tokens, groups of 4)."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, h, 14, 4, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    w = torch.randn(1, 4, 14, 4, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (shifted_group_attention, reference_shifted_group_attention):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        (fn(*leaves, 4, sink) * w).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_the_shifted_heads_connect_neighbouring_groups_and_sinks_reach_everyone():
     n, G = 32, 8
     q = torch.zeros(1, 2, n, n, dtype=torch.float64)  # uniform scores ...

@@ -94,7 +94,8 @@ def _convert(value: str, typ, name: str, method: str):
             return float(value)
         return typ(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{method}: {name}={value!r} is not a valid {getattr(typ, '__name__', typ)}") from None
+        allowed = " (true/false, yes/no or 1/0)" if typ is bool else ""
+        raise ValueError(f"{method}: {name}={value!r} is not a valid {getattr(typ, '__name__', typ)}{allowed}") from None
 
 
 def method_kwargs(spec: str, kind: str | None = None) -> tuple[type, dict]:
