@@ -44,6 +44,7 @@ class Session:
         self._compressions = 0
         self._compress = True
         self._observers: list = []
+        self._observed_s = 0.0  # time spent in the observers (measurements on the side, not attention)
         self._override = None
         self._decode_stats: dict = {}
         self._decode_shared: dict = {}  # per-step state shared across layers (TidalDecode's positions)
@@ -213,11 +214,16 @@ class Session:
 
     # ---- the attention function ---------------------------------------------------------------------------
     def attend(self, module, query, key, value, key_valid, scaling, features=None):
-        """``_attend``, timed into ``attention_seconds`` on full-attention layers."""
-        t0 = time.perf_counter()
+        """``_attend``, timed into ``attention_seconds`` on full-attention layers: the call's own observers and
+        FlexAttention compilation are left out (so a compilation in a sliding-window layer is not taken off the
+        full layers' time)."""
+        from .ops.flex import compile_seconds
+
+        t0, o0, c0 = time.perf_counter(), self._observed_s, compile_seconds()
         out = self._attend(module, query, key, value, key_valid, scaling, features)
         if features is None or features.window is None:
-            self._attn_s["prefill" if query.shape[2] > 1 else "decode"] += time.perf_counter() - t0
+            spent = time.perf_counter() - t0 - (self._observed_s - o0) - (compile_seconds() - c0)
+            self._attn_s["prefill" if query.shape[2] > 1 else "decode"] += spent
         return out
 
     def _attend(self, module, query, key, value, key_valid, scaling, features=None):
@@ -231,9 +237,11 @@ class Session:
         scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         layer = self._layer(layer_idx)
         nq = query.shape[2]
-        if nq > 1:
+        if nq > 1 and self._observers:
+            t_obs = time.perf_counter()
             for obs in self._observers:
                 obs(layer_idx, query, key, value, key_valid)
+            self._observed_s += time.perf_counter() - t_obs
         if self._scoring:
             return dense_attention(query, key, value, key_valid, scale, window, f.softcap, f.sinks)
         cal = self.recipe.calibrate
