@@ -80,3 +80,16 @@ def test_bench_decode_rounds_time_every_method_paired_against_dense(tmp_path):
     assert [r["run_id"] for r in again] == [r["run_id"] for r in recs]  # resumed: nothing re-run
     with pytest.raises(ValueError, match="--decode-rounds must be an integer >= 0"):
         BenchConfig(decode_rounds=-1).validate()
+
+
+def test_decode_rounds_say_once_which_tasks_they_leave_out(tmp_path):
+    """A multi-turn task has no single-question decode to pair: its rows go without rounds, and the run says so
+    in one line instead of skipping silently."""
+    m, tok = tiny_model("llama", num_hidden_layers=2), tiny_tokenizer()
+    said: list[str] = []
+    cfg = BenchConfig(model="tiny", tasks=("shared_context", "passkey"), lengths=(256,), samples=1, decode_rounds=2,
+                      progress=False, out_dir=str(tmp_path), methods=("dense",))
+    recs = run(cfg, model=m, tokenizer=tok, log=said.append)
+    assert [s for s in said if s.startswith("--decode-rounds")] == [
+        "--decode-rounds: tasks that are not single-question (qa), their rows have no decode rounds: shared_context"]
+    assert {r["task"]: r.get("decode_rounds") for r in recs} == {"shared_context": None, "passkey": 2}

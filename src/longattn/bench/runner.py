@@ -190,6 +190,10 @@ def run(cfg: BenchConfig, model=None, tokenizer=None, log=None) -> list[dict]:
         total = sum(n for *_, n in plan) * len(methods)
         bar = tqdm(total=total, desc="bench", unit="run", disable=not cfg.progress, file=sys.stderr)
         try:
+            no_rounds = sorted({tname for tname, task, *_ in plan if task.runs_as != "qa"}) if cfg.decode_rounds else []
+            if no_rounds:  # said once, not skipped silently
+                log(f"--decode-rounds: tasks that are not single-question (qa), their rows have no decode rounds: "
+                    f"{', '.join(no_rounds)}")
             for tname, task, length, n_samples in plan:
                 tkey = _task_key(task)
                 for i in range(n_samples):
