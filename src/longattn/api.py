@@ -126,7 +126,13 @@ def method_kwargs(spec: str, kind: str | None = None) -> tuple[type, dict]:
 def parse_method(spec: str, kind: str | None = None):
     """``"snapkv:ratio=0.5:obs_window=32"`` -> ``SnapKV(ratio=0.5, obs_window=32)``."""
     cls, kwargs = method_kwargs(spec, kind)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # the method's own check: say which method it is
+        name = getattr(cls, "name", None) or spec.split(":", 1)[0].strip()
+        if str(e).startswith(f"{name}:") or str(e).startswith(f"{name} "):
+            raise
+        raise ValueError(f"{name}: {e}") from None
 
 
 def parse(spec: str | Recipe | None) -> Recipe:
