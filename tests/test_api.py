@@ -29,7 +29,7 @@ def test_parse_recipe_slots():
     "spec,match",
     [
         ("nope", "unknown method 'nope'.*allowed: .*snapkv"),
-        ("snapkv:ratio=1.0", "ratio.*\\[0, 1\\)"),
+        ("snapkv:ratio=1.0", "^snapkv: ratio.*\\[0, 1\\)"),
         ("snapkv:ratio=-0.1", "ratio.*\\[0, 1\\)"),
         ("snapkv:ratio=abc", "ratio='abc' is not a valid float"),
         ("snapkv:bogus=1", "unknown argument 'bogus'; allowed: ratio, obs_window, kernel"),
@@ -37,7 +37,8 @@ def test_parse_recipe_slots():
         ("snapkv:window=8:obs_window=8", "window= is the old name of obs_window="),
         ("snapkv:ratio", "expected key=value"),
         ("snapkv+streaming_llm", "kv slot twice"),
-        ("sink_window:block_size=48", "block_size must be a power of two"),
+        ("sink_window:block_size=48", "^sink_window: block_size must be a power of two"),
+        ("kvzip:plus=maybe", "plus='maybe' is not a valid bool \\(true/false"),
         ("passkey", "unknown method 'passkey'"),
         ("cache=snapkv", "slot must be one of prefill, kv, decode"),
         ("snapkv:obs_window=0", "obs_window must be an int >= 1"),
