@@ -130,7 +130,7 @@ def parse_method(spec: str, kind: str | None = None):
         return cls(**kwargs)
     except ValueError as e:  # the method's own check: say which method it is
         name = getattr(cls, "name", None) or spec.split(":", 1)[0].strip()
-        if str(e).startswith(f"{name}:") or str(e).startswith(f"{name} "):
+        if str(e).startswith((f"{name}:", f"{name} ")):
             raise
         raise ValueError(f"{name}: {e}") from None
 

@@ -72,23 +72,21 @@ def shifted_group_attention(q, k, v, group: int, sink: int = 0, scaling: float |
         # that wraps around the end, in the shifted heads, is its two halves in position order)
         pos_g = pos.view(ng, group).sort(1).values
         qg, kg, vg = (t[:, heads][:, :, pos_g] for t in (q, k, v))  # [b, h, ng, G, d]
-        if not sink:  # every group a causal block: the fused kernel skips the upper triangle (no mask tensor)
-            h = qg.shape[1]
+        h = qg.shape[1]
+        if sink:
+            allowed = pos_g[:, None, :] <= pos_g[:, :, None]  # [ng, G(query), G(key)] causal by position
+            sp = torch.arange(min(sink, n))
+            in_group = (pos_g[:, :, None] == sp[None, None, :]).any(1)  # [ng, S]: sink already in the group
+            sink_ok = (sp[None, None, :] <= pos_g[:, :, None]) & ~in_group[:, None, :]
+            kg = torch.cat([k[:, heads][:, :, sp][:, :, None].expand(-1, -1, ng, -1, -1), kg], 3)
+            vg = torch.cat([v[:, heads][:, :, sp][:, :, None].expand(-1, -1, ng, -1, -1), vg], 3)
+            allowed = torch.cat([sink_ok, allowed], 2)
+            y = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=allowed.to(q.device), scale=scaling)
+        else:  # every group a causal block: the fused kernel skips the upper triangle (no mask tensor)
             y = F.scaled_dot_product_attention(*(t.reshape(b, h * ng, group, d) for t in (qg, kg, vg)),
-                                               is_causal=True, scale=scaling).view(b, h, ng, group, d)
-            out[:, heads] = torch.zeros_like(out[:, heads]).index_copy_(2, pos_g.reshape(-1).to(q.device),
-                                                                        y.reshape(b, h, n_pad, d))
-            continue
-        allowed = pos_g[:, None, :] <= pos_g[:, :, None]  # [ng, G(query), G(key)] causal by position
-        sp = torch.arange(min(sink, n))
-        in_group = (pos_g[:, :, None] == sp[None, None, :]).any(1)  # [ng, S]: sink already in the group
-        sink_ok = (sp[None, None, :] <= pos_g[:, :, None]) & ~in_group[:, None, :]
-        kg = torch.cat([k[:, heads][:, :, sp][:, :, None].expand(-1, -1, ng, -1, -1), kg], 3)
-        vg = torch.cat([v[:, heads][:, :, sp][:, :, None].expand(-1, -1, ng, -1, -1), vg], 3)
-        allowed = torch.cat([sink_ok, allowed], 2)
-        y = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=allowed.to(q.device), scale=scaling)
+                                               is_causal=True, scale=scaling)
         out[:, heads] = torch.zeros_like(out[:, heads]).index_copy_(2, pos_g.reshape(-1).to(q.device),
-                                                                    y.reshape(b, y.shape[1], n_pad, d))
+                                                                    y.reshape(b, h, n_pad, d))
     return out[:, :, :n]
 
 

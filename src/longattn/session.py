@@ -24,6 +24,7 @@ import weakref
 
 from . import hf
 from .ops.dense import dense_attention
+from .ops.flex import compile_seconds
 from .ops.ragged import attend_compressed
 
 __all__ = ["Session"]
@@ -82,6 +83,12 @@ class Session:
         layers excluded), methods included: ``{"prefill": multi-token calls, "decode": one-token calls}`` (a
         copy). A dense run's share of its prefill / decode time is the Amdahl limit's ``s``."""
         return dict(self._attn_s)
+
+    @property
+    def observed_seconds(self) -> float:
+        """Seconds spent in the observers (``observe``) so far: measurements on the side, left out of
+        ``attention_seconds``."""
+        return self._observed_s
 
     @property
     def decode_stats(self) -> dict:
@@ -217,8 +224,6 @@ class Session:
         """``_attend``, timed into ``attention_seconds`` on full-attention layers: the call's own observers and
         FlexAttention compilation are left out (so a compilation in a sliding-window layer is not taken off the
         full layers' time)."""
-        from .ops.flex import compile_seconds
-
         t0, o0, c0 = time.perf_counter(), self._observed_s, compile_seconds()
         out = self._attend(module, query, key, value, key_valid, scaling, features)
         if features is None or features.window is None:

@@ -41,20 +41,17 @@ def prefill(model, session, recipe, ids: list[int], cache, kw: str):
     chunk = kv.chunk if (kv is not None and kv.repeat) else None
     recalls: list[float] = []
     densities: list[float] = []
-    obs_s = [0.0]
     pattern = recipe.prefill
 
     def observe(layer_idx, q, k, v, key_valid):  # the pattern's recall per layer, on sampled query rows
-        t = time.perf_counter()
         lay = pattern.for_layer(layer_idx).layout(q, k, key_valid)
         recalls.append(float(attention_recall(lay, q, k, rows=RECALL_ROWS, key_valid=key_valid).mean()))
         densities.append(float(lay.density()))
-        obs_s[0] += time.perf_counter() - t
 
     from ..ops.flex import compile_seconds
 
     watch = session.observe(observe) if pattern is not None else contextlib.nullcontext()
-    a0 = session.attention_seconds["prefill"]
+    a0, o0 = session.attention_seconds["prefill"], session.observed_seconds
     c0 = compile_seconds()
     with watch, PeakMemory(model.device) as pm:
         t0 = time.perf_counter()
@@ -63,7 +60,7 @@ def prefill(model, session, recipe, ids: list[int], cache, kw: str):
             logits = forward(model, ids[s0 : s0 + size], cache, kw, last=True)[0, -1]
         compile_s = compile_seconds() - c0
         # the recall's time is excluded, and compilation is reported apart (compile_s)
-        prefill_s = time.perf_counter() - t0 - obs_s[0] - compile_s
+        prefill_s = time.perf_counter() - t0 - (session.observed_seconds - o0) - compile_s
     # the session leaves its observers and compilation out of the full layers' attention seconds itself
     extra = {"attn_prefill_s": session.attention_seconds["prefill"] - a0,
              "prefill_density": (sum(densities) / len(densities)) if densities else None, "compile_s": compile_s}
