@@ -221,3 +221,19 @@ def report_pid_and_sleep(rank, world, directory):
 
     Path(directory, f"rank{rank}").write_text(str(os.getpid()))
     time.sleep(120)
+
+
+def shutdown_waits_for_the_slowest(rank, world):
+    """Rank 1 finishes its last collective and then dawdles; rank 0's shutdown must not return before rank 1
+    has reached its own (the torchrun teardown that gloo aborts on when a peer closes early)."""
+    import time
+
+    from longattn.distributed.comm import shutdown
+
+    t = torch.ones(4)
+    torch.distributed.all_reduce(t)
+    if rank == 1:
+        time.sleep(0.5)
+    before = time.time()
+    shutdown()
+    return {"before": before, "after": time.time(), "initialised": torch.distributed.is_initialized()}

@@ -87,6 +87,11 @@ def test_a_lost_rank_fails_the_others_clearly_within_the_timeout(mode, timeout):
     assert r0["result"]["elapsed"] < timeout + 5
 
 
+def test_shutdown_waits_until_every_rank_has_finished():
+    r0, r1 = _ok(spawn(W.shutdown_waits_for_the_slowest, 2, timeout_s=30))
+    assert r0["after"] >= r1["before"] and not r0["initialised"] and not r1["initialised"]
+
+
 # ---- single process ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_zigzag_balances_causal_work(world):
@@ -355,10 +360,17 @@ def test_generate_dist_under_torchrun_prints_what_one_process_prints(tmp_path):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           f"--master-port={free_port()}", "-m", "longattn.cli", *args, "--dist", "zigzag"],
                          capture_output=True, text=True, timeout=180)
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, _why(two.stderr)
     assert two.stdout == one.stdout and one.stdout.strip()
     line = [ln for ln in two.stderr.splitlines() if ln.startswith("[longattn] dist=zigzag ranks=2")]
     assert len(line) == 1 and "local_tokens=" in line[0] and "kv_cache_bytes_per_rank=" in line[0]
+
+
+def _why(stderr: str) -> str:
+    """What a failed torchrun said: the ranks' own error lines (torchrun's summary at the end hides them)."""
+    keys = ("Error", "error:", "terminate", "what()", "Fatal", "Traceback", "[rank")
+    said = [ln for ln in stderr.splitlines() if any(k in ln for k in keys) and "elastic" not in ln]
+    return "\n".join(said[:40])[:3000] + "\n--- tail ---\n" + stderr[-1500:]
 
 
 def _torchrun(args, nproc=2, timeout=240):
@@ -385,7 +397,7 @@ def test_bench_dist_rows_beside_dense_in_one_run_and_resume(tmp_path):
     args = ["bench", "--model", str(tmp_path / "m"), "--task", "passkey", "--lengths", "200", "--samples", "2",
             "--dist", "zigzag", "--out", str(out)]
     run = _torchrun(args)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, _why(run.stderr)
     lines = (out / "results.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines]
     assert sorted((r["method"], r["sample"]) for r in recs) == [("dense", 0), ("dense", 1),
@@ -402,7 +414,7 @@ def test_bench_dist_rows_beside_dense_in_one_run_and_resume(tmp_path):
         assert p["prefill_s"] == max(p["dist"]["prefill_s_per_rank"])
     assert "dist:zigzag:nproc=2" in (out / "table.txt").read_text()
     again = _torchrun(args + ["--resume"])
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, _why(again.stderr)
     assert (out / "results.jsonl").read_text().splitlines() == lines
     refused = _torchrun(args)
     assert refused.returncode != 0

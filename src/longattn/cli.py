@@ -340,6 +340,7 @@ def _generate_dist(a, text: str) -> int:
     import torch.distributed as dist
 
     from . import models
+    from .distributed.comm import shutdown
     from .distributed.model import check_model, local_lengths, sp_generate
 
     if a.context:
@@ -350,6 +351,7 @@ def _generate_dist(a, text: str) -> int:
         raise ValueError(f"--dist-backend deepspeed: only with --dist ulysses (got --dist {a.dist})")
     rank = _init_torchrun(f"--dist {a.dist}", "generate")
     nproc = dist.get_world_size()
+    ok = False
     try:
         model, tok = models.load(a.model, dtype=getattr(torch, a.dtype))
         check_model(model, a.dist, nproc)
@@ -358,8 +360,9 @@ def _generate_dist(a, text: str) -> int:
         _check_positions(model, len(ids) + a.max_new_tokens, "--prompt-file", a.extrapolate, a.model)
         res = sp_generate(model, ids, a.dist, a.max_new_tokens, eos=set(tok.all_special_ids),
                           backend=a.dist_backend)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        shutdown(ok)
     if rank == 0:
         print(tok.decode(res["tokens"], skip_special_tokens=True))
         per = ",".join(str(b) for b in res["cache_bytes_per_rank"])
@@ -505,20 +508,21 @@ def _cmd_bench(a) -> int:
 
 def _bench_dist(a, cfg) -> int:
     """``bench --dist MODE`` in one rank of ``torchrun``; rank 0 prints the table (and writes the outputs)."""
-    import torch.distributed as dist
-
     from .bench.dist_runner import run_dist
     from .bench.report import bench_table, render_dir
+    from .distributed.comm import shutdown
 
     rank = _init_torchrun(f"--dist {a.dist}", "bench")
+    ok = False
     try:
         records = run_dist(cfg, a.dist, a.dist_backend)
+        ok = True
     except ValueError:
         if rank != 0:  # every rank stops with the same line: rank 0 says it
             return 2
         raise
     finally:
-        dist.destroy_process_group()
+        shutdown(ok)
     if rank == 0:
         print(render_dir(records, a.out) if a.out else bench_table(records))
     return 0

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["STATS", "CommStats", "PeerLostError", "world", "all_gather_equal", "all_gather_var", "exchange_lengths",
-           "all_to_all", "reduce_scatter_var", "all_reduce", "ring_exchange", "wait_all", "guard", "compute_timer"]
+           "all_to_all", "reduce_scatter_var", "all_reduce", "ring_exchange", "wait_all", "guard", "compute_timer",
+           "shutdown"]
 
 
 class PeerLostError(RuntimeError):
@@ -77,6 +78,37 @@ def compute_timer():
         yield
     finally:
         STATS.compute_s += time.perf_counter() - t0
+
+
+def shutdown(ok: bool = True, timeout_s: float = 600.0) -> None:
+    """Destroy the default process group; with ``ok`` (this rank finished without error) only once every rank
+    has reached this point.
+
+    Gloo aborts the process (``terminate`` on an ``IoException`` raised in its event-loop thread) when a peer
+    closes its sockets while this rank's last collective still has traffic in flight; the first rank to finish
+    must not tear down early. The rendezvous goes through the process group's key-value store, not gloo, so it
+    adds no gloo traffic of its own. After an error (``ok=False``) the group is destroyed at once: the other
+    ranks may be blocked in a collective this rank will never join, and waiting for them would hang.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    if ok:
+        from torch.distributed import distributed_c10d as c10d
+
+        get_store = getattr(c10d, "_get_default_store", None)  # private in torch; dist.barrier() if it goes
+        if get_store is None:
+            dist.barrier()
+        else:
+            store, world_size = get_store(), dist.get_world_size()
+            key = "longattn/shutdown"
+            store.add(key, 1)
+            deadline = time.monotonic() + timeout_s
+            while store.add(key, 0) < world_size:
+                if time.monotonic() > deadline:
+                    raise PeerLostError(f"shutdown: rank {dist.get_rank()} waited {timeout_s:.0f} s for the "
+                                        "other ranks to finish")
+                time.sleep(0.005)
+    dist.destroy_process_group()
 
 
 def _nbytes(t: torch.Tensor) -> int:
