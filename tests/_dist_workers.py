@@ -223,16 +223,17 @@ def report_pid_and_sleep(rank, world, directory):
     time.sleep(120)
 
 
-def shutdown_waits_for_the_slowest(rank, world):
-    """Rank 1 finishes its last collective and then dawdles; rank 0's shutdown must not return before rank 1
-    has reached its own (the torchrun teardown that gloo aborts on when a peer closes early)."""
+def shutdown_waits_for_the_slowest(rank, world, slow=1):
+    """Rank ``slow`` finishes its last collective and then dawdles; no other rank's shutdown may return before it
+    has reached its own (the torchrun teardown that gloo aborts on when a peer closes early). With ``slow=0`` the
+    rank that hosts the store arrives last and must still let the others read the count before it goes."""
     import time
 
     from longattn.distributed.comm import shutdown
 
     t = torch.ones(4)
     torch.distributed.all_reduce(t)
-    if rank == 1:
+    if rank == slow:
         time.sleep(0.5)
     before = time.time()
     shutdown()

@@ -92,23 +92,38 @@ def shutdown(ok: bool = True, timeout_s: float = 600.0) -> None:
     """
     if not dist.is_available() or not dist.is_initialized():
         return
-    if ok:
-        from torch.distributed import distributed_c10d as c10d
+    try:
+        if ok:
+            _rendezvous(timeout_s)
+    finally:
+        dist.destroy_process_group()
 
-        get_store = getattr(c10d, "_get_default_store", None)  # private in torch; dist.barrier() if it goes
-        if get_store is None:
-            dist.barrier()
-        else:
-            store, world_size = get_store(), dist.get_world_size()
-            key = "longattn/shutdown"
-            store.add(key, 1)
-            deadline = time.monotonic() + timeout_s
-            while store.add(key, 0) < world_size:
-                if time.monotonic() > deadline:
-                    raise PeerLostError(f"shutdown: rank {dist.get_rank()} waited {timeout_s:.0f} s for the "
-                                        "other ranks to finish")
-                time.sleep(0.005)
-    dist.destroy_process_group()
+
+def _rendezvous(timeout_s: float) -> None:
+    """Every rank waits until all have arrived. Two phases on the store: all ranks count in and wait for the
+    full count; then the others acknowledge and rank 0 waits for that, because rank 0 may host the store
+    (``init_method="env://"``) and must not take it away while another rank is still polling it."""
+    from torch.distributed import distributed_c10d as c10d
+
+    get_store = getattr(c10d, "_get_default_store", None)  # private in torch; dist.barrier() if it goes
+    if get_store is None:
+        dist.barrier()
+        return
+    store, world_size, rank = get_store(), dist.get_world_size(), dist.get_rank()
+    deadline = time.monotonic() + timeout_s
+
+    def wait(key: str, count: int) -> None:
+        while store.add(key, 0) < count:
+            if time.monotonic() > deadline:
+                raise PeerLostError(f"shutdown: rank {rank} waited {timeout_s:.0f} s for the other ranks to finish")
+            time.sleep(0.005)
+
+    store.add("longattn/shutdown", 1)
+    wait("longattn/shutdown", world_size)
+    if rank == 0:
+        wait("longattn/shutdown_seen", world_size - 1)
+    else:
+        store.add("longattn/shutdown_seen", 1)
 
 
 def _nbytes(t: torch.Tensor) -> int:
