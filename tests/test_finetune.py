@@ -13,6 +13,7 @@ from longattn.finetune import (
     FinetuneConfig,
     finetune,
     reference_shifted_group_attention,
+    scale_rope,
     shifted_group_attention,
 )
 
@@ -85,10 +86,53 @@ def test_a_tiny_model_is_fine_tuned_past_its_positions_and_evaluated_with_full_a
     assert any("q_proj" in n for n in changed) and any("embed_tokens" in n for n in changed)
 
 
+def test_yarn_keeps_the_fast_dimensions_and_interpolates_the_slow_ones():
+    """YaRN's definition (NTK-by-parts, arXiv 2309.00071 sec. 3.2): with r = L / wavelength over the original
+    context L, dimensions with r > beta = 32 keep their frequency, r < alpha = 1 are divided by the factor s, the
+    rest lie between; softmax temperature sqrt(1/t) = 0.1 ln s + 1. Position interpolation divides them all."""
+    import math
+
+    from longattn.models import tiny_model
+
+    L, s_ = 1024, 4.0
+    theta = {}
+    for kind in ("yarn", "linear"):
+        model = tiny_model("llama", max_position_embeddings=L)
+        dim = model.config.head_dim
+        base = model.config.rope_parameters["rope_theta"]
+        orig = [base ** (-2 * d / dim) for d in range(dim // 2)]
+        assert scale_rope(model, int(L * s_), kind) == s_
+        rot = model.model.rotary_emb
+        theta[kind] = rot.inv_freq.double().tolist()
+        assert model.config.max_position_embeddings == L * s_ and model.config.rope_parameters["rope_type"] == kind
+        scale = getattr(rot, "attention_scaling", 1.0)
+        assert scale == pytest.approx(0.1 * math.log(s_) + 1 if kind == "yarn" else 1.0)
+    r = [L * t / (2 * math.pi) for t in orig]
+    assert any(x > 32 for x in r) and any(x < 1 for x in r) and any(1 < x < 32 for x in r)  # all three regimes
+    for t, t_yarn, t_lin, x in zip(orig, theta["yarn"], theta["linear"], r):
+        assert t_lin == pytest.approx(t / s_, rel=1e-6)
+        if x > 32:
+            assert t_yarn == pytest.approx(t, rel=1e-6)
+        elif x < 1:
+            assert t_yarn == pytest.approx(t / s_, rel=1e-6)
+        else:
+            assert t / s_ * (1 - 1e-6) <= t_yarn <= t * (1 + 1e-6)
+
+
+def test_yarn_is_refused_on_an_already_scaled_rope():
+    from longattn.models import tiny_model
+
+    model = tiny_model("llama", max_position_embeddings=32)
+    scale_rope(model, 64, "linear")
+    with pytest.raises(ValueError, match="--rope yarn"):
+        scale_rope(model, 256, "yarn")
+
+
 @pytest.mark.parametrize("argv,match", [
     (["finetune", "--method", "nope", "--length", "64", "--out", "o"], "--method must be one of"),
     (["finetune", "--method", "s2attn", "--length", "64", "--group", "7", "--out", "o"], "--group"),
     (["finetune", "--method", "s2attn", "--length", "0", "--out", "o"], "--length"),
+    (["finetune", "--method", "s2attn", "--length", "64", "--rope", "ntk", "--out", "o"], "--rope must be one of linear, yarn"),
 ])
 def test_bad_finetune_arguments_exit_2(argv, match, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -214,6 +214,8 @@ def _build() -> argparse.ArgumentParser:
     ft.add_argument("--method", required=True, help="s2attn (LongLoRA) or sfattn (SinkLoRA: + attention sinks)")
     ft.add_argument("--length", required=True, type=int, help="target context length (training chunk length)")
     ft.add_argument("--lora-r", default=8, type=int, help="LoRA rank (default 8)")
+    ft.add_argument("--rope", default="linear", help="RoPE stretch to --length: linear (position interpolation, "
+                    "LongLoRA's; default) or yarn (YaRN: high frequencies kept)")
     ft.add_argument("--model", default="smollm2-135m", help="embedded model name or local model directory")
     ft.add_argument("--steps", default=20, type=int, help="optimisation steps, one chunk each (default 20)")
     ft.add_argument("--group", default=None, type=int, help="S2 group size, even (default: length / 4)")
@@ -870,7 +872,7 @@ def _cmd_finetune(a) -> int:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {a.method!r}")
     out = _run_dir(a.out, ("steps.jsonl", "summary.json", "model"), a.overwrite)
     cfg = FinetuneConfig(method=a.method, model=a.model, length=a.length, lora_r=a.lora_r, group=a.group,
-                         sink=a.sink, steps=a.steps, lr=a.lr, seed=a.seed)
+                         sink=a.sink, steps=a.steps, lr=a.lr, seed=a.seed, rope=a.rope)
     s = finetune(cfg, out)
     b, f = s["ppl_before"][-1]["ppl"], s["ppl_after"][-1]["ppl"]
     print(f"{a.method} L={a.length}: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} in {s['train_s']:.0f} s; "

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["METHODS", "FinetuneConfig", "shifted_group_attention", "reference_shifted_group_attention",
-           "scale_rope", "perplexity_by_position", "finetune"]
+           "ROPE_SCALINGS", "scale_rope", "perplexity_by_position", "finetune"]
 
 METHODS = ("s2attn", "sfattn")
 
@@ -131,22 +131,43 @@ def _register() -> str:
     return "longattn_shifted"
 
 
-def scale_rope(model, length: int) -> float:
-    """Position interpolation (Chen et al., 2023, https://arxiv.org/abs/2306.15595) for ``length`` tokens: RoPE
-    ``linear`` scaling by ``length / max_position_embeddings`` when longer (1.0 otherwise); the rotary modules are
-    rebuilt from the new config. Returns the factor."""
+ROPE_SCALINGS = ("linear", "yarn")
+
+
+def scale_rope(model, length: int, kind: str = "linear") -> float:
+    """Stretch the model's RoPE to ``length`` tokens when longer than its positions (factor ``length /
+    max_position_embeddings``; 1.0 and nothing changed otherwise); the rotary modules are rebuilt from the new
+    config. Returns the factor.
+
+    ``linear``: position interpolation (Chen et al., 2023, https://arxiv.org/abs/2306.15595), LongLoRA's choice:
+    every frequency divided by the factor. ``yarn``: YaRN (Peng et al., ICLR 2024, https://arxiv.org/abs/2309.00071):
+    "NTK-by-parts" - the dimensions that turn many times over the original context keep their frequency, those that
+    turn less than once are interpolated, a ramp between - and the attention temperature ``0.1 ln(factor) + 1``;
+    transformers' ``yarn`` rope type (its ramp is linear in the dimension index between the paper's alpha=1 and
+    beta=32, as in the YaRN reference code). Linear interpolation also halves the high frequencies that tell
+    neighbouring tokens apart: on SmolLM2 x2 it loses the passkey's digits at 4K, where YaRN keeps them
+    (docs/results/mixers.md)."""
+    from .checks import check_choice
+
+    check_choice(kind, "--rope", ROPE_SCALINGS)
     cfg = model.config
     base = int(cfg.max_position_embeddings)
     factor = max(length / base, 1.0)
     if factor == 1.0:
         return 1.0
     params = dict(getattr(cfg, "rope_parameters", None) or {})
-    kind = params.get("rope_type", "default")
-    if any(isinstance(x, dict) for x in params.values()) or kind not in ("default", "linear"):
-        raise ValueError(f"finetune: the model's RoPE ({kind if isinstance(kind, str) else 'per layer type'}) is not "
-                         "supported; position interpolation needs one default or linear RoPE")
-    params["factor"] = factor * float(params.get("factor", 1.0)) if kind == "linear" else factor
-    params["rope_type"] = "linear"
+    old = params.get("rope_type", "default")
+    if any(isinstance(x, dict) for x in params.values()) or old not in ("default", "linear") or (
+            kind == "yarn" and old != "default"):
+        raise ValueError(f"finetune: the model's RoPE ({old if isinstance(old, str) else 'per layer type'}) is not "
+                         f"supported by --rope {kind}; it needs one {'default' if kind == 'yarn' else 'default or linear'}"
+                         " RoPE")
+    if kind == "linear":
+        params["factor"] = factor * float(params.get("factor", 1.0)) if old == "linear" else factor
+    else:
+        params["factor"] = factor
+        params["original_max_position_embeddings"] = base
+    params["rope_type"] = kind
     cfg.rope_parameters = params
     cfg.max_position_embeddings = int(math.ceil(base * factor))
     for name, mod in list(model.named_modules()):
@@ -179,6 +200,7 @@ class FinetuneConfig:
     lr: float = 2e-4  # LongLoRA's 2e-5 is for 1000 steps on 7B-70B models; a short run of a small one needs more
     seed: int = 0
     eval_buckets: int = 8
+    rope: str = "linear"  # linear (LongLoRA's position interpolation) or yarn
 
 
 def _text_ids(tok, need: int) -> torch.Tensor:
@@ -198,6 +220,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, progress: bool = True, model=
     from .checks import check_choice, check_int
 
     check_choice(cfg.method, "--method", METHODS)
+    check_choice(cfg.rope, "--rope", ROPE_SCALINGS)
     for name in ("length", "lora_r", "steps", "eval_buckets"):
         check_int(getattr(cfg, name), f"--{name.replace('_', '-')}", 1)
     check_int(cfg.sink, "--sink", 0)
@@ -216,7 +239,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, progress: bool = True, model=
         from .models import load
 
         model, tok = load(cfg.model)
-    factor = scale_rope(model, cfg.length)
+    factor = scale_rope(model, cfg.length, cfg.rope)
     ids = _text_ids(tok, (cfg.steps + 1) * cfg.length)
     held_out = ids[: cfg.length][None]  # evaluated before and after; training reads the chunks after it
     before = perplexity_by_position(model.eval(), held_out, cfg.eval_buckets)
