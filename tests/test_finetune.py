@@ -119,6 +119,20 @@ def test_yarn_keeps_the_fast_dimensions_and_interpolates_the_slow_ones():
             assert t / s_ * (1 - 1e-6) <= t_yarn <= t * (1 + 1e-6)
 
 
+def test_a_yarn_fine_tune_saves_a_yarn_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from longattn.models import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("llama", max_position_embeddings=32), tiny_tokenizer()
+    s = finetune(FinetuneConfig(method="s2attn", length=64, group=16, steps=2, lr=1e-2, lora_r=4, eval_buckets=2,
+                                rope="yarn"), tmp_path, progress=False, model=model, tok=tok)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    rope = loaded.config.rope_parameters
+    assert s["rope"] == "yarn" and s["rope_factor"] == 2.0 and loaded.config.max_position_embeddings == 64
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 2.0 and rope["original_max_position_embeddings"] == 32
+
+
 def test_yarn_is_refused_on_an_already_scaled_rope():
     from longattn.models import tiny_model
 
