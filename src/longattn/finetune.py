@@ -157,11 +157,10 @@ def scale_rope(model, length: int, kind: str = "linear") -> float:
         return 1.0
     params = dict(getattr(cfg, "rope_parameters", None) or {})
     old = params.get("rope_type", "default")
-    if any(isinstance(x, dict) for x in params.values()) or old not in ("default", "linear") or (
-            kind == "yarn" and old != "default"):
+    takes = ("default",) if kind == "yarn" else ("default", "linear")  # YaRN is not stacked on another scaling
+    if any(isinstance(x, dict) for x in params.values()) or old not in takes:
         raise ValueError(f"finetune: the model's RoPE ({old if isinstance(old, str) else 'per layer type'}) is not "
-                         f"supported by --rope {kind}; it needs one {'default' if kind == 'yarn' else 'default or linear'}"
-                         " RoPE")
+                         f"supported by --rope {kind}; it needs one {' or '.join(takes)} RoPE")
     if kind == "linear":
         params["factor"] = factor * float(params.get("factor", 1.0)) if old == "linear" else factor
     else:
