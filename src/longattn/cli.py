@@ -866,10 +866,11 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_finetune(a) -> int:
-    from .finetune import METHODS, FinetuneConfig, finetune
+    from .checks import check_choice
+    from .finetune import METHODS, ROPE_SCALINGS, FinetuneConfig, finetune
 
-    if a.method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {a.method!r}")
+    check_choice(a.method, "--method", METHODS)  # before --out is created; finetune() checks them again for callers
+    check_choice(a.rope, "--rope", ROPE_SCALINGS)
     out = _run_dir(a.out, ("steps.jsonl", "summary.json", "model"), a.overwrite)
     cfg = FinetuneConfig(method=a.method, model=a.model, length=a.length, lora_r=a.lora_r, group=a.group,
                          sink=a.sink, steps=a.steps, lr=a.lr, seed=a.seed, rope=a.rope)
